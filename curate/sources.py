@@ -1,0 +1,490 @@
+"""Inputs: turn an ImageFolder, WebDataset shards or a list file into a deterministic item list.
+
+Nothing is decoded here. An `Item` says where the bytes of one input live (a file, or a byte
+range inside a tar), so it pickles cheaply into DataLoader workers and `read_bytes` can fetch the
+bytes later without `tarfile`. Every input file becomes exactly one item, bad ones included:
+deciding that a file is not an image is the decoder's job, and it records that as a row.
+
+Keys follow the DESIGN.md "Sample key" contract: `[A-Za-z0-9_-]{1,80}`, derived from the class
+directory and file stem, unique per dataset, with collisions resolved by a hash of the source.
+"""
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+import re
+import tarfile
+import unicodedata
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Iterator, NamedTuple, Sequence
+
+import braceexpand
+import polars as pl
+
+MAX_KEY_LEN = 80  # tar USTAR names are <= 100 chars; members are `KEY.importance.npy`
+HASH_HEX = 8  # hex chars of blake2b used to keep truncated or colliding keys unique
+# Preference order when a sample has several image members (timm reads `jpg;png;webp`).
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "gif", "ppm")
+LIST_SUFFIXES = (".csv", ".parquet")
+MAX_SIDECAR_BYTES = 1 << 20  # `cls`/`json` members are tiny; a huge one is a mislabelled image
+
+_UNSAFE_RUN = re.compile(r"[^A-Za-z0-9_-]+")
+# webdataset's `base_plus_ext`: the key ends at the first dot of the basename.
+_WDS_KEY_EXT = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
+# webdataset's `skip_meta`: top-level `__name__` members are not samples.
+_WDS_META = re.compile(r"__[^/]*__($|/)")
+_GLOB_CHARS = re.compile(r"[*?\[]")
+
+
+class SourceError(ValueError):
+    """The input cannot be turned into items; the message says what is wrong and where."""
+
+
+@dataclass(frozen=True)
+class Item:
+    """One input sample: where its bytes are, and what it is called and labelled."""
+
+    key: str  # sample key (DESIGN.md contract)
+    source: str  # absolute original path, or "TARPATH#member_name" for tar members
+    label: int  # class index, -1 when unknown
+    class_name: str  # "" when unknown
+    path: str  # file that holds the bytes
+    offset: int = 0  # byte offset of the data inside `path` (tar members: TarInfo.offset_data)
+    size: int = -1  # number of bytes to read; -1 = the whole file
+
+
+def read_bytes(item: Item) -> bytes:
+    """The item's bytes; raises OSError if the file is missing or shorter than promised."""
+    with open(item.path, "rb") as f:
+        f.seek(item.offset)
+        data = f.read(item.size if item.size >= 0 else -1)
+    # A short read means a truncated shard; say so rather than hand on a cut-off image.
+    if item.size >= 0 and len(data) != item.size:
+        raise OSError(f"{item.source}: expected {item.size} bytes, read {len(data)}")
+    return data
+
+
+# --- keys -------------------------------------------------------------------------------------
+
+
+def _short_hash(text: str) -> str:
+    # surrogateescape: undecodable bytes in POSIX file names must hash, not crash.
+    data = text.encode("utf-8", "surrogateescape")
+    return hashlib.blake2b(data, digest_size=HASH_HEX // 2).hexdigest()
+
+
+def _append_hash(base: str, digest: str) -> str:
+    """`base_digest`, cutting `base` so the result stays within MAX_KEY_LEN."""
+    return f"{base[: MAX_KEY_LEN - len(digest) - 1]}_{digest}"
+
+
+def sanitize_key(raw: str) -> str:
+    """ASCII `[A-Za-z0-9_-]`, at most MAX_KEY_LEN chars; long keys end in a hash of `raw`."""
+    ascii_text = unicodedata.normalize("NFKD", raw).encode("ascii", "ignore").decode("ascii")
+    key = _UNSAFE_RUN.sub("_", ascii_text).strip("_") or "x"
+    if len(key) > MAX_KEY_LEN:
+        # Hash the raw name, not the cut key, so two names sharing a long prefix stay distinct.
+        key = _append_hash(key, _short_hash(raw))
+    return key
+
+
+def assign_keys(raw: Sequence[str], sources: Sequence[str]) -> list[str]:
+    """Sanitised keys, made unique by suffixing every member of a collision group.
+
+    Every member gets the suffix (not just the later ones) so a key depends only on its own
+    source and on which keys collide, never on input order.
+    """
+    if len(raw) != len(sources):
+        raise ValueError(f"{len(raw)} raw keys but {len(sources)} sources")
+    keys = [sanitize_key(r) for r in raw]
+    counts = Counter(keys)
+    keys = [
+        _append_hash(k, _short_hash(s)) if counts[k] > 1 else k for k, s in zip(keys, sources)
+    ]
+    _check_unique(keys, sources)
+    return keys
+
+
+def _check_unique(keys: Sequence[str], sources: Sequence[str]) -> None:
+    counts = Counter(keys)
+    dupes = [(k, s) for k, s in zip(keys, sources) if counts[k] > 1]
+    if dupes:
+        shown = ", ".join(f"{k!r} <- {s!r}" for k, s in dupes[:6])
+        raise SourceError(
+            f"{len(dupes)} inputs still share a key after hashing their sources "
+            f"(the same source listed twice?): {shown}"
+        )
+
+
+# --- labels -----------------------------------------------------------------------------------
+
+
+def read_class_map(path: Path) -> list[str]:
+    """Class names, one per line; the line position is the class index."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except OSError as e:
+        raise SourceError(f"cannot read class map {path}: {e}") from e
+    names = [line.strip() for line in lines if line.strip()]
+    dupes = sorted(n for n, c in Counter(names).items() if c > 1)
+    if dupes:
+        raise SourceError(f"class map {path} lists these names more than once: {dupes[:10]}")
+    if not names:
+        raise SourceError(f"class map {path} is empty")
+    return names
+
+
+def _class_name(label: int, names: Sequence[str] | None, where: str) -> str:
+    """Name for a label: from the class map if there is one, else the number itself."""
+    if label < 0:
+        return ""
+    if names is None:
+        return str(label)
+    if label >= len(names):
+        raise SourceError(f"{where}: unknown label {label}: the class map has {len(names)} classes")
+    return names[label]
+
+
+# --- shared -----------------------------------------------------------------------------------
+
+
+class _Draft(NamedTuple):
+    """An item before keys are assigned (keys need the whole dataset to detect collisions)."""
+
+    raw_key: str
+    source: str
+    label: int
+    class_name: str
+    path: str
+    offset: int = 0
+    size: int = -1
+
+
+def _to_items(drafts: Sequence[_Draft], where: str) -> list[Item]:
+    if not drafts:
+        raise SourceError(f"no samples found in {where}")
+    keys = assign_keys([d.raw_key for d in drafts], [d.source for d in drafts])
+    return [
+        Item(k, d.source, d.label, d.class_name, d.path, d.offset, d.size)
+        for k, d in zip(keys, drafts)
+    ]
+
+
+def _raw_key(parent: str, rel: PurePosixPath) -> str:
+    """`parent-sub_dirs_stem`: only the LAST suffix is dropped, so `a.b.JPEG` keeps `a.b`."""
+    return f"{parent}-{'_'.join((*rel.parts[:-1], rel.stem))}"
+
+
+# --- ImageFolder ------------------------------------------------------------------------------
+
+
+def _class_dirs(root: Path) -> list[str]:
+    """Non-hidden subdirectories (symlinked ones included), sorted."""
+    with os.scandir(root) as entries:
+        return sorted(e.name for e in entries if e.is_dir() and not e.name.startswith("."))
+
+
+def _folder_labels(classes: Sequence[str], class_map: Path | None) -> dict[str, int]:
+    if class_map is None:
+        return {c: i for i, c in enumerate(classes)}
+    index = {name: i for i, name in enumerate(read_class_map(class_map))}
+    missing = [c for c in classes if c not in index]
+    if missing:
+        raise SourceError(
+            f"{len(missing)} class directories are not in the class map {class_map}: {missing[:10]}"
+        )
+    return {c: index[c] for c in classes}
+
+
+def _is_input_file(path: Path) -> bool:
+    # Broken symlinks count (they become "cannot read" rows); FIFOs and sockets would block.
+    return path.is_file() or (path.is_symlink() and not path.exists())
+
+
+def _class_files(class_dir: Path) -> list[PurePosixPath]:
+    """Every non-hidden file under a class dir, as sorted paths relative to it."""
+    found: list[PurePosixPath] = []
+    # Symlinked subdirectories are not descended into: they could loop.
+    for dirpath, dirnames, filenames in os.walk(class_dir):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        base = Path(dirpath)
+        for name in filenames:
+            if not name.startswith(".") and _is_input_file(base / name):
+                found.append(PurePosixPath((base / name).relative_to(class_dir).as_posix()))
+    return sorted(found, key=str)
+
+
+def from_image_folder(root: Path, class_map: Path | None = None) -> list[Item]:
+    """`root/<class>/**/file`, sorted by (class index, path); files directly under root ignored."""
+    root = Path(root)
+    if not root.is_dir():
+        raise SourceError(f"image folder {root} does not exist or is not a directory")
+    # Resolve the root only: a symlinked file keeps its own name, so keys and sources stay unique.
+    root = root.resolve()
+    classes = _class_dirs(root)
+    if not classes:
+        raise SourceError(f"image folder {root} has no class subdirectories")
+    labels = _folder_labels(classes, class_map)
+    drafts: list[_Draft] = []
+    for cls in sorted(classes, key=lambda c: (labels[c], c)):
+        for rel in _class_files(root / cls):
+            path = str(root / cls / rel)
+            drafts.append(_Draft(_raw_key(cls, rel), path, labels[cls], cls, path))
+    return _to_items(drafts, f"image folder {root}")
+
+
+# --- WebDataset -------------------------------------------------------------------------------
+
+
+def _expand_shards(spec: str) -> list[Path]:
+    """Shard paths for a directory, a .tar, a glob or a brace pattern (in the order given)."""
+    if Path(spec).is_dir():
+        shards = sorted(p for p in Path(spec).glob("*.tar") if not p.name.startswith("."))
+    else:
+        shards = []
+        for part in braceexpand.braceexpand(spec):
+            matches = sorted(glob.glob(part)) if _GLOB_CHARS.search(part) else [part]
+            shards.extend(Path(m) for m in matches)
+    missing = [str(p) for p in shards if not p.is_file()]
+    if missing:
+        raise SourceError(f"{len(missing)} shards of {spec!r} do not exist: {missing[:5]}")
+    if not shards:
+        raise SourceError(f"no .tar shards match {spec!r}")
+    return [p.resolve() for p in shards]
+
+
+@dataclass
+class _Sample:
+    """Members of one webdataset sample, gathered while scanning a tar."""
+
+    key: str  # webdataset key: everything before the first dot of the basename
+    first_member: str  # names the sample when it has no image
+    image: tarfile.TarInfo | None = None
+    image_rank: tuple[bool, int] = (True, len(IMAGE_EXTS))
+    label: int = -1
+    class_name: str | None = None  # from the `json` member, when it has one
+    exts: set[str] = field(default_factory=set)
+
+
+def _split_member(info: tarfile.TarInfo) -> tuple[str, str] | None:
+    """(key, lowercased ext) by webdataset's rules; None for what webdataset skips."""
+    if not info.isfile() or _WDS_META.match(info.name):
+        return None
+    match = _WDS_KEY_EXT.match(info.name)
+    return (match.group(1), match.group(2).lower()) if match else None
+
+
+def _read_small(tf: tarfile.TarFile, info: tarfile.TarInfo, where: str) -> bytes:
+    if info.size > MAX_SIDECAR_BYTES:
+        raise SourceError(f"{where}: {info.size} bytes is too large for a cls/json member")
+    handle = tf.extractfile(info)
+    assert handle is not None  # regular files always have a handle
+    return handle.read()
+
+
+def _parse_cls(data: bytes, where: str) -> int:
+    try:
+        label = int(data.decode("ascii").strip())
+    except ValueError as e:  # UnicodeDecodeError is a ValueError too
+        raise SourceError(f"{where}: cls member is not an ASCII integer: {data[:32]!r}") from e
+    return max(label, -1)  # any negative label means "unknown"
+
+
+def _json_class_name(data: bytes) -> str | None:
+    # The json sidecar is optional metadata: a broken one must not stop the scan.
+    try:
+        meta = json.loads(data)
+    except ValueError:
+        return None
+    name = meta.get("class_name") if isinstance(meta, dict) else None
+    return name if isinstance(name, str) else None
+
+
+def _add_member(
+    sample: _Sample, ext: str, info: tarfile.TarInfo, tf: tarfile.TarFile, where: str
+) -> None:
+    if ext in sample.exts:  # webdataset raises on this too
+        raise SourceError(f"{where}: duplicate member {info.name!r} for key {sample.key!r}")
+    sample.exts.add(ext)
+    last = ext.rsplit(".", 1)[-1]
+    if last in IMAGE_EXTS:
+        # Prefer a plain `jpg` over `mask.png`-style extras, then by IMAGE_EXTS order.
+        rank = ("." in ext, IMAGE_EXTS.index(last))
+        if rank < sample.image_rank:
+            sample.image, sample.image_rank = info, rank
+    elif ext == "cls":
+        sample.label = _parse_cls(_read_small(tf, info, where), f"{where}#{info.name}")
+    elif ext == "json":
+        sample.class_name = _json_class_name(_read_small(tf, info, where))
+
+
+def _scan_tar(tar_path: Path) -> Iterator[_Sample]:
+    """Samples of one shard, grouping CONSECUTIVE members by key as webdataset does."""
+    where = str(tar_path)
+    try:
+        # "r:" (uncompressed) so offset_data is a real file offset and big members are seeked past.
+        with tarfile.open(tar_path, "r:") as tf:
+            current: _Sample | None = None
+            for info in tf:
+                split = _split_member(info)
+                if split is None:
+                    continue
+                if current is None or split[0] != current.key:
+                    if current is not None:
+                        yield current
+                    current = _Sample(split[0], info.name)
+                _add_member(current, split[1], info, tf, where)
+            if current is not None:
+                yield current
+    except tarfile.TarError as e:
+        raise SourceError(f"{where}: not a readable uncompressed tar file: {e}") from e
+
+
+def _sample_draft(sample: _Sample, tar_path: str, names: Sequence[str] | None) -> _Draft:
+    where = f"{tar_path}#{sample.first_member}"
+    class_name = sample.class_name
+    if class_name is None:
+        class_name = _class_name(sample.label, names, where)
+    raw_key = sample.key.replace("/", "_")
+    if sample.image is None:
+        # size=0 reads as an empty file, so the decoder records the sample instead of losing it.
+        return _Draft(raw_key, where, sample.label, class_name, tar_path, 0, 0)
+    img = sample.image
+    source = f"{tar_path}#{img.name}"
+    return _Draft(raw_key, source, sample.label, class_name, tar_path, img.offset_data, img.size)
+
+
+def from_webdataset(spec: str, class_map: Path | None = None) -> list[Item]:
+    """Samples of the shards named by `spec`, in shard order then member order."""
+    names = read_class_map(class_map) if class_map is not None else None
+    drafts: list[_Draft] = []
+    for tar_path in _expand_shards(str(spec)):
+        drafts.extend(_sample_draft(s, str(tar_path), names) for s in _scan_tar(tar_path))
+    return _to_items(drafts, f"webdataset shards {spec!r}")
+
+
+# --- list file --------------------------------------------------------------------------------
+
+
+def _read_table(path: Path) -> pl.DataFrame:
+    suffix = path.suffix.lower()
+    if suffix not in LIST_SUFFIXES:
+        raise SourceError(f"{path}: a list file must end in .csv or .parquet")
+    try:
+        if suffix == ".csv":
+            # Everything as text: labels are cast below, with an error that names the file.
+            return pl.read_csv(path, infer_schema=False, glob=False)
+        return pl.read_parquet(path, glob=False)
+    except (OSError, pl.exceptions.PolarsError) as e:
+        raise SourceError(f"cannot read list file {path}: {e}") from e
+
+
+def _text_column(df: pl.DataFrame, name: str) -> list[str | None] | None:
+    return df[name].cast(pl.String).to_list() if name in df.columns else None
+
+
+def _label_column(df: pl.DataFrame, path: Path) -> list[int]:
+    try:
+        values = df["label"].cast(pl.Int64, strict=True).to_list()
+    except pl.exceptions.PolarsError as e:
+        raise SourceError(f"{path}: column 'label' must hold integers: {e}") from e
+    return [-1 if v is None or v < 0 else v for v in values]
+
+
+def _labels_from_names(
+    given: Sequence[str | None], names: Sequence[str] | None, path: Path
+) -> list[int]:
+    """Labels from class names: class-map position, else position in the sorted unique names."""
+    vocab = names if names is not None else sorted({g for g in given if g is not None})
+    index = {n: i for i, n in enumerate(vocab)}
+    unknown = sorted({g for g in given if g is not None and g not in index})
+    if unknown:
+        raise SourceError(
+            f"{path}: {len(unknown)} class names are not in the class map: {unknown[:10]}"
+        )
+    return [index[g] if g is not None else -1 for g in given]
+
+
+def _labels_and_names(
+    df: pl.DataFrame, path: Path, class_map: Path | None
+) -> tuple[list[int], list[str]]:
+    names = read_class_map(class_map) if class_map is not None else None
+    given = _text_column(df, "class_name")
+    if "label" in df.columns:
+        labels = _label_column(df, path)
+        # Computed for every row so labels outside the class map are reported.
+        derived = [_class_name(label, names, str(path)) for label in labels]
+    else:
+        assert given is not None  # checked by the caller
+        labels = _labels_from_names(given, names, path)
+        derived = [""] * len(labels)
+    if given is None:
+        return labels, derived
+    return labels, [g if g is not None else d for g, d in zip(given, derived)]
+
+
+def from_list_file(path: Path, class_map: Path | None = None) -> list[Item]:
+    """Rows of a CSV/Parquet with `path`, `label` and/or `class_name`, in file order."""
+    path = Path(path)
+    df = _read_table(path)
+    if "path" not in df.columns or not {"label", "class_name"} & set(df.columns):
+        raise SourceError(
+            f"{path}: a list file needs columns 'path' and 'label' (or 'class_name'); "
+            f"found {df.columns}"
+        )
+    rel_paths = _text_column(df, "path") or []
+    if any(p is None for p in rel_paths):
+        raise SourceError(f"{path}: column 'path' has empty values")
+    labels, class_names = _labels_and_names(df, path, class_map)
+    base = path.parent.resolve()
+    drafts: list[_Draft] = []
+    for rel, label, class_name in zip(rel_paths, labels, class_names):
+        # join() keeps absolute paths as they are; normpath folds `..` without following links.
+        full = os.path.normpath(os.path.join(base, str(rel)))
+        pure = PurePosixPath(full)
+        raw = _raw_key(pure.parent.name, PurePosixPath(pure.name))
+        drafts.append(_Draft(raw, full, label, class_name, full))
+    return _to_items(drafts, f"list file {path}")
+
+
+# --- dispatch ---------------------------------------------------------------------------------
+
+
+def _source_kind(text: str) -> str:
+    """'folder' | 'webdataset' | 'list', or a SourceError saying what was expected."""
+    path = Path(text)
+    expected = (
+        "expected a directory of class subdirectories (ImageFolder), a directory of *.tar "
+        "shards, a .tar file, a glob or {a..b} pattern of shards, or a .csv/.parquet list file"
+    )
+    if path.is_dir():
+        if _class_dirs(path):
+            return "folder"
+        if any(not p.name.startswith(".") for p in path.glob("*.tar")):
+            return "webdataset"
+        raise SourceError(f"cannot tell what kind of input {text!r} is: {expected}")
+    if path.is_file():
+        suffix = path.suffix.lower()
+        if suffix == ".tar":
+            return "webdataset"
+        if suffix in LIST_SUFFIXES:
+            return "list"
+        raise SourceError(f"cannot tell what kind of input {text!r} is: {expected}")
+    if "{" in text or _GLOB_CHARS.search(text):
+        return "webdataset"
+    raise SourceError(f"input {text!r} does not exist ({expected})")
+
+
+def open_source(spec: str | Path, class_map: Path | None = None) -> list[Item]:
+    """Items of any supported input, picked by what `spec` looks like on disk."""
+    text = str(spec)
+    kind = _source_kind(text)
+    if kind == "folder":
+        return from_image_folder(Path(text), class_map)
+    if kind == "webdataset":
+        return from_webdataset(text, class_map)
+    return from_list_file(Path(text), class_map)
