@@ -1,0 +1,57 @@
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+from PIL import Image
+
+from curate.demo import DemoConfig, make_demo
+from curate.sources import from_image_folder
+
+
+def _digest(root: Path) -> str:
+    h = hashlib.sha256()
+    for path in sorted(root.rglob("*.JPEG")):
+        h.update(str(path.relative_to(root)).encode() + path.read_bytes())
+    return h.hexdigest()
+
+
+def test_demo_is_deterministic_and_truth_matches_the_folder(tmp_path: Path):
+    cfg = DemoConfig(root=tmp_path / "a", classes=4, per_class=40, val_per_class=5, seed=3)
+    truth = make_demo(cfg)
+    make_demo(DemoConfig(**{**cfg.__dict__, "root": tmp_path / "b"}))
+    assert _digest(tmp_path / "a") == _digest(tmp_path / "b")
+
+    train = truth.filter(pl.col("split") == "train")
+    assert len(train) == 160 and len(truth.filter(pl.col("split") == "val")) == 20
+    assert train["flipped"].sum() == 16  # 10%
+    flipped = train.filter(pl.col("flipped"))
+    assert (flipped["given_label"] != flipped["true_label"]).all()
+    clean = train.filter(~pl.col("flipped"))
+    assert (clean["given_label"] == clean["true_label"]).all()
+    # labels in the truth are the ones an ImageFolder reader assigns (sorted class dirs)
+    items = {it.source: it.label for it in from_image_folder(tmp_path / "a" / "train")}
+    for path, label in train.select("path", "given_label").iter_rows():
+        assert items[str(tmp_path / "a" / path)] == label
+
+
+def test_boxes_hold_the_object_and_duplicates_look_alike(tmp_path: Path):
+    truth = make_demo(DemoConfig(root=tmp_path, classes=3, per_class=40, val_per_class=2, seed=0))
+    assert truth.select((pl.col("x0") >= 0) & (pl.col("x1") <= 64) & (pl.col("x0") < pl.col("x1"))).to_series().all()
+    groups = truth.filter(pl.col("dup_group") >= 0).group_by("dup_group").agg(pl.col("path"))
+    assert len(groups) >= 2 and groups["path"].list.len().min() >= 2
+
+    def pixels(rel: str) -> np.ndarray:
+        return np.asarray(Image.open(tmp_path / rel), np.float32)
+
+    a, b = groups["path"][0][:2]
+    other = truth.filter(pl.col("dup_group") < 0)["path"][0]
+    assert np.abs(pixels(a) - pixels(b)).mean() < 12 < np.abs(pixels(a) - pixels(other)).mean()
+
+
+def test_demo_config_rejects_bad_values(tmp_path: Path):
+    with pytest.raises(ValueError, match="classes"):
+        DemoConfig(root=tmp_path, classes=1)
+    with pytest.raises(ValueError, match="flip_fraction"):
+        DemoConfig(root=tmp_path, flip_fraction=0.7)
