@@ -1,0 +1,308 @@
+"""`curate score` as a library call: index -> proxy -> scores parts -> manifest.
+
+Work is cut into parts of `chunk_size` inputs in index order. A part file that exists is complete
+(written under a temporary name, then renamed), so a killed job resumes by skipping those parts.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import platform
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import polars as pl
+import torch
+from tqdm import tqdm
+
+from curate import __version__, scoring, table
+from curate.decode import DEFAULT_MAX_PIXELS
+from curate.loader import DecodedItems, Meta, chunk_batches, make_loader
+from curate.proxies import ProxyModel, Recipe, create_model, file_sha256, load_checkpoint, resolve_recipe
+from curate.sources import Item, open_source
+from curate.training import Dynamics, TrainSetup, train_proxy
+
+# Outputs of a score job; `--overwrite` removes exactly these and nothing else.
+OUTPUTS = ("part-*.parquet", ".part-*.tmp", "manifest.json", "config.json", "proxy")
+# Config fields that may change between a run and its resume without changing any result.
+RESUME_FREE = ("resume", "overwrite", "workers", "progress")
+
+
+@dataclass(frozen=True)
+class ScoreConfig:
+    source: str  # ImageFolder root, WebDataset shards (dir, .tar, glob, brace) or a CSV/Parquet list
+    out: Path  # output folder: part-*.parquet, manifest.json, config.json, proxy/
+    proxy: str = "demo-vit"  # recipe name (see `curate proxies`) or any timm model name
+    checkpoint: Path | None = None  # weights to load (torch.load, weights_only=True)
+    pretrained: bool = False  # timm hub weights (needs network access)
+    train_epochs: int | None = None  # train the proxy here for N epochs (early-dynamics scores)
+    image_size: int | None = None  # proxy input side; default: the recipe's
+    batch_size: int = 256  # inference batch
+    workers: int = 2  # DataLoader decode workers
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    seed: int = 0  # model init, training order and augmentation
+    chunk_size: int = 4096  # inputs per Parquet part (the unit of resume)
+    importance: str = "cls"  # cls: CLS->patch attention of the last blocks | rollout | none
+    importance_blocks: int | None = None  # last blocks averaged for `cls`; default: the recipe's
+    class_map: Path | None = None  # text file, one class name per line, line = class index
+    max_pixels: int = DEFAULT_MAX_PIXELS  # decompression-bomb guard
+    resume: bool = False  # continue a killed run in `out`
+    overwrite: bool = False  # delete a previous run's outputs in `out` first
+    progress: bool = True  # progress bars on stderr
+
+    def __post_init__(self) -> None:
+        modes = [self.checkpoint is not None, self.pretrained, self.train_epochs is not None]
+        if sum(modes) != 1:
+            raise ValueError("give exactly one of --checkpoint, --pretrained, --train-epochs")
+        if self.train_epochs is not None and self.train_epochs < 1:
+            raise ValueError(f"--train-epochs must be >= 1, got {self.train_epochs}")
+        if self.resume and self.overwrite:
+            raise ValueError("--resume and --overwrite exclude each other")
+        if self.importance not in ("cls", "rollout", "none"):
+            raise ValueError(f"--importance must be cls, rollout or none, got {self.importance!r}")
+        if min(self.batch_size, self.chunk_size) < 1 or self.workers < 0:
+            raise ValueError("batch size and chunk size must be >= 1, workers >= 0")
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What must be equal for a resume to continue the same run."""
+        d = {k: v for k, v in asdict(self).items() if k not in RESUME_FREE}
+        return {k: str(v) if isinstance(v, Path) else v for k, v in d.items()}
+
+
+@dataclass
+class ScoreResult:
+    manifest: dict[str, Any]
+    parts_written: int  # in this invocation (0 when everything was already done)
+    timing: dict[str, float] = field(default_factory=dict)
+
+
+def run_score(cfg: ScoreConfig) -> ScoreResult:
+    t0 = time.perf_counter()
+    items = open_source(cfg.source, cfg.class_map)
+    _prepare_out(cfg, items)
+    device = resolve_device(cfg.device)
+    recipe = resolve_recipe(cfg.proxy, cfg.image_size)
+    proxy, proxy_info, dyn = _build_proxy(cfg, recipe, items, device)
+    t_train = time.perf_counter()
+    written = _score_parts(cfg, items, recipe, proxy, dyn, proxy_info)
+    t_end = time.perf_counter()
+    timing = {"index_and_train_s": t_train - t0, "score_s": t_end - t_train, "total_s": t_end - t0}
+    manifest = _write_manifest(cfg, items, recipe, proxy, proxy_info, timing)
+    return ScoreResult(manifest, written, timing)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: CUDA is not available on this machine")
+    return device
+
+
+def index_sha256(items: Sequence[Item]) -> str:
+    h = hashlib.sha256()
+    for it in items:
+        h.update(f"{it.key}\t{it.source}\t{it.label}\n".encode())
+    return h.hexdigest()
+
+
+def _prepare_out(cfg: ScoreConfig, items: Sequence[Item]) -> None:
+    """Refuse to mix runs: a non-empty `out` needs --resume (same run) or --overwrite."""
+    out = cfg.out
+    fingerprint = {**cfg.fingerprint(), "index_sha256": index_sha256(items)}
+    if out.exists() and any(out.iterdir()):
+        if cfg.overwrite:
+            _remove_outputs(out)
+        elif not cfg.resume:
+            raise FileExistsError(f"{out} is not empty: pass --resume to continue that run "
+                                  "or --overwrite to replace it")
+        else:
+            _check_resumable(out / "config.json", fingerprint)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "proxy").mkdir(exist_ok=True)
+    table.write_json(out / "config.json", fingerprint)
+
+
+def _remove_outputs(out: Path) -> None:
+    for pattern in OUTPUTS:
+        for path in out.glob(pattern):
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
+def _check_resumable(config_path: Path, fingerprint: dict[str, Any]) -> None:
+    if not config_path.exists():
+        raise FileExistsError(f"{config_path.parent} holds no curate score run to resume "
+                              "(no config.json); use --overwrite or another --out")
+    old = json.loads(config_path.read_text())
+    diff = sorted(k for k in set(old) | set(fingerprint) if old.get(k) != fingerprint.get(k))
+    if diff:
+        raise ValueError(f"cannot resume: settings differ from the run in {config_path.parent}: "
+                         f"{', '.join(diff)}; use the same settings or --overwrite")
+
+
+def num_classes(items: Sequence[Item]) -> int:
+    n = max((it.label for it in items), default=-1) + 1
+    if n < 2:
+        raise ValueError("need labelled inputs from at least 2 classes to score with a proxy")
+    return n
+
+
+def _build_proxy(cfg: ScoreConfig, recipe: Recipe, items: Sequence[Item],
+                 device: torch.device) -> tuple[ProxyModel, dict[str, Any], Dynamics | None]:
+    torch.manual_seed(cfg.seed)  # same initial weights on every run and resume
+    # Hub weights keep their own head (labels must be in its class space); otherwise one per class.
+    model = create_model(recipe, None if cfg.pretrained else num_classes(items), cfg.pretrained)
+    info: dict[str, Any] = {"name": cfg.proxy, "model": recipe.model, "recipe": asdict(recipe)}
+    dyn = None
+    if cfg.checkpoint is not None:
+        info.update(weights="checkpoint", checkpoint=str(cfg.checkpoint),
+                    checkpoint_sha256=load_checkpoint(model, cfg.checkpoint))
+    elif cfg.pretrained:
+        info.update(weights="pretrained", pretrained_tag=model.pretrained_cfg.get("tag", ""))
+    else:
+        dyn = _train(cfg, recipe, model, items, device)
+        weights = cfg.out / "proxy" / "model.pt"
+        torch.save(model.state_dict(), weights)
+        info.update(weights="trained", checkpoint=str(weights), checkpoint_sha256=file_sha256(weights),
+                    training={"epochs": cfg.train_epochs, "lr": recipe.lr, "batch_size": recipe.batch_size,
+                              "weight_decay": recipe.weight_decay, "seed": cfg.seed,
+                              "warmup_epochs": recipe.warmup_epochs,
+                              "dynamics_from_epoch": dynamics_skip(recipe)})
+    blocks = cfg.importance_blocks or recipe.importance_blocks
+    proxy = ProxyModel(model, cfg.importance, blocks).to(device)
+    info["importance"] = {"method": proxy.importance, "blocks": blocks,
+                          "grid": list(proxy.grid) if proxy.importance != "none" else None}
+    return proxy, info, dyn
+
+
+def _train(cfg: ScoreConfig, recipe: Recipe, model: torch.nn.Module, items: Sequence[Item],
+           device: torch.device) -> Dynamics:
+    assert cfg.train_epochs is not None
+    setup = TrainSetup(cfg.train_epochs, recipe.batch_size, cfg.workers, device, cfg.seed,
+                       cfg.out / "proxy" / "train-state.pt")
+    return train_proxy(model, items, recipe, setup, progress=cfg.progress)
+
+
+def _score_parts(cfg: ScoreConfig, items: Sequence[Item], recipe: Recipe, proxy: ProxyModel,
+                 dyn: Dynamics | None, info: dict[str, Any]) -> int:
+    n_parts = -(-len(items) // cfg.chunk_size)
+    todo = sorted(set(range(n_parts)) - table.done_parts(cfg.out))
+    if not todo:
+        return 0
+    summary = dyn.summary(dynamics_skip(recipe)) if dyn is not None else None
+    batches = [b for p in todo for b in chunk_batches(p * cfg.chunk_size,
+                                                      min((p + 1) * cfg.chunk_size, len(items)), cfg.batch_size)]
+    dataset = DecodedItems(items, recipe.img_size, cfg.max_pixels)
+    loader = make_loader(dataset, batches, cfg.workers, pin_memory=proxy.mean.is_cuda)
+    # The embedding width fixes the schema; one dummy image tells it for any model.
+    dim = proxy.score_batch(torch.zeros(1, 3, recipe.img_size, recipe.img_size, dtype=torch.uint8))
+    part_schema = table.schema(dim.embedding.shape[1], {"proxy": cfg.proxy, "weights": info["weights"]})
+    bar = tqdm(total=sum(len(b) for b in batches), desc="score", unit="img", disable=not cfg.progress)
+    for part, rows in _parts(loader, items, proxy, summary, cfg.chunk_size, bar):
+        table.write_part(table.part_path(cfg.out, part), rows, part_schema)
+    bar.close()
+    return len(todo)
+
+
+def dynamics_skip(recipe: Recipe) -> int:
+    """Epochs left out of the training dynamics: those inside the learning-rate warmup."""
+    return math.ceil(recipe.warmup_epochs)
+
+
+def _parts(loader: Any, items: Sequence[Item], proxy: ProxyModel, summary: dict[str, torch.Tensor] | None,
+           chunk_size: int, bar: tqdm) -> Iterator[tuple[int, dict[str, list]]]:
+    """Group the loader's batches back into parts; yields (part index, columns) per complete part."""
+    current, rows, stop = -1, _empty_rows(), 0
+    for idx, images, metas in loader:
+        part = int(idx[0]) // chunk_size
+        if part != current:
+            if current >= 0:
+                yield current, rows
+            current, rows = part, _empty_rows()
+        ok = torch.tensor([m.error == "" for m in metas])
+        out = proxy.score_batch(images[ok]) if ok.any() else None
+        _append(rows, [items[i] for i in idx.tolist()], metas, ok, out, idx, summary)
+        bar.update(len(idx))
+    if current >= 0:
+        yield current, rows
+
+
+def _empty_rows() -> dict[str, list]:
+    return {f.name: [] for f in table.BASE_FIELDS} | {"embedding": []}
+
+
+_SCORE_COLS = ("loss", "margin", "el2n", "entropy", "pred", "confidence")
+_DYN_COLS = ("forgetting", "el2n_mean", "margin_mean")
+
+
+def _append(rows: dict[str, list], items: list[Item], metas: list[Meta], ok: torch.Tensor,
+            out: Any, idx: torch.Tensor, summary: dict[str, torch.Tensor] | None) -> None:
+    """Add one batch's rows: identity and file facts for all, proxy outputs for the decoded ones."""
+    labels = torch.tensor([it.label for it in items])[ok]
+    scores = scoring.example_scores(out.logits, labels.to(out.logits.device)) if out is not None else {}
+    scores = {k: v.cpu().tolist() for k, v in scores.items()}
+    emb = out.embedding.cpu().numpy() if out is not None else None
+    imp = out.importance.cpu().numpy() if out is not None and out.importance is not None else None
+    j = 0
+    for item, meta, good, i in zip(items, metas, ok.tolist(), idx.tolist()):
+        _append_identity(rows, item, meta)
+        for col in _SCORE_COLS:
+            rows[col].append(_finite(scores[col][j]) if good else None)
+        for col in _DYN_COLS:
+            rows[col].append(_finite(summary[col][i].item()) if good and summary is not None else None)
+        rows["embedding"].append(emb[j] if good else None)
+        rows["importance"].append(table.importance_to_bytes(imp[j]) if good and imp is not None else None)
+        rows["importance_h"].append(imp.shape[1] if good and imp is not None else None)
+        rows["importance_w"].append(imp.shape[2] if good and imp is not None else None)
+        j += int(good)
+
+
+def _append_identity(rows: dict[str, list], item: Item, meta: Meta) -> None:
+    rows["key"].append(item.key)
+    rows["source"].append(item.source)
+    rows["label"].append(item.label)
+    rows["class_name"].append(item.class_name)
+    rows["status"].append("error" if meta.error else "ok")
+    rows["error"].append(meta.error or None)
+    rows["width"].append(meta.width or None)
+    rows["height"].append(meta.height or None)
+    rows["num_bytes"].append(meta.num_bytes)
+    rows["content_hash"].append(meta.content_hash or None)
+
+
+def _finite(x: float) -> float | None:
+    """NaN (e.g. a score of an unlabelled input) is stored as null."""
+    return None if x != x else x
+
+
+def _write_manifest(cfg: ScoreConfig, items: Sequence[Item], recipe: Recipe, proxy: ProxyModel,
+                    info: dict[str, Any], timing: dict[str, float]) -> dict[str, Any]:
+    counts = (pl.scan_parquet(cfg.out / table.PART_GLOB).group_by("status").len().collect())
+    by_status = dict(zip(counts["status"].to_list(), counts["len"].to_list()))
+    manifest = {
+        "schema_version": table.SCHEMA_VERSION,
+        "source": cfg.source,
+        "proxy": info,
+        "seed": cfg.seed,
+        "index_sha256": index_sha256(items),
+        "counts": {"inputs": len(items), "ok": by_status.get("ok", 0), "error": by_status.get("error", 0),
+                   "classes": len({it.label for it in items})},
+        "timing": timing | {"images_per_s": len(items) / max(timing["score_s"], 1e-9)},
+        "config": cfg.fingerprint(),
+        "versions": versions(),
+    }
+    table.write_json(cfg.out / "manifest.json", manifest)
+    return manifest
+
+
+def versions() -> dict[str, str]:
+    import pyarrow
+    import timm
+
+    return {"curate": __version__, "python": platform.python_version(), "torch": torch.__version__,
+            "timm": timm.__version__, "polars": pl.__version__, "pyarrow": pyarrow.__version__}

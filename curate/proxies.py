@@ -1,0 +1,210 @@
+"""Proxy models: a timm model by name or a named recipe, its weights, and one scoring forward.
+
+A recipe names a timm model, its size overrides and how to train it here. Any other name is
+taken as a timm model name with the default recipe. `ProxyModel.score_batch` returns logits,
+the pre-logit embedding and, for ViT-family proxies, the patch-importance map.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable
+
+import timm
+import torch
+from torch import nn
+
+from curate import scoring
+
+
+@dataclass(frozen=True)
+class Recipe:
+    model: str  # timm model name
+    model_kwargs: dict[str, Any] = field(default_factory=dict)  # size overrides (img_size, depth, ...)
+    img_size: int = 224  # proxy input side: the whole image squash-resized to this
+    epochs: int = 0  # default --train-epochs when training here
+    lr: float = 1e-3  # AdamW peak learning rate for batch 128 (scaled linearly with batch)
+    weight_decay: float = 0.05
+    warmup_epochs: float = 1.0  # linear warmup, then cosine to zero
+    batch_size: int = 128  # training batch
+    importance_blocks: int = 1  # CLS attention averaged over this many last blocks
+    note: str = ""  # when to use it
+
+
+RECIPES: dict[str, Recipe] = {}
+
+
+def register_recipe(name: str) -> Callable[[Callable[[], Recipe]], Callable[[], Recipe]]:
+    def wrap(fn: Callable[[], Recipe]) -> Callable[[], Recipe]:
+        RECIPES[name] = fn()
+        return fn
+    return wrap
+
+
+@register_recipe("demo-cnn")
+def _demo_cnn() -> Recipe:
+    return Recipe("resnet10t", {}, img_size=64, epochs=10, lr=2e-3,
+                  note="example scores on small images; learns the demo data in about a minute on CPU")
+
+
+@register_recipe("demo-vit")
+def _demo_vit() -> Recipe:
+    kw = dict(img_size=64, patch_size=2, depth=4, reg_tokens=4)
+    return Recipe("vit_tiny_r_s16_p8_224", kw, img_size=64, epochs=10, lr=2e-3,
+                  note="patch importance (8x8 grid) and example scores on the demo data")
+
+
+@register_recipe("imagenet-vit")
+def _imagenet_vit() -> Recipe:
+    kw = dict(img_size=112, patch_size=8, depth=6)
+    return Recipe("vit_tiny_patch16_224", kw, img_size=112, epochs=10, lr=1e-3, batch_size=256,
+                  note="ImageNet: 14x14 importance grid at 112 px; 10 epochs of early dynamics")
+
+
+def resolve_recipe(name: str, img_size: int | None = None) -> Recipe:
+    """A registered recipe, or any timm model name with default settings."""
+    recipe = RECIPES.get(name)
+    if recipe is None:
+        if name not in timm.list_models(pretrained=False) and not timm.is_model(name):
+            raise ValueError(f"unknown proxy {name!r}: not a recipe ({', '.join(sorted(RECIPES))}) "
+                             "nor a timm model name")
+        recipe = Recipe(name)
+    if img_size is not None and img_size != recipe.img_size:
+        kwargs = dict(recipe.model_kwargs)
+        if "img_size" in kwargs or _is_vit_name(recipe.model):
+            kwargs["img_size"] = img_size
+        recipe = replace(recipe, img_size=img_size, model_kwargs=kwargs)
+    return recipe
+
+
+def _is_vit_name(name: str) -> bool:
+    return name.startswith(("vit_", "deit", "test_vit"))
+
+
+def create_model(recipe: Recipe, num_classes: int | None, pretrained: bool = False) -> nn.Module:
+    """The recipe's timm model; num_classes None keeps the model's own head (hub weights)."""
+    kwargs = dict(recipe.model_kwargs) | ({"num_classes": num_classes} if num_classes else {})
+    return timm.create_model(recipe.model, pretrained=pretrained, **kwargs)
+
+
+def load_checkpoint(model: nn.Module, path: Path) -> str:
+    """Load a state dict saved with torch.save (weights only); returns the file's sha256."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
+        state = state["model"]  # a training checkpoint of ours or timm's
+    model.load_state_dict(state)
+    return file_sha256(path)
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def normalizer(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and std (3, 1, 1) from the model's pretrained config."""
+    cfg = getattr(model, "pretrained_cfg", {}) or {}
+    mean = torch.tensor(cfg.get("mean", (0.485, 0.456, 0.406))).view(3, 1, 1)
+    std = torch.tensor(cfg.get("std", (0.229, 0.224, 0.225))).view(3, 1, 1)
+    return mean, std
+
+
+def supports_importance(model: nn.Module) -> bool:
+    """ViT-family: prefix tokens, a patch grid and timm Attention blocks."""
+    blocks = getattr(model, "blocks", None)
+    return (hasattr(model, "num_prefix_tokens") and hasattr(getattr(model, "patch_embed", None), "grid_size")
+            and blocks is not None and len(blocks) > 0 and hasattr(blocks[0], "attn")
+            and hasattr(blocks[0].attn, "qkv"))
+
+
+def _qk(attn: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Queries and keys of a timm Attention for its input x (B, N, D): (B, H, N, Dh) each."""
+    B, N, _ = x.shape
+    qkv = attn.qkv(x).reshape(B, N, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4)
+    return attn.q_norm(qkv[0]), attn.k_norm(qkv[1])
+
+
+@dataclass
+class ProxyOutput:
+    logits: torch.Tensor  # (B, C)
+    embedding: torch.Tensor  # (B, D) pre-logits
+    importance: torch.Tensor | None  # (B, gh, gw) float16, each map sums to 1
+
+
+class ProxyModel:
+    """A model plus what scoring needs around it: normalisation and attention capture."""
+
+    def __init__(self, model: nn.Module, importance: str = "cls", importance_blocks: int = 1):
+        self.model = model.eval()
+        self.mean, self.std = normalizer(model)
+        self.importance = importance if supports_importance(model) else "none"
+        self.num_blocks = importance_blocks
+        self._captured: list[torch.Tensor] = []
+        if self.importance != "none":
+            self._install_hooks()
+
+    def _install_hooks(self) -> None:
+        blocks = self.model.blocks
+        chosen = blocks if self.importance == "rollout" else blocks[-self.num_blocks:]
+        for block in chosen:
+            block.attn.register_forward_pre_hook(self._capture)
+
+    def _capture(self, attn: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+        if not self._capturing:
+            return
+        q, k = _qk(attn, args[0])
+        if self.importance == "cls":
+            self._captured.append(scoring.cls_attention(q, k, self.model.num_prefix_tokens))
+        else:  # rollout needs the full matrix of every block
+            self._captured.append((q * attn.scale @ k.transpose(-2, -1)).float().softmax(-1))
+
+    _capturing = False
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return tuple(self.model.patch_embed.grid_size)  # type: ignore[return-value]
+
+    def prepare(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 (B, 3, S, S) -> normalised float on the model's device."""
+        device = self.mean.device
+        x = images.to(device, non_blocking=True).float().div_(255)
+        return (x - self.mean) / self.std
+
+    def to(self, device: torch.device) -> "ProxyModel":
+        self.model.to(device)
+        self.mean, self.std = self.mean.to(device), self.std.to(device)
+        return self
+
+    @torch.inference_mode()
+    def score_batch(self, images: torch.Tensor) -> ProxyOutput:
+        x = self.prepare(images)
+        self._captured, self._capturing = [], self.importance != "none"
+        try:
+            with _autocast(x.device):
+                pre = self.model.forward_head(self.model.forward_features(x), pre_logits=True)
+                logits = self.model.get_classifier()(pre)
+        finally:
+            self._capturing = False
+        return ProxyOutput(logits.float(), pre.float(), self._importance())
+
+    def _importance(self) -> torch.Tensor | None:
+        if self.importance == "none":
+            return None
+        if self.importance == "rollout":
+            patch = scoring.attention_rollout(self._captured, self.model.num_prefix_tokens)
+        else:
+            patch = torch.stack(self._captured).mean(0)
+        return scoring.to_grid(patch, self.grid)
+
+
+def _autocast(device: torch.device) -> Any:
+    """bf16 autocast on CUDA (scores are computed in fp32 from the logits); nothing on CPU."""
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+def recipe_dict(recipe: Recipe) -> dict[str, Any]:
+    return asdict(recipe)
