@@ -83,7 +83,7 @@ def _polygon(name: str, cx: float, cy: float, r: float, angle: float) -> list[tu
         radii = [r] * corners
         angles = [i * 360.0 / corners for i in range(corners)]
         if name == "diamond":  # a diamond is a square stretched along one diagonal
-            radii = [r, r * 0.55, r, r * 0.55]
+            radii = [r, r * 0.7, r, r * 0.7]
     a0 = math.radians(angle)
     return [(cx + rr * math.cos(a0 + math.radians(a)), cy + rr * math.sin(a0 + math.radians(a)))
             for rr, a in zip(radii, angles)]
@@ -93,7 +93,7 @@ def _draw_object(draw: ImageDraw.ImageDraw, scene: Scene) -> None:
     x0, y0, x1, y1 = scene.box
     cx, cy, r = (x0 + x1) / 2, (y0 + y1) / 2, (x1 - x0) / 2
     name = CLASSES[scene.label]
-    width = max(2, int(r * 0.45))
+    width = max(3, int(r * 0.6))  # strokes at least most of a patch wide, so they are visible
     if name == "circle":
         draw.ellipse([x0, y0, x1 - 1, y1 - 1], fill=scene.rgb)
     elif name == "ring":
@@ -108,11 +108,14 @@ def _draw_object(draw: ImageDraw.ImageDraw, scene: Scene) -> None:
 
 def _background(cfg: DemoConfig, rng: np.random.Generator) -> Image.Image:
     """Smooth colour gradient + distractor strokes and blobs + pixel noise."""
-    base = rng.uniform(40, 200, size=(2, 2, 3)).astype(np.float32)
+    base = np.stack([_hsv_to_rgb(rng.random(), rng.uniform(0.0, 0.35), rng.uniform(0.25, 0.8))
+                     for _ in range(4)]).reshape(2, 2, 3).astype(np.float32)
     img = Image.fromarray(base.astype(np.uint8)).resize((cfg.size, cfg.size), Image.BILINEAR)
     draw = ImageDraw.Draw(img)
     for _ in range(cfg.clutter):
-        colour = tuple(int(c) for c in rng.integers(0, 256, size=3))
+        # Low-saturation distractors: clutter that hides no class colour, so the class can only
+        # be read off the object and a proxy's attention has a reason to go there.
+        colour = _hsv_to_rgb(rng.random(), rng.uniform(0.0, 0.3), rng.uniform(0.15, 0.95))
         pts = rng.uniform(0, cfg.size, size=4)
         if rng.random() < 0.5:
             draw.line(list(pts), fill=colour, width=int(rng.integers(1, 3)))

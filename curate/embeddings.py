@@ -6,7 +6,11 @@ Everything after that is faiss on that matrix, in query batches, so peak memory 
 plus one batch of search results (and faiss's copy of it inside a flat index).
 
 - Near-duplicates (SemDeDup-style, Abbas et al. 2023): rows linked by cosine similarity above a
-  threshold, grouped by connected components; one representative per group is kept.
+  threshold, grouped by connected components; one representative per group is kept. By default
+  the vectors are the 8x8 `thumbnail`s: a small proxy's pre-logit embedding collapses each class
+  (on the demo data, cosine > 0.95 between most images of a class), while thumbnails tell a
+  near-copy from a look-alike (demo: 100% of planted groups found, 0.2% of others merged, at
+  0.93). With a strong pretrained proxy, `dedup_on="embedding"` also catches crops and flips.
 - Prototype score (Sorscher et al. 2022, "Beyond neural scaling laws"): spherical k-means on
   the embeddings, score = cosine distance to the nearest centroid (large = atypical = hard).
 """
@@ -23,9 +27,6 @@ import pyarrow.parquet as pq
 
 from curate.table import PART_GLOB
 
-_COLUMNS = ["key", "status", "embedding"]
-
-
 def _parts(scores_dir: Path) -> list[Path]:
     parts = sorted(Path(scores_dir).glob(PART_GLOB))
     if not parts:
@@ -33,11 +34,11 @@ def _parts(scores_dir: Path) -> list[Path]:
     return parts
 
 
-def _embed_dim(part: Path) -> int:
-    """Width of the fixed-size `embedding` list in one part's schema."""
-    kind = pq.read_schema(part).field("embedding").type
+def _embed_dim(part: Path, column: str = "embedding") -> int:
+    """Width of the fixed-size list `column` in one part's schema."""
+    kind = pq.read_schema(part).field(column).type
     if not pa.types.is_fixed_size_list(kind):
-        raise ValueError(f"{part}: `embedding` is {kind}, expected a fixed-size list of float32")
+        raise ValueError(f"{part}: `{column}` is {kind}, expected a fixed-size list")
     return kind.list_size
 
 
@@ -59,27 +60,34 @@ def _as_matrix(vectors: pa.Array, dim: int) -> np.ndarray:
     return flat.to_numpy(zero_copy_only=False).reshape(-1, dim)  # (B, D)
 
 
-def load_embeddings(scores_dir: Path, batch_rows: int = 65536) -> tuple[list[str], np.ndarray]:
-    """Keys of the ok rows and their L2-normalised float32 embeddings, in part/row order.
+def load_embeddings(scores_dir: Path, batch_rows: int = 65536,
+                    column: str = "embedding") -> tuple[list[str], np.ndarray]:
+    """Keys of the ok rows and their L2-normalised float32 vectors, in part/row order.
 
+    `column` is "embedding" (the proxy's features) or "thumbnail" (8x8 RGB pixels, each row
+    centred on its own mean first, so the cosine is the thumbnails' Pearson correlation:
+    insensitive to brightness and independent of the rest of the dataset).
     Parts are streamed `batch_rows` at a time into one matrix allocated up front (ok rows
     are counted first), so memory is the matrix plus one batch, never a list of rows.
     """
     parts = _parts(scores_dir)
-    dim = _embed_dim(parts[0])
+    columns = ["key", "status", column]
+    dim = _embed_dim(parts[0], column)
     emb = np.empty((_count_ok(parts), dim), dtype=np.float32)
     keys: list[str] = []
     for part in parts:
-        if _embed_dim(part) != dim:
-            raise ValueError(f"{part}: embedding width {_embed_dim(part)} != {dim} of {parts[0]}")
-        for batch in pq.ParquetFile(part).iter_batches(batch_size=batch_rows, columns=_COLUMNS):
+        if _embed_dim(part, column) != dim:
+            raise ValueError(f"{part}: {column} width {_embed_dim(part, column)} != {dim} of {parts[0]}")
+        for batch in pq.ParquetFile(part).iter_batches(batch_size=batch_rows, columns=columns):
             ok = pc.equal(batch.column("status"), "ok")
-            block = _as_matrix(batch.column("embedding").filter(ok), dim)
+            block = _as_matrix(batch.column(column).filter(ok), dim)
             emb[len(keys) : len(keys) + len(block)] = block
             keys.extend(batch.column("key").filter(ok).to_pylist())
     if len(keys) != len(emb):
         raise RuntimeError(f"{scores_dir} changed while being read: {len(keys)} ok rows, "
                            f"{len(emb)} counted")
+    if column == "thumbnail":
+        emb -= emb.mean(axis=1, keepdims=True)  # a flat thumbnail becomes 0: it matches nothing
     faiss.normalize_L2(emb)  # in place: emb is our own contiguous float32 copy
     return keys, emb
 
@@ -219,7 +227,8 @@ def _proto_columns(frame: pl.DataFrame, emb: np.ndarray, k: int | None, seed: in
 
 
 def embedding_columns(
-    scores_dir: Path, dedup_threshold: float | None, prototypes: int | None, seed: int = 0
+    scores_dir: Path, dedup_threshold: float | None, prototypes: int | None, seed: int = 0,
+    dedup_on: str = "thumbnail",
 ) -> pl.DataFrame:
     """Per ok row: key, dup_group, dup_keep, proto_dist, proto_cluster.
 
@@ -229,5 +238,11 @@ def embedding_columns(
     """
     keys, emb = load_embeddings(scores_dir)
     frame = pl.DataFrame({"key": keys}, schema={"key": pl.String})
-    frame = _dup_columns(frame, emb, dedup_threshold)
+    if dedup_threshold is not None and dedup_on != "embedding":
+        dup_keys, dup_vectors = load_embeddings(scores_dir, column=dedup_on)
+        if dup_keys != keys:
+            raise RuntimeError(f"{scores_dir}: {dedup_on} and embedding rows differ (table changed?)")
+    else:
+        dup_vectors = emb
+    frame = _dup_columns(frame, dup_vectors, dedup_threshold)
     return _proto_columns(frame, emb, prototypes, seed)

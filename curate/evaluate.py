@@ -18,7 +18,7 @@ def join_truth(scores: pl.DataFrame, demo_root: Path) -> pl.DataFrame:
     """Scores rows joined with truth.parquet (by source path); rows without truth are dropped."""
     root = demo_root.resolve()
     truth = pl.read_parquet(root / "truth.parquet").with_columns(
-        source=pl.lit(str(root) + "/") + pl.col("path"))
+        source=pl.lit(str(root) + "/") + pl.col("path")).rename({"dup_group": "dup_group_true"})
     return scores.join(truth, on="source", how="inner")
 
 
@@ -60,3 +60,16 @@ def _patch_in_box(grid: tuple[int, int], image_wh: tuple[int, int], box: tuple[i
     xs = (np.arange(gw) + 0.5) * w / gw
     x0, y0, x1, y1 = box
     return ((ys[:, None] >= y0) & (ys[:, None] < y1)) & ((xs[None, :] >= x0) & (xs[None, :] < x1))
+
+
+def duplicate_detection(joined: pl.DataFrame) -> dict[str, float]:
+    """Found groups and false merges, for rows with a predicted `dup_group` and the truth's.
+
+    A planted group counts as found when all its members share one predicted group; `merged` is
+    the fraction of images that are no one's duplicate but were put in a group anyway.
+    """
+    planted = (joined.filter(pl.col("dup_group_true") >= 0).group_by("dup_group_true")
+               .agg(found=(pl.col("dup_group").n_unique() == 1) & (pl.col("dup_group").first() >= 0)))
+    others = joined.filter(pl.col("dup_group_true") < 0)
+    return {"groups": len(planted), "found": float(planted["found"].mean()),
+            "singles": len(others), "merged": float((others["dup_group"] >= 0).mean())}

@@ -15,8 +15,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
+import numpy as np
 import polars as pl
 import torch
+import torch.nn.functional as F
 from tqdm import tqdm
 
 from curate import __version__, scoring, table
@@ -47,7 +49,7 @@ class ScoreConfig:
     seed: int = 0  # model init, training order and augmentation
     chunk_size: int = 4096  # inputs per Parquet part (the unit of resume)
     importance: str = "cls"  # cls: CLS->patch attention of the last blocks | rollout | none
-    importance_blocks: int | None = None  # last blocks averaged for `cls`; default: the recipe's
+    importance_blocks: tuple[int, ...] | None = None  # blocks averaged for `cls`; default: the recipe's
     class_map: Path | None = None  # text file, one class name per line, line = class index
     max_pixels: int = DEFAULT_MAX_PIXELS  # decompression-bomb guard
     resume: bool = False  # continue a killed run in `out`
@@ -70,7 +72,7 @@ class ScoreConfig:
     def fingerprint(self) -> dict[str, Any]:
         """What must be equal for a resume to continue the same run."""
         d = {k: v for k, v in asdict(self).items() if k not in RESUME_FREE}
-        return {k: str(v) if isinstance(v, Path) else v for k, v in d.items()}
+        return json.loads(json.dumps(d, default=str))  # the form it has in config.json
 
 
 @dataclass
@@ -173,9 +175,8 @@ def _build_proxy(cfg: ScoreConfig, recipe: Recipe, items: Sequence[Item],
                               "weight_decay": recipe.weight_decay, "seed": cfg.seed,
                               "warmup_epochs": recipe.warmup_epochs,
                               "dynamics_from_epoch": dynamics_skip(recipe)})
-    blocks = cfg.importance_blocks or recipe.importance_blocks
-    proxy = ProxyModel(model, cfg.importance, blocks).to(device)
-    info["importance"] = {"method": proxy.importance, "blocks": blocks,
+    proxy = ProxyModel(model, cfg.importance, cfg.importance_blocks or recipe.importance_blocks).to(device)
+    info["importance"] = {"method": proxy.importance, "blocks": list(proxy.blocks),
                           "grid": list(proxy.grid) if proxy.importance != "none" else None}
     return proxy, info, dyn
 
@@ -227,13 +228,20 @@ def _parts(loader: Any, items: Sequence[Item], proxy: ProxyModel, summary: dict[
         ok = torch.tensor([m.error == "" for m in metas])
         out = proxy.score_batch(images[ok]) if ok.any() else None
         _append(rows, [items[i] for i in idx.tolist()], metas, ok, out, idx, summary)
+        rows["thumbnail"].extend(t if good else None for t, good in zip(thumbnails(images), ok.tolist()))
         bar.update(len(idx))
     if current >= 0:
         yield current, rows
 
 
 def _empty_rows() -> dict[str, list]:
-    return {f.name: [] for f in table.BASE_FIELDS} | {"embedding": []}
+    return {f.name: [] for f in table.BASE_FIELDS} | {"embedding": [], "thumbnail": []}
+
+
+def thumbnails(images: torch.Tensor) -> np.ndarray:
+    """uint8 (B, 3, S, S) -> (B, 3 * 8 * 8) uint8 area averages: a near-duplicate descriptor."""
+    small = F.adaptive_avg_pool2d(images.float(), table.THUMB_SIDE)  # (B, 3, 8, 8)
+    return small.round().to(torch.uint8).flatten(1).numpy()
 
 
 _SCORE_COLS = ("loss", "margin", "el2n", "entropy", "pred", "confidence")

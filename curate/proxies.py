@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import timm
 import torch
@@ -28,7 +28,7 @@ class Recipe:
     weight_decay: float = 0.05
     warmup_epochs: float = 1.0  # linear warmup, then cosine to zero
     batch_size: int = 128  # training batch
-    importance_blocks: int = 1  # CLS attention averaged over this many last blocks
+    importance_blocks: tuple[int, ...] | None = None  # blocks whose CLS attention is averaged; None: Tri-Level's
     note: str = ""  # when to use it
 
 
@@ -45,19 +45,25 @@ def register_recipe(name: str) -> Callable[[Callable[[], Recipe]], Callable[[], 
 @register_recipe("demo-cnn")
 def _demo_cnn() -> Recipe:
     return Recipe("resnet10t", {}, img_size=64, epochs=10, lr=2e-3,
-                  note="example scores on small images; learns the demo data in about a minute on CPU")
+                  note="example scores (EL2N, forgetting) on small images, ~90 s for the demo on 2 cores")
 
 
 @register_recipe("demo-vit")
 def _demo_vit() -> Recipe:
-    kw = dict(img_size=64, patch_size=2, depth=4, reg_tokens=4)
-    return Recipe("vit_tiny_r_s16_p8_224", kw, img_size=64, epochs=10, lr=2e-3,
-                  note="patch importance (8x8 grid) and example scores on the demo data")
+    # A plain ViT (patch 8, 8x8 grid): with a conv stem, every token already carries its
+    # surroundings and the CLS attention of this small proxy lands on background (1.0-1.9x
+    # chance on the demo data vs 2.2-2.5x here). Registers (Darcet et al. 2023) give global
+    # information a place other than background patches; patch dropout (0.5) halves the cost.
+    # Block 1 of 4 localised best in every trained model (seeds 0, 1; 10 and 15 epochs).
+    kw = dict(img_size=64, patch_size=8, embed_dim=192, depth=4, num_heads=3, reg_tokens=4,
+              patch_drop_rate=0.5)
+    return Recipe("vit_tiny_patch16_224", kw, img_size=64, epochs=10, lr=2e-3, importance_blocks=(1,),
+                  note="patch importance (8x8 grid) and example scores on the demo data, ~80 s on 2 cores")
 
 
 @register_recipe("imagenet-vit")
 def _imagenet_vit() -> Recipe:
-    kw = dict(img_size=112, patch_size=8, depth=6)
+    kw = dict(img_size=112, patch_size=8, depth=6, reg_tokens=4, patch_drop_rate=0.5)
     return Recipe("vit_tiny_patch16_224", kw, img_size=112, epochs=10, lr=1e-3, batch_size=256,
                   note="ImageNet: 14x14 importance grid at 112 px; 10 epochs of early dynamics")
 
@@ -121,6 +127,24 @@ def supports_importance(model: nn.Module) -> bool:
             and hasattr(blocks[0].attn, "qkv"))
 
 
+def default_importance_blocks(depth: int) -> tuple[int, ...]:
+    """Tri-Level / EViT read CLS attention at blocks 3, 6, 9 of DeiT's 12: a quarter, half and
+    three quarters of the depth. The last block is avoided on purpose: in small proxies trained
+    briefly its CLS attention often rests on background tokens that hold global information
+    (on the demo data: 1.7x chance localisation vs 2x for the middle blocks)."""
+    last_allowed = max(0, depth - 2)
+    return tuple(sorted({min(last_allowed, round(depth * f)) for f in (0.25, 0.5, 0.75)}))
+
+
+def resolve_blocks(blocks: Sequence[int] | None, depth: int) -> tuple[int, ...]:
+    """Block indices (negative = from the end), checked against the model's depth."""
+    chosen = tuple(blocks) if blocks else default_importance_blocks(depth)
+    bad = [b for b in chosen if not -depth <= b < depth]
+    if bad:
+        raise ValueError(f"importance blocks {bad} out of range for a model of depth {depth}")
+    return tuple(sorted({b % depth for b in chosen}))
+
+
 def _qk(attn: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Queries and keys of a timm Attention for its input x (B, N, D): (B, H, N, Dh) each."""
     B, N, _ = x.shape
@@ -138,20 +162,17 @@ class ProxyOutput:
 class ProxyModel:
     """A model plus what scoring needs around it: normalisation and attention capture."""
 
-    def __init__(self, model: nn.Module, importance: str = "cls", importance_blocks: int = 1):
+    def __init__(self, model: nn.Module, importance: str = "cls", blocks: Sequence[int] | None = None):
         self.model = model.eval()
         self.mean, self.std = normalizer(model)
         self.importance = importance if supports_importance(model) else "none"
-        self.num_blocks = importance_blocks
         self._captured: list[torch.Tensor] = []
+        self.blocks: tuple[int, ...] = ()
         if self.importance != "none":
-            self._install_hooks()
-
-    def _install_hooks(self) -> None:
-        blocks = self.model.blocks
-        chosen = blocks if self.importance == "rollout" else blocks[-self.num_blocks:]
-        for block in chosen:
-            block.attn.register_forward_pre_hook(self._capture)
+            depth = len(model.blocks)
+            self.blocks = tuple(range(depth)) if importance == "rollout" else resolve_blocks(blocks, depth)
+            for i in self.blocks:
+                model.blocks[i].attn.register_forward_pre_hook(self._capture)
 
     def _capture(self, attn: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
         if not self._capturing:

@@ -46,9 +46,18 @@ BASE_FIELDS: list[pa.Field] = [
 ]
 
 
+THUMB_SIDE = 8  # `thumbnail`: the decoded image area-averaged to 8x8 RGB, uint8, (3, 8, 8) flattened
+
+
 def schema(embed_dim: int, metadata: Mapping[str, str] | None = None) -> pa.Schema:
-    """The full schema; the embedding width is fixed per table (one proxy per table)."""
-    fields = [*BASE_FIELDS, pa.field("embedding", pa.list_(pa.float32(), embed_dim))]
+    """The full schema; the embedding width is fixed per table (one proxy per table).
+
+    `embedding` is the proxy's pre-logit features (semantic); `thumbnail` keeps the pixels'
+    layout, which is what tells a near-copy from another image of the same class when the
+    proxy is small (see curate/embeddings.py).
+    """
+    fields = [*BASE_FIELDS, pa.field("embedding", pa.list_(pa.float32(), embed_dim)),
+              pa.field("thumbnail", pa.list_(pa.uint8(), 3 * THUMB_SIDE ** 2))]
     meta = {"schema_version": str(SCHEMA_VERSION), **(metadata or {})}
     return pa.schema(fields, metadata=meta)
 

@@ -23,8 +23,10 @@ def unit(x: np.ndarray) -> np.ndarray:
 
 
 def write_embeddings(directory: Path, keys: list[str], emb: np.ndarray, errors: set[str],
-                     parts: int) -> Path:
-    """A scores table whose ok rows carry `emb` (unnormalised) and error rows none."""
+                     parts: int, thumbs: np.ndarray | None = None) -> Path:
+    """A scores table whose ok rows carry `emb` (unnormalised), `thumbs` (uint8 (N, 192),
+    default zeros) and error rows none."""
+    thumbs = np.zeros((len(keys), 192), np.uint8) if thumbs is None else thumbs
     directory.mkdir(parents=True, exist_ok=True)
     table_schema = schema(emb.shape[1])
     for i, rows in enumerate(np.array_split(np.arange(len(keys)), parts)):
@@ -37,6 +39,7 @@ def write_embeddings(directory: Path, keys: list[str], emb: np.ndarray, errors: 
             error=[None if o else "truncated" for o in ok],
             el2n=[float(j) if o else None for j, o in zip(rows, ok)],
             embedding=[emb[j].tolist() if o else None for j, o in zip(rows, ok)],
+            thumbnail=[thumbs[j].tolist() if o else None for j, o in zip(rows, ok)],
         )
         write_part(part_path(directory, i), cols, table_schema)
     return directory
@@ -117,7 +120,7 @@ def test_embedding_columns_feed_dedup(tmp_path: Path) -> None:
     keys = keys[::-1]
     errors = {keys[5]} - {keys[m] for m in members}
     directory = write_embeddings(tmp_path / "s", keys, emb, errors, parts=2)
-    cols = embedding_columns(directory, dedup_threshold=0.95, prototypes=4)
+    cols = embedding_columns(directory, dedup_threshold=0.95, prototypes=4, dedup_on="embedding")
     assert cols.columns == ["key", "dup_group", "dup_keep", "proto_dist", "proto_cluster"]
     assert cols.height == len(keys) - len(errors)
     dup_keys = sorted(keys[m] for m in members)
@@ -134,3 +137,21 @@ def test_embedding_columns_feed_dedup(tmp_path: Path) -> None:
 
     off = embedding_columns(directory, dedup_threshold=None, prototypes=None)
     assert off.select(pl.all().exclude("key").null_count()).row(0) == (off.height,) * 4
+
+
+def test_thumbnail_dedup_finds_brightened_noisy_copies(tmp_path: Path) -> None:
+    """Thumbnails are centred per row: a copy made brighter and noisier still links."""
+    rng = np.random.default_rng(0)
+    base = rng.integers(20, 200, size=(60, 192))
+    copies = np.clip(base[:5] + 25 + rng.integers(-3, 4, size=(5, 192)), 0, 255)  # brighter + noise
+    thumbs = np.concatenate([base, copies]).astype(np.uint8)
+    keys = [f"k{i:03d}" for i in range(len(thumbs))]
+    emb = np.ones((len(keys), 4), np.float32)  # a collapsed embedding: useless for dedup
+    directory = write_embeddings(tmp_path / "s", keys, emb, set(), parts=2, thumbs=thumbs)
+    cols = embedding_columns(directory, dedup_threshold=0.95, prototypes=None)  # thumbnail by default
+    groups = dict(zip(cols["key"], cols["dup_group"]))
+    for i in range(5):
+        assert groups[keys[i]] == groups[keys[60 + i]] >= 0
+    assert sum(g >= 0 for g in groups.values()) == 10
+    collapsed = embedding_columns(directory, dedup_threshold=0.95, prototypes=None, dedup_on="embedding")
+    assert (collapsed["dup_group"] >= 0).all()  # what the thumbnail default protects against

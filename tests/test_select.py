@@ -30,6 +30,7 @@ def make_row(key: str, label: int = 0, status: str = "ok", **scores: Any) -> dic
         status=status, error=None if ok else "cannot identify image file",
         width=32 if ok else None, height=32 if ok else None, num_bytes=1000,
         content_hash="0" * 32, embedding=[1.0] + [0.0] * (DIM - 1) if ok else None,
+        thumbnail=[0] * 192 if ok else None,
     )
     row.update(scores if ok else {})  # proxy outputs are null on error rows
     return row

@@ -1,0 +1,205 @@
+"""`curate`: score an image dataset once, select and shard it, inspect the scores, run the demo.
+
+Thin by design: options -> a config dataclass -> one library call -> a short summary.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import click
+
+
+def _blocks(value: str | None) -> tuple[int, ...] | None:
+    try:
+        return tuple(int(v) for v in value.split(",")) if value else None
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated integers, got {value!r}") from None
+
+
+def _fail(exc: Exception) -> None:
+    raise click.ClickException(str(exc)) from exc
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(package_name="curate")
+def main() -> None:
+    """Score a labelled image dataset with proxy models and keep the informative part."""
+
+
+@main.command()
+@click.argument("source")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Output folder for the scores table.")
+@click.option("--proxy", default="demo-vit", show_default=True, help="Recipe name (`curate proxies`) or timm model.")
+@click.option("--checkpoint", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Proxy weights (a state dict) to load.")
+@click.option("--pretrained", is_flag=True, help="Load timm hub weights (needs network access).")
+@click.option("--train-epochs", type=int, help="Train the proxy here for N epochs (early-dynamics scores).")
+@click.option("--image-size", type=int, help="Proxy input side in pixels [default: the recipe's].")
+@click.option("--batch-size", default=256, show_default=True)
+@click.option("--workers", default=2, show_default=True, help="Decode workers.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--chunk-size", default=4096, show_default=True, help="Inputs per Parquet part (unit of resume).")
+@click.option("--importance", type=click.Choice(["cls", "rollout", "none"]), default="cls", show_default=True,
+              help="Patch importance: CLS attention of the last blocks, attention rollout, or none.")
+@click.option("--importance-blocks", callback=lambda _c, _p, v: _blocks(v),
+              help="Comma-separated block indices averaged for --importance cls (negative = from the end) "
+                   "[default: the recipe's, else a quarter, half and three quarters of the depth].")
+@click.option("--class-map", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Text file, one class name per line; line number = class index.")
+@click.option("--resume", is_flag=True, help="Continue a killed run in --out.")
+@click.option("--overwrite", is_flag=True, help="Replace a previous run's outputs in --out.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def score(source: str, out: Path, quiet: bool, **opts: object) -> None:
+    """Score every image of SOURCE (ImageFolder, WebDataset shards, or a CSV/Parquet list)."""
+    from curate.jobs import ScoreConfig, run_score
+
+    try:
+        cfg = ScoreConfig(source=source, out=out, progress=not quiet, **opts)  # type: ignore[arg-type]
+        result = run_score(cfg)
+    except (ValueError, FileExistsError, FileNotFoundError, RuntimeError) as e:
+        _fail(e)
+    click.echo(score_summary(result.manifest, out, result.parts_written), err=True)
+
+
+def score_summary(manifest: dict, out: Path, parts_written: int) -> str:
+    c, t, p = manifest["counts"], manifest["timing"], manifest["proxy"]
+    lines = [
+        f"scored {c['inputs']} inputs ({c['ok']} ok, {c['error']} errors, {c['classes']} classes) -> {out}",
+        f"proxy {p['name']} [{p['model']}, weights: {p['weights']}], importance: {p['importance']['method']}"
+        + (f" {p['importance']['grid']}" if p["importance"]["grid"] else ""),
+        f"time {t['total_s']:.1f}s (index+train {t['index_and_train_s']:.1f}s, scoring {t['score_s']:.1f}s); "
+        f"{parts_written} part(s) written this run",
+        f"next: curate inspect {out}",
+    ]
+    return "\n".join(lines)
+
+
+@main.command()
+@click.argument("scores_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--plots", type=click.Path(file_okay=False, path_type=Path), help="Write PNG plots here.")
+def inspect(scores_dir: Path, plots: Path | None) -> None:
+    """Counts, errors, per-class statistics and score distributions of a scores table."""
+    from curate import report
+
+    try:
+        click.echo(report.render(scores_dir))
+    except FileNotFoundError as e:
+        _fail(e)
+    if plots is not None:
+        plots.mkdir(parents=True, exist_ok=True)
+        written = [report.plot_histograms(scores_dir, plots), report.plot_importance(scores_dir, plots)]
+        for path in written:
+            if path is not None:
+                click.echo(f"wrote {path}")
+
+
+def _keep(value: str) -> float | int:
+    """--keep 0.7 is a fraction, --keep 5000 a count."""
+    number = float(value)
+    return int(number) if number > 1 and number.is_integer() else number
+
+
+@main.command()
+@click.argument("source")
+@click.option("--scores", "scores", multiple=True, required=True,
+              type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="A `curate score` output; repeat for several proxies (joined by key).")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Output folder for the shards.")
+@click.option("--keep", default="0.7", show_default=True, help="Fraction of the candidates, or a count.")
+@click.option("--by", multiple=True, default=("el2n",), show_default=True,
+              help="Score column to rank by; repeat to rank-average several.")
+@click.option("--policy", type=click.Choice(["hard", "easy", "ccs", "random"]), default="ccs", show_default=True)
+@click.option("--beta", default=0.1, show_default=True, help="ccs: hardest fraction dropped first.")
+@click.option("--class-balanced", is_flag=True, help="Apply the keep fraction per class.")
+@click.option("--min-per-class", default=0, show_default=True)
+@click.option("--dedup", type=float, help="Drop near-duplicates above this cosine similarity (e.g. 0.93).")
+@click.option("--dedup-on", type=click.Choice(["thumbnail", "embedding"]), default="thumbnail", show_default=True,
+              help="thumbnail: 8x8 pixel layout, right for any proxy; embedding: the proxy's features "
+                   "(semantic: also crops and flips, needs a strong pretrained proxy).")
+@click.option("--prototypes", type=int, help="k-means clusters for the proto_dist score.")
+@click.option("--val", help="Validation source, written unpruned as the `validation` split.")
+@click.option("--samples-per-shard", default=1000, show_default=True)
+@click.option("--shard-multiple", default=1, show_default=True, help="Shard count multiple (ranks x workers).")
+@click.option("--name", default="curated", show_default=True, help="Dataset name in _info.json.")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--resume", is_flag=True)
+@click.option("--overwrite", is_flag=True)
+@click.option("--dry-run", is_flag=True, help="Print per-class kept counts; write nothing.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def shard(source: str, scores: tuple[Path, ...], keep: str, by: tuple[str, ...], quiet: bool,
+          **opts: object) -> None:
+    """Select a subset of SOURCE by its scores and write timm-ready WebDataset shards."""
+    import polars as pl
+
+    from curate.shard_job import ShardConfig, run_shard
+
+    try:
+        cfg = ShardConfig(source=source, scores=scores, keep=_keep(keep), by=by, progress=not quiet,
+                          **opts)  # type: ignore[arg-type]
+        result = run_shard(cfg)
+    except (ValueError, FileExistsError, FileNotFoundError) as e:
+        _fail(e)
+    with pl.Config(tbl_rows=100, tbl_hide_dataframe_shape=True, tbl_hide_column_data_types=True):
+        click.echo(str(result.per_class))
+    sel = result.selection
+    reasons = ", ".join(f"{r} {n}" for r, n in sel.group_by("reason").len().sort("reason").iter_rows())
+    click.echo(f"{len(sel)} inputs: {reasons}", err=True)
+    if result.manifest is None:
+        click.echo("dry run: nothing written", err=True)
+        return
+    train = result.manifest["splits"]["train"]
+    size = sum(s["bytes"] for s in train["shards"]) / 1e6
+    click.echo(f"wrote {train['num_samples']} samples in {len(train['shards'])} shards ({size:.1f} MB) "
+               f"to {cfg.out} in {result.seconds:.1f}s; check with: curate verify {cfg.out}", err=True)
+
+
+@main.command()
+@click.argument("out", type=click.Path(exists=True, file_okay=False, path_type=Path))
+def verify(out: Path) -> None:
+    """Re-read every shard in OUT: sha256, counts, _info.json, decodability, importance shapes."""
+    from curate.shards import verify as verify_shards
+
+    faults = verify_shards(out)
+    for fault in faults:
+        click.echo(f"FAULT {fault}", err=True)
+    if faults:
+        raise click.ClickException(f"{len(faults)} fault(s) in {out}")
+    manifest = json.loads((out / "manifest.json").read_text())
+    counts = ", ".join(f"{s} {v['num_samples']} samples in {len(v['shards'])} shards"
+                       for s, v in manifest["splits"].items())
+    click.echo(f"ok: {counts}")
+
+
+@main.command()
+def proxies() -> None:
+    """List the named proxy recipes."""
+    from curate.proxies import RECIPES
+
+    for name, r in RECIPES.items():
+        click.echo(f"{name:14s} {r.model} {r.model_kwargs} @{r.img_size}px, {r.epochs} epochs: {r.note}")
+
+
+@main.command()
+@click.option("--out", default="demo-run", show_default=True, type=click.Path(path_type=Path))
+@click.option("--seed", default=0, show_default=True)
+@click.option("--workers", default=2, show_default=True)
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def demo(out: Path, seed: int, workers: int, quiet: bool) -> None:
+    """Generate the demo data, score it, and report what the scores found."""
+    from curate.demo_run import run_demo
+
+    t0 = time.perf_counter()
+    try:
+        text = run_demo(out, seed=seed, workers=workers, progress=not quiet)
+    except (ValueError, FileExistsError, RuntimeError) as e:
+        _fail(e)
+    click.echo(text)
+    click.echo(f"demo finished in {time.perf_counter() - t0:.0f}s; report in {out / 'report.txt'}", err=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,126 @@
+"""`curate shard` end to end on scored demo data, through timm's and webdataset's readers."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+import timm.data
+import webdataset as wds
+from click.testing import CliRunner
+
+from cli import main
+from curate.jobs import ScoreConfig, run_score
+from curate.shard_job import ShardConfig, run_shard
+from curate.shards import file_sha256, read_samples, verify
+
+from .conftest import ROOT
+from .test_score_job import random_checkpoint
+
+
+@pytest.fixture(scope="module")
+def scored(small_demo: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
+    """The small demo scored by a CNN (no maps) and a ViT (maps), random weights: fast."""
+    tmp = tmp_path_factory.mktemp("scored")
+    src = small_demo / "train"
+    for proxy in ("demo-cnn", "demo-vit"):
+        ckpt = random_checkpoint(tmp / f"{proxy}.pt", classes=4, proxy=proxy)
+        run_score(ScoreConfig(str(src), tmp / proxy, proxy=proxy, checkpoint=ckpt, workers=0, progress=False))
+    return src, tmp / "demo-cnn", tmp / "demo-vit"
+
+
+def test_timm_and_webdataset_read_the_shards(scored, small_demo: Path, tmp_path: Path):
+    src, cnn, vit = scored
+    out = tmp_path / "shards"
+    res = run_shard(ShardConfig(str(src), (cnn, vit), out, keep=0.5, policy="hard", class_balanced=True,
+                                val=str(small_demo / "val"), samples_per_shard=10, shard_multiple=4,
+                                name="demo", progress=False))
+    sel = res.selection
+    assert len(sel) == 96 and sel["key"].n_unique() == 96
+    assert sel["kept"].sum() == 48
+    per_class = res.per_class  # class-balanced 0.5: each class keeps half its inputs (rounded)
+    assert (per_class["kept"] - per_class["inputs"] * 0.5).abs().max() < 1
+    kept = dict(sel.filter(pl.col("kept")).select("key", "label").iter_rows())
+    train = res.manifest["splits"]["train"]
+    assert [s["count"] for s in train["shards"]] == [6] * 8  # ceil(48 / 10) = 5 shards, rounded up to 8
+    assert verify(out) == []
+
+    ds = timm.data.create_dataset("wds/demo", root=str(out), split="train", is_training=False)
+    labels = sorted(int(t) for _, t in ds)
+    assert labels == sorted(kept.values())
+
+    urls = sorted(str(p) for p in out.glob("train-*.tar"))
+    seen = {}
+    for s in wds.WebDataset(urls, shardshuffle=False, empty_check=False).decode("pil"):
+        imp = s["importance.npy"]
+        assert imp.dtype == np.float16 and imp.shape == (8, 8)
+        assert s["json"]["class_name"] and s["jpg"].size == (64, 64)
+        seen[s["__key__"]] = s["cls"]
+    assert seen == kept
+    raw = next(read_samples(Path(urls[0])))
+    source = json.loads(raw["json"])["source"]
+    assert raw["jpg"] == Path(source).read_bytes()  # original bytes, never re-encoded
+    val = timm.data.create_dataset("wds/demo", root=str(out), split="validation", is_training=False)
+    assert sum(1 for _ in val) == 16
+
+
+def test_selection_counts_and_refusals(scored, tmp_path: Path):
+    src, cnn, vit = scored
+    res = run_shard(ShardConfig(str(src), (cnn,), tmp_path / "a", keep=30, policy="random", dry_run=True,
+                                progress=False))
+    assert res.manifest is None and not (tmp_path / "a").exists()
+    counts = dict(res.selection.group_by("reason").len().iter_rows())
+    assert counts == {"kept": 30, "pruned": 66}
+    with pytest.raises(ValueError, match="not the input"):
+        run_shard(ShardConfig(str(src.parent / "val"), (cnn,), tmp_path / "b", progress=False))
+
+
+def _shard_cmd(src: Path, scores: Path, out: Path, *extra: str) -> list[str]:
+    return [sys.executable, str(ROOT / "cli.py"), "shard", str(src), "--scores", str(scores), "--out", str(out),
+            "--keep", "1.0", "--samples-per-shard", "1", "--quiet", *extra]
+
+
+@pytest.mark.slow
+def test_sigkill_while_writing_then_resume_is_byte_identical(scored, tmp_path: Path):
+    src, _, vit = scored
+    clean, killed = tmp_path / "clean", tmp_path / "killed"
+    subprocess.run(_shard_cmd(src, vit, clean), cwd=ROOT, check=True, capture_output=True)
+    proc = subprocess.Popen(_shard_cmd(src, vit, killed), cwd=ROOT, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not (killed / "train-000003.tar").exists():
+        assert proc.poll() is None and time.monotonic() < deadline, "writer ended before it could be killed"
+        time.sleep(0.001)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    finals = sorted(killed.glob("train-*.tar"))
+    assert 0 < len(finals) < 96, "the kill must land while shards are being written"
+    for path in finals:  # whatever sits under a final name is a complete shard
+        assert file_sha256(path) == file_sha256(clean / path.name)
+    subprocess.run(_shard_cmd(src, vit, killed, "--resume"), cwd=ROOT, check=True, capture_output=True)
+    for path in sorted(clean.glob("*.tar")):
+        assert file_sha256(path) == file_sha256(killed / path.name), path.name
+    assert verify(killed) == []
+
+
+def test_cli_shard_dry_run_and_verify_fault(scored, tmp_path: Path):
+    src, cnn, vit = scored
+    runner = CliRunner()
+    res = runner.invoke(main, ["shard", str(src), "--scores", str(cnn), "--scores", str(vit), "--out",
+                               str(tmp_path / "o"), "--keep", "0.75", "--dry-run"])
+    assert res.exit_code == 0, res.output
+    assert "96 inputs: kept 72, pruned 24" in res.output and "dry run" in res.output
+    res = runner.invoke(main, ["shard", str(src), "--scores", str(vit), "--out", str(tmp_path / "o"),
+                               "--quiet", "--samples-per-shard", "20"])
+    assert res.exit_code == 0, res.output
+    assert runner.invoke(main, ["verify", str(tmp_path / "o")]).exit_code == 0
+    shard = tmp_path / "o" / "train-000000.tar"
+    data = bytearray(shard.read_bytes())
+    data[2000] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    res = runner.invoke(main, ["verify", str(tmp_path / "o")])
+    assert res.exit_code != 0 and "sha256" in res.output
