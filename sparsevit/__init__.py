@@ -1,0 +1,1 @@
+"""sparsevit: train timm ViTs from curated shards with token dropping and sparse attention."""
