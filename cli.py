@@ -125,6 +125,7 @@ def _keep(value: str) -> float | int:
 @click.option("--samples-per-shard", default=1000, show_default=True)
 @click.option("--shard-multiple", default=1, show_default=True, help="Shard count multiple (ranks x workers).")
 @click.option("--name", default="curated", show_default=True, help="Dataset name in _info.json.")
+@click.option("--workers", default=2, show_default=True, help="Processes writing shards in parallel.")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--resume", is_flag=True)
 @click.option("--overwrite", is_flag=True)

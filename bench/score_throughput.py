@@ -29,20 +29,20 @@ from curate.sources import open_source, read_bytes
 
 # (name, proxy recipe, how the images are made)
 SETTINGS = [("demo 64px JPEG, demo-vit@64", "demo-vit", "demo"),
-            ("photo 500x375 JPEG, imagenet-vit@112", "imagenet-vit", "photo")]
+            ("photo 500x375 JPEG ~108 KB, imagenet-vit@112", "imagenet-vit", "photo")]
 
 
 def make_photos(root: Path, n: int, classes: int = 4) -> None:
-    """Photo-sized JPEGs (500x375, quality 90) with smooth content, like ImageNet's typical file."""
+    """Photo-sized JPEGs (500x375) of ~108 KB on average, ImageNet's typical file (140 GB / 1.28M)."""
     rng = np.random.default_rng(0)
     for i in range(n):
         folder = root / f"c{i % classes}"
         folder.mkdir(parents=True, exist_ok=True)
         base = rng.uniform(0, 255, size=(6, 8, 3)).astype(np.uint8)
         img = Image.fromarray(base).resize((500, 375), Image.BICUBIC)
-        noisy = np.asarray(img, np.float32) + rng.normal(0, 6, (375, 500, 3))
+        noisy = np.asarray(img, np.float32) + rng.normal(0, 20, (375, 500, 3))  # texture -> file size
         buf = io.BytesIO()
-        Image.fromarray(noisy.clip(0, 255).astype(np.uint8)).save(buf, "JPEG", quality=90)
+        Image.fromarray(noisy.clip(0, 255).astype(np.uint8)).save(buf, "JPEG", quality=92)
         (folder / f"img_{i:05d}.JPEG").write_bytes(buf.getvalue())
 
 

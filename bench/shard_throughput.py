@@ -42,8 +42,9 @@ def time_tar(src: Path, dest: Path) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--images", type=int, default=2000)
-    ap.add_argument("--samples-per-shard", type=int, default=500)
+    ap.add_argument("--samples-per-shard", type=int, default=250)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--workers", type=int, default=2, help="curate shard --workers")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(dir=".") as tmp_name:
         tmp = Path(tmp_name)
@@ -55,13 +56,13 @@ def main() -> None:
         run_score(ScoreConfig(str(src), tmp / "scores", checkpoint=tmp / "w.pt", progress=False))
         mb = folder_bytes(src) / 1e6
         print(f"# {platform.machine()}, {args.images} JPEGs 500x375, {mb:.0f} MB, "
-              f"{args.samples_per_shard} samples/shard, best of {args.repeats}")
+              f"{args.samples_per_shard} samples/shard, {args.workers} writer processes, best of {args.repeats}")
         tar_s, ours_s = [], []
         for i in range(args.repeats):
             tar_s.append(time_tar(src, tmp / f"copy{i}.tar"))
             out = tmp / f"shards{i}"
             t0 = time.perf_counter()
-            run_shard(ShardConfig(str(src), (tmp / "scores",), out, keep=1.0,
+            run_shard(ShardConfig(str(src), (tmp / "scores",), out, keep=1.0, workers=args.workers,
                                   samples_per_shard=args.samples_per_shard, progress=False))
             ours_s.append(time.perf_counter() - t0)
             shutil.rmtree(out)

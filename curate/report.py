@@ -110,15 +110,23 @@ def plot_importance(scores_dir: Path, out: Path, n: int = 24, size: int = 128) -
         ax.axis("off")
     for ax, r in zip(axes.ravel(), rows.iter_rows(named=True)):
         ax.imshow(_thumbnail(r["source"], size))
-        grid = table.importance_from_bytes(r["importance"], r["importance_h"], r["importance_w"])
-        ax.imshow(grid.astype(np.float32), cmap="jet", alpha=0.45, extent=(0, size, size, 0),
-                  interpolation="nearest")
+        ax.imshow(_heat(table.importance_from_bytes(r["importance"], r["importance_h"], r["importance_w"])),
+                  extent=(0, size, size, 0), interpolation="nearest")
         ax.set_title(f"{r['class_name'][:10]} el2n {r['el2n']:.2f}", fontsize=7)
     fig.tight_layout()
     path = out / "importance_overlay.png"
     fig.savefig(path, dpi=90)
     plt.close(fig)
     return path
+
+
+def _heat(grid: np.ndarray) -> np.ndarray:
+    """RGBA overlay: red where important, transparent where not (the image stays readable)."""
+    g = grid.astype(np.float32)
+    g = (g - g.min()) / max(float(g.max() - g.min()), 1e-12)
+    rgba = np.zeros((*g.shape, 4), np.float32)
+    rgba[..., 0], rgba[..., 3] = 1.0, 0.7 * g
+    return rgba
 
 
 def _thumbnail(source: str, size: int) -> np.ndarray:

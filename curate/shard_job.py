@@ -24,7 +24,7 @@ from curate.select import SelectConfig, load_scores, select, selection_hash
 from curate.sources import Item, open_source, read_bytes
 
 OUTPUTS = ("*.tar", ".*.tmp", "_info.json", "manifest.json", "selection.parquet", "config.json")
-RESUME_FREE = ("resume", "overwrite", "dry_run", "progress")
+RESUME_FREE = ("resume", "overwrite", "dry_run", "progress", "workers")
 
 
 @dataclass(frozen=True)
@@ -47,6 +47,7 @@ class ShardConfig:
     shard_multiple: int = 1  # make the shard count a multiple of this (ranks x workers)
     name: str = "curated"  # dataset name in _info.json (timm: --dataset wds/NAME)
     seed: int = 0  # random policy and the sample order across shards
+    workers: int = 2  # processes writing shards in parallel (the bytes do not depend on it)
     resume: bool = False  # continue a killed run in `out`
     overwrite: bool = False  # replace a previous run's outputs in `out`
     dry_run: bool = False  # select and report; write nothing
@@ -97,11 +98,12 @@ def run_shard(cfg: ShardConfig) -> ShardResult:
     items = _check_source(cfg, manifests)
     _prepare_out(cfg)
     _write_parquet(cfg.out / "selection.parquet", sel)
-    splits = {"train": _write_train(cfg, sel, items, manifests)}
+    maps = _importance_table(cfg.scores)
+    splits = {"train": _write_train(cfg, sel, items, manifests, maps)}
     if cfg.val is not None:
         splits["validation"] = _write_validation(cfg)
     table.write_json(cfg.out / "_info.json", shards.info_json(cfg.name, splits))
-    manifest = _manifest(cfg, sel, manifests, splits, time.perf_counter() - t0)
+    manifest = _manifest(cfg, sel, manifests, splits, maps is not None, time.perf_counter() - t0)
     table.write_json(cfg.out / "manifest.json", manifest)
     return ShardResult(cfg.out, sel, per_class, manifest, time.perf_counter() - t0)
 
@@ -159,27 +161,26 @@ def _write_parquet(path: Path, df: pl.DataFrame) -> None:
 
 
 def _write_train(cfg: ShardConfig, sel: pl.DataFrame, items: dict[str, Item],
-                 manifests: list[dict[str, Any]]) -> list[shards.ShardInfo]:
+                 manifests: list[dict[str, Any]], maps: pl.DataFrame | None) -> list[shards.ShardInfo]:
     kept = sel.filter(pl.col("kept"))
     if kept.is_empty():
         raise ValueError("the selection keeps no sample: nothing to shard")
     plan = shards.plan_shards(kept["key"].to_list(), "train", cfg.name, cfg.samples_per_shard,
                               cfg.shard_multiple, cfg.seed)
-    sidecar = _sidecar_frame(cfg, kept)
+    sidecar = _sidecar_frame(cfg, kept, maps)
     proxies = [{"name": m["proxy"]["name"], "checkpoint_sha256": m["proxy"].get("checkpoint_sha256", "")[:16]}
                for m in manifests]
     loader = TrainSamples(items, sidecar, cfg.by, proxies)
-    return shards.write_split(cfg.out, plan, loader, cfg.resume, cfg.progress)
+    return shards.write_split(cfg.out, plan, loader, cfg.resume, cfg.progress, cfg.workers)
 
 
-def _sidecar_frame(cfg: ShardConfig, kept: pl.DataFrame) -> pl.DataFrame:
-    """Per kept key: combined score, the `by` columns and the first table's importance map."""
+def _sidecar_frame(cfg: ShardConfig, kept: pl.DataFrame, maps: pl.DataFrame | None) -> pl.DataFrame:
+    """Per kept key: combined score, the `by` columns and the importance map."""
     keys = kept.select("key", "score")
     for i, d in enumerate(cfg.scores):
         cols = [c for c in cfg.by if c in pl.scan_parquet(d / table.PART_GLOB).collect_schema().names()]
         part = pl.scan_parquet(d / table.PART_GLOB).select("key", *cols).rename({c: f"{c}@{i}" for c in cols})
         keys = keys.join(part.collect(), on="key", how="left")
-    maps = _importance_table(cfg.scores)
     return keys.join(maps, on="key", how="left") if maps is not None else keys
 
 
@@ -229,15 +230,14 @@ def _write_validation(cfg: ShardConfig) -> list[shards.ShardInfo]:
             yield shards.SampleData(key, read_bytes(it), it.label,
                                     {"class_name": it.class_name, "source": it.source}, None)
 
-    return shards.write_split(cfg.out, plan, load, cfg.resume, cfg.progress)
+    return shards.write_split(cfg.out, plan, load, cfg.resume, cfg.progress, cfg.workers)
 
 
 def _manifest(cfg: ShardConfig, sel: pl.DataFrame, manifests: list[dict[str, Any]],
-              splits: dict[str, list[shards.ShardInfo]], seconds: float) -> dict[str, Any]:
+              splits: dict[str, list[shards.ShardInfo]], has_maps: bool, seconds: float) -> dict[str, Any]:
     reasons = dict(sel.group_by("reason").len().iter_rows())
-    maps = {"train": _importance_table(cfg.scores) is not None, "validation": False}
     return {
-        **shards.shard_manifest(splits, maps),
+        **shards.shard_manifest(splits, {"train": has_maps, "validation": False}),
         "selection_sha256": selection_hash(sel),
         "counts": {"inputs": len(sel), "kept": int(sel["kept"].sum()), **{str(k): int(v) for k, v in reasons.items()}},
         "scores": [{"dir": str(d), "proxy": m["proxy"]["name"], "index_sha256": m["index_sha256"],
