@@ -24,7 +24,7 @@ from tqdm import tqdm
 from curate import __version__, scoring, table
 from curate.decode import DEFAULT_MAX_PIXELS
 from curate.loader import DecodedItems, Meta, chunk_batches, make_loader
-from curate.proxies import ProxyModel, Recipe, create_model, file_sha256, load_checkpoint, resolve_recipe
+from curate.proxies import ProxyModel, Recipe, create_model, load_checkpoint, resolve_recipe
 from curate.sources import Item, open_source
 from curate.training import Dynamics, TrainSetup, train_proxy
 
@@ -93,7 +93,7 @@ def run_score(cfg: ScoreConfig) -> ScoreResult:
     written = _score_parts(cfg, items, recipe, proxy, dyn, proxy_info)
     t_end = time.perf_counter()
     timing = {"index_and_train_s": t_train - t0, "score_s": t_end - t_train, "total_s": t_end - t0}
-    manifest = _write_manifest(cfg, items, recipe, proxy, proxy_info, timing)
+    manifest = _write_manifest(cfg, items, proxy_info, timing)
     return ScoreResult(manifest, written, timing)
 
 
@@ -170,7 +170,7 @@ def _build_proxy(cfg: ScoreConfig, recipe: Recipe, items: Sequence[Item],
         dyn = _train(cfg, recipe, model, items, device)
         weights = cfg.out / "proxy" / "model.pt"
         torch.save(model.state_dict(), weights)
-        info.update(weights="trained", checkpoint=str(weights), checkpoint_sha256=file_sha256(weights),
+        info.update(weights="trained", checkpoint=str(weights), checkpoint_sha256=table.file_sha256(weights),
                     training={"epochs": cfg.train_epochs, "lr": recipe.lr, "batch_size": recipe.batch_size,
                               "weight_decay": recipe.weight_decay, "seed": cfg.seed,
                               "warmup_epochs": recipe.warmup_epochs,
@@ -218,7 +218,7 @@ def dynamics_skip(recipe: Recipe) -> int:
 def _parts(loader: Any, items: Sequence[Item], proxy: ProxyModel, summary: dict[str, torch.Tensor] | None,
            chunk_size: int, bar: tqdm) -> Iterator[tuple[int, dict[str, list]]]:
     """Group the loader's batches back into parts; yields (part index, columns) per complete part."""
-    current, rows, stop = -1, _empty_rows(), 0
+    current, rows = -1, _empty_rows()
     for idx, images, metas in loader:
         part = int(idx[0]) // chunk_size
         if part != current:
@@ -288,8 +288,8 @@ def _finite(x: float) -> float | None:
     return None if x != x else x
 
 
-def _write_manifest(cfg: ScoreConfig, items: Sequence[Item], recipe: Recipe, proxy: ProxyModel,
-                    info: dict[str, Any], timing: dict[str, float]) -> dict[str, Any]:
+def _write_manifest(cfg: ScoreConfig, items: Sequence[Item], info: dict[str, Any],
+                    timing: dict[str, float]) -> dict[str, Any]:
     counts = (pl.scan_parquet(cfg.out / table.PART_GLOB).group_by("status").len().collect())
     by_status = dict(zip(counts["status"].to_list(), counts["len"].to_list()))
     manifest = {

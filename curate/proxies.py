@@ -6,7 +6,6 @@ the pre-logit embedding and, for ViT-family proxies, the patch-importance map.
 """
 from __future__ import annotations
 
-import hashlib
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -16,6 +15,7 @@ import torch
 from torch import nn
 
 from curate import scoring
+from curate.table import file_sha256
 
 
 @dataclass(frozen=True)
@@ -101,14 +101,6 @@ def load_checkpoint(model: nn.Module, path: Path) -> str:
         state = state["model"]  # a training checkpoint of ours or timm's
     model.load_state_dict(state)
     return file_sha256(path)
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def normalizer(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:

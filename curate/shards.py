@@ -58,6 +58,7 @@ from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from curate.decode import decode_image
 from curate.sources import MAX_KEY_LEN
+from curate.table import file_sha256
 
 FIXED_MTIME = 0  # tar member mtime: TarWriter's default (time.time()) breaks reproducibility
 TAR_OWNER = "curate"  # uname and gname of every member (uid/gid stay tarfile's default 0)
@@ -272,14 +273,6 @@ class ShardInfo:
     count: int  # samples
     sha256: str  # of the whole tar file, hex
     bytes: int  # file size
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def tmp_path(path: Path) -> Path:

@@ -6,6 +6,7 @@ when complete, so a part that exists is whole: resume skips it. Read everything 
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -87,6 +88,15 @@ def write_part(path: Path, rows: Mapping[str, Any], table_schema: pa.Schema) -> 
 def done_parts(out: Path) -> set[int]:
     """Indices of the parts that are complete (temporary files never match the glob)."""
     return {int(p.stem.split("-")[1]) for p in out.glob(PART_GLOB)}
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a file, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def read_schema_version(path: Path) -> int:
