@@ -128,8 +128,10 @@ def _embedding_extra(cfg: ShardConfig) -> pl.DataFrame:
 
 
 def _check_source(cfg: ShardConfig, manifests: list[dict[str, Any]]) -> dict[str, Item]:
-    """The source must be the one that was scored: same keys, sources and labels."""
-    items = open_source(cfg.source)
+    """The source must be the one that was scored: same keys, sources and labels (read with the
+    class map the scoring used)."""
+    class_map = manifests[0]["config"].get("class_map")
+    items = open_source(cfg.source, Path(class_map) if class_map else None)
     digest = index_sha256(items)
     for scores_dir, m in zip(cfg.scores, manifests):
         if m["index_sha256"] != digest:

@@ -124,3 +124,17 @@ def test_cli_shard_dry_run_and_verify_fault(scored, tmp_path: Path):
     shard.write_bytes(bytes(data))
     res = runner.invoke(main, ["verify", str(tmp_path / "o")])
     assert res.exit_code != 0 and "sha256" in res.output
+
+
+def test_shard_uses_the_class_map_the_scoring_used(small_demo: Path, tmp_path: Path):
+    src = small_demo / "train"
+    names = sorted(p.name for p in src.iterdir())[::-1]  # reversed: labels differ from sorted order
+    class_map = tmp_path / "classes.txt"
+    class_map.write_text("\n".join(names) + "\n")
+    ckpt = random_checkpoint(tmp_path / "w.pt", classes=4)
+    run_score(ScoreConfig(str(src), tmp_path / "s", checkpoint=ckpt, class_map=class_map, workers=0,
+                          progress=False))
+    res = run_shard(ShardConfig(str(src), (tmp_path / "s",), tmp_path / "o", keep=1.0, progress=False))
+    first = names[0]
+    assert res.selection.filter(pl.col("class_name") == first)["label"].unique().to_list() == [0]
+    assert verify(tmp_path / "o") == []
