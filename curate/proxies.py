@@ -111,6 +111,12 @@ def normalizer(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     return mean, std
 
 
+def to_model_input(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """Pixels in 0..255 (B, 3, S, S), uint8 or float -> normalised float on mean's device."""
+    x = images.to(mean.device, non_blocking=True).float() / 255  # never in place: may be the caller's tensor
+    return (x - mean) / std
+
+
 def supports_importance(model: nn.Module) -> bool:
     """ViT-family: prefix tokens, a patch grid and timm Attention blocks."""
     blocks = getattr(model, "blocks", None)
@@ -182,10 +188,7 @@ class ProxyModel:
         return tuple(self.model.patch_embed.grid_size)  # type: ignore[return-value]
 
     def prepare(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 (B, 3, S, S) -> normalised float on the model's device."""
-        device = self.mean.device
-        x = images.to(device, non_blocking=True).float().div_(255)
-        return (x - self.mean) / self.std
+        return to_model_input(images, self.mean, self.std)
 
     def to(self, device: torch.device) -> "ProxyModel":
         self.model.to(device)

@@ -157,9 +157,8 @@ def _prepare_out(cfg: ShardConfig) -> None:
 
 
 def _write_parquet(path: Path, df: pl.DataFrame) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    df.write_parquet(tmp)
-    tmp.replace(path)
+    with table.atomic_path(path) as tmp:
+        df.write_parquet(tmp)
 
 
 def _write_train(cfg: ShardConfig, sel: pl.DataFrame, items: dict[str, Item],

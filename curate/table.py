@@ -9,8 +9,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Iterator, Mapping
 
 import numpy as np
 import pyarrow as pa
@@ -73,6 +74,15 @@ def importance_from_bytes(data: bytes, h: int, w: int) -> np.ndarray:
     return np.frombuffer(data, dtype="<f2").reshape(h, w)
 
 
+@contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """Yield `.NAME.tmp` beside `path` to write to; rename it to `path` only if the body succeeds,
+    so a reader (or a resume) never sees a half-written file under the final name."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    yield tmp
+    os.replace(tmp, path)
+
+
 def part_path(out: Path, index: int) -> Path:
     return out / f"part-{index:06d}.parquet"
 
@@ -80,9 +90,8 @@ def part_path(out: Path, index: int) -> Path:
 def write_part(path: Path, rows: Mapping[str, Any], table_schema: pa.Schema) -> None:
     """Write one part atomically: a reader never sees a half-written file under its name."""
     table = pa.Table.from_pydict(dict(rows), schema=table_schema)
-    tmp = path.with_name(f".{path.name}.tmp")
-    pq.write_table(table, tmp, compression="zstd")
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp, compression="zstd")
 
 
 def done_parts(out: Path) -> set[int]:
@@ -106,9 +115,8 @@ def read_schema_version(path: Path) -> int:
 
 def write_json(path: Path, obj: Any) -> None:
     """JSON written atomically, keys sorted so the same content gives the same bytes."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
 
 
 def iter_rows_columns(parts: Iterable[Path], columns: list[str]) -> Iterable[pa.RecordBatch]:

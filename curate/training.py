@@ -8,7 +8,6 @@ per-epoch seeds, ends with the same weights as an uninterrupted run.
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -21,7 +20,8 @@ from tqdm import tqdm
 
 from curate import scoring
 from curate.loader import DecodedItems, make_loader
-from curate.proxies import Recipe, normalizer
+from curate.proxies import Recipe, normalizer, to_model_input
+from curate.table import atomic_path
 from curate.sources import Item
 
 
@@ -110,7 +110,7 @@ def train_proxy(model: nn.Module, items: Sequence[Item], recipe: Recipe, setup: 
             if not ok.any():
                 continue
             idx, y = idx[ok], labels[idx[ok]]
-            x = (augment(images[ok], gen).to(setup.device).div_(255) - mean) / std
+            x = to_model_input(augment(images[ok], gen), mean, std)
             logits = model(x)
             loss = F.cross_entropy(logits, y.to(setup.device))
             opt.zero_grad(set_to_none=True)
@@ -130,10 +130,9 @@ def _record(dyn: Dynamics, epoch: int, idx: torch.Tensor, logits: torch.Tensor, 
 
 
 def _save_state(path: Path, model: nn.Module, opt: torch.optim.Optimizer, dyn: Dynamics, epoch: int) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch,
-                "correct": dyn.correct, "el2n": dyn.el2n, "margin": dyn.margin}, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch,
+                    "correct": dyn.correct, "el2n": dyn.el2n, "margin": dyn.margin}, tmp)
 
 
 def _load_state(path: Path, model: nn.Module, opt: torch.optim.Optimizer, dyn: Dynamics) -> int:
