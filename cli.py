@@ -52,6 +52,9 @@ def main() -> None:
               help="Text file, one class name per line; line number = class index.")
 @click.option("--resume", is_flag=True, help="Continue a killed run in --out.")
 @click.option("--overwrite", is_flag=True, help="Replace a previous run's outputs in --out.")
+@click.option("--distributed", is_flag=True,
+              help="Run as one rank of `torchrun --nproc_per_node N cli.py score ...`: each rank scores its "
+                   "share of the parts (automatic when WORLD_SIZE > 1; the flag makes a plain launch an error).")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def score(source: str, out: Path, quiet: bool, **opts: object) -> None:
     """Score every image of SOURCE (ImageFolder, WebDataset shards, or a CSV/Parquet list)."""
@@ -62,7 +65,8 @@ def score(source: str, out: Path, quiet: bool, **opts: object) -> None:
         result = run_score(cfg)
     except (ValueError, FileExistsError, FileNotFoundError, RuntimeError) as e:
         _fail(e)
-    click.echo(score_summary(result.manifest, out, result.parts_written), err=True)
+    if result.is_main:  # one summary per job, not one per rank
+        click.echo(score_summary(result.manifest, out, result.parts_written), err=True)
 
 
 def score_summary(manifest: dict, out: Path, parts_written: int) -> str:
@@ -156,6 +160,75 @@ def shard(source: str, scores: tuple[Path, ...], keep: str, by: tuple[str, ...],
     size = sum(s["bytes"] for s in train["shards"]) / 1e6
     click.echo(f"wrote {train['num_samples']} samples in {len(train['shards'])} shards ({size:.1f} MB) "
                f"to {cfg.out} in {result.seconds:.1f}s; check with: curate verify {cfg.out}", err=True)
+
+
+def _model_args(values: tuple[str, ...]) -> dict[str, object]:
+    out: dict[str, object] = {}
+    for v in values:
+        name, sep, raw = v.partition("=")
+        if not sep or not name:
+            raise click.BadParameter(f"expected KEY=VALUE, got {v!r}")
+        out[name] = json.loads(raw) if raw[:1].isdigit() or raw[:1] in "-[{" or raw in ("true", "false") else raw
+    return out
+
+
+@main.command()
+@click.argument("shards", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Run folder.")
+@click.option("--model", default="deit_tiny_patch16_224", show_default=True, help="timm VisionTransformer name.")
+@click.option("--model-arg", multiple=True, help="Extra timm.create_model argument KEY=VALUE (e.g. depth=6).")
+@click.option("--img-size", default=224, show_default=True)
+@click.option("--patch-size", type=int, help="Override the model's patch size [default: the model's].")
+@click.option("--num-classes", type=int, help="[default: from the shards' selection.parquet]")
+@click.option("--epochs", default=10, show_default=True)
+@click.option("--batch-size", default=64, show_default=True, help="Per rank.")
+@click.option("--lr", default=1e-3, show_default=True, help="For a global batch of 512; scaled linearly.")
+@click.option("--warmup-epochs", default=1.0, show_default=True)
+@click.option("--weight-decay", default=0.05, show_default=True)
+@click.option("--smoothing", default=0.1, show_default=True, help="Label smoothing.")
+@click.option("--mixup", default=0.0, show_default=True, help="Mixup alpha (0: off).")
+@click.option("--cutmix", default=0.0, show_default=True, help="CutMix alpha (0: off).")
+@click.option("--drop-path", default=0.0, show_default=True)
+@click.option("--ema", default=0.0, show_default=True, help="EMA decay (0: off).")
+@click.option("--keep", default=1.0, show_default=True, help="Fraction of patch tokens kept at the input.")
+@click.option("--keep-schedule", type=click.Choice(["constant", "trilevel", "toe"]), default="constant",
+              show_default=True)
+@click.option("--drop-by", type=click.Choice(["importance", "random"]), default="importance", show_default=True,
+              help="Rank tokens by the stored maps, or at random (the control).")
+@click.option("--package-token", is_flag=True, help="Fuse the dropped tokens into one token.")
+@click.option("--online-blocks", callback=lambda _c, _p, v: _blocks(v),
+              help="Drop again after these blocks by CLS attention, e.g. 3,6,9.")
+@click.option("--online-keep", default=1.0, show_default=True, help="Keep ratio at each --online-blocks block.")
+@click.option("--attention", type=click.Choice(["dense", "topk", "gather"]), default="dense", show_default=True,
+              help="topk: Tri-Level connection sparsity (regularises, saves nothing); gather: all queries "
+                   "attend to the top --key-keep keys by importance (saves the N^2 part).")
+@click.option("--rho", default=1.0, show_default=True, help="topk: share of keys each query keeps.")
+@click.option("--key-keep", default=0.5, show_default=True, help="gather: share of patch keys attended to.")
+@click.option("--example-pruning", type=click.Choice(["none", "infobatch", "trilevel"]), default="none",
+              show_default=True)
+@click.option("--workers", default=2, show_default=True, help="Loader processes per rank.")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--log-every", default=10, show_default=True, help="Steps between metrics.jsonl step records.")
+@click.option("--record-keys", is_flag=True, help="Write the keys each rank trained on (keys-rankR.txt).")
+@click.option("--resume", is_flag=True, help="Continue the run in --out from its checkpoint.")
+@click.option("--overwrite", is_flag=True, help="Start over in a non-empty --out.")
+@click.option("--quiet", is_flag=True)
+def train(shards: Path, out: Path, model_arg: tuple[str, ...], drop_by: str, package_token: bool,
+          online_blocks: tuple[int, ...] | None, attention: str, rho: float, key_keep: float, quiet: bool,
+          **opts: object) -> None:
+    """Train a timm ViT on SHARDS (from `curate shard`); runs under torchrun for DDP."""
+    from sparsevit.model import SparseConfig
+    from sparsevit.train import TrainConfig, run_train
+
+    try:
+        sparse = SparseConfig(drop_by=drop_by, package=package_token, online_blocks=online_blocks or (),
+                              attention=attention, rho=rho, key_keep=key_keep)
+        cfg = TrainConfig(shards=shards, out=out, model_kwargs=_model_args(model_arg), sparse=sparse,
+                          progress=not quiet, **opts)  # type: ignore[arg-type]
+        summary = run_train(cfg)
+    except (ValueError, TypeError, FileExistsError, FileNotFoundError, KeyError) as e:
+        _fail(e)
+    click.echo(json.dumps(summary), err=True)
 
 
 @main.command()

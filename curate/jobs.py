@@ -2,6 +2,11 @@
 
 Work is cut into parts of `chunk_size` inputs in index order. A part file that exists is complete
 (written under a temporary name, then renamed), so a killed job resumes by skipping those parts.
+
+Under torchrun every rank runs `run_score` (see `curate.dist`); parts are the unit of work there
+too. Rank 0 prepares `out`, trains the proxy if asked, lists the missing parts and deals them out
+round-robin; each rank scores and writes its own parts under the same global names a single
+process would use, so the table, resume and `scan_parquet` do not depend on the number of ranks.
 """
 from __future__ import annotations
 
@@ -11,7 +16,7 @@ import math
 import platform
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -23,6 +28,7 @@ from tqdm import tqdm
 
 from curate import __version__, scoring, table
 from curate.decode import DEFAULT_MAX_PIXELS
+from curate.dist import Dist, session
 from curate.loader import DecodedItems, Meta, chunk_batches, make_loader
 from curate.proxies import ProxyModel, Recipe, create_model, load_checkpoint, resolve_recipe
 from curate.sources import Item, open_source
@@ -31,7 +37,7 @@ from curate.training import Dynamics, TrainSetup, train_proxy
 # Outputs of a score job; `--overwrite` removes exactly these and nothing else.
 OUTPUTS = ("part-*.parquet", ".part-*.tmp", "manifest.json", "config.json", "proxy")
 # Config fields that may change between a run and its resume without changing any result.
-RESUME_FREE = ("resume", "overwrite", "workers", "progress")
+RESUME_FREE = ("resume", "overwrite", "workers", "progress", "distributed")
 
 
 @dataclass(frozen=True)
@@ -55,6 +61,7 @@ class ScoreConfig:
     resume: bool = False  # continue a killed run in `out`
     overwrite: bool = False  # delete a previous run's outputs in `out` first
     progress: bool = True  # progress bars on stderr
+    distributed: bool = False  # require a torchrun launch (one with WORLD_SIZE > 1 is distributed anyway)
 
     def __post_init__(self) -> None:
         modes = [self.checkpoint is not None, self.pretrained, self.train_epochs is not None]
@@ -78,23 +85,55 @@ class ScoreConfig:
 @dataclass
 class ScoreResult:
     manifest: dict[str, Any]
-    parts_written: int  # in this invocation (0 when everything was already done)
+    parts_written: int  # in this invocation, by all ranks (0 when everything was already done)
     timing: dict[str, float] = field(default_factory=dict)
+    is_main: bool = True  # rank 0 (or a single process): the one that reports
 
 
 def run_score(cfg: ScoreConfig) -> ScoreResult:
+    """Score `cfg.source` into `cfg.out`, as one process or as every rank of a torchrun launch."""
+    with session(required=cfg.distributed) as group:
+        return _run_score(cfg, group)
+
+
+def _run_score(cfg: ScoreConfig, group: Dist) -> ScoreResult:
     t0 = time.perf_counter()
+    cfg = cfg if group.is_main else replace(cfg, progress=False)  # one set of bars per job
     items = open_source(cfg.source, cfg.class_map)
-    _prepare_out(cfg, items)
-    device = resolve_device(cfg.device)
+    _check_same_index(group, items)
+    group.main_only(lambda: _prepare_out(cfg, items))
+    device = rank_device(cfg.device, group)
     recipe = resolve_recipe(cfg.proxy, cfg.image_size)
-    proxy, proxy_info, dyn = _build_proxy(cfg, recipe, items, device)
+    proxy, proxy_info, dyn = _build_proxy(cfg, recipe, items, device, group)
     t_train = time.perf_counter()
-    written = _score_parts(cfg, items, recipe, proxy, dyn, proxy_info)
+    parts = group.from_main(lambda: missing_parts(cfg.out, len(items), cfg.chunk_size))
+    work = _score_parts(cfg, items, recipe, proxy, dyn, proxy_info, parts[group.rank::group.world_size])
     t_end = time.perf_counter()
     timing = {"index_and_train_s": t_train - t0, "score_s": t_end - t_train, "total_s": t_end - t0}
-    manifest = _write_manifest(cfg, items, proxy_info, timing)
-    return ScoreResult(manifest, written, timing)
+    ranks = group.all_gather({"rank": group.rank, **work, "timing": timing})  # also: every part is written
+    timing = merge_timing([r["timing"] for r in ranks])
+    manifest = group.from_main(lambda: _write_manifest(cfg, items, proxy_info, timing, ranks))
+    return ScoreResult(manifest, sum(r["parts_written"] for r in ranks), timing, group.is_main)
+
+
+def missing_parts(out: Path, n_items: int, chunk_size: int) -> list[int]:
+    """Indices of the parts not yet on disk, ascending. Listed once, by rank 0, and shared: a rank
+    listing `out` itself could already see parts that another rank has just written."""
+    n_parts = -(-n_items // chunk_size)
+    return sorted(set(range(n_parts)) - table.done_parts(out))
+
+
+def merge_timing(per_rank: Sequence[dict[str, float]]) -> dict[str, float]:
+    """The job's phases take as long as its slowest rank's."""
+    return {k: max(t[k] for t in per_rank) for k in per_rank[0]}
+
+
+def _check_same_index(group: Dist, items: Sequence[Item]) -> None:
+    """Every rank indexes SOURCE itself; parts are index ranges, so all must see the same list."""
+    hashes = group.all_gather(index_sha256(items))
+    if len(set(hashes)) > 1:
+        raise RuntimeError(f"ranks indexed different inputs (index sha256 per rank: {hashes}): SOURCE must "
+                           "be the same files, on a shared file system, for every rank")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -103,6 +142,14 @@ def resolve_device(name: str) -> torch.device:
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {name}: CUDA is not available on this machine")
+    return device
+
+
+def rank_device(name: str, group: Dist) -> torch.device:
+    """`resolve_device`, with plain "cuda" meaning this rank's own GPU when there are several ranks."""
+    device = resolve_device(name)
+    if group.enabled and device.type == "cuda" and device.index is None:
+        return torch.device("cuda", group.local_rank)
     return device
 
 
@@ -154,11 +201,14 @@ def num_classes(items: Sequence[Item]) -> int:
     return n
 
 
-def _build_proxy(cfg: ScoreConfig, recipe: Recipe, items: Sequence[Item],
-                 device: torch.device) -> tuple[ProxyModel, dict[str, Any], Dynamics | None]:
-    torch.manual_seed(cfg.seed)  # same initial weights on every run and resume
-    # Hub weights keep their own head (labels must be in its class space); otherwise one per class.
-    model = create_model(recipe, None if cfg.pretrained else num_classes(items), cfg.pretrained)
+def _build_proxy(cfg: ScoreConfig, recipe: Recipe, items: Sequence[Item], device: torch.device,
+                 group: Dist) -> tuple[ProxyModel, dict[str, Any], Dynamics | None]:
+    def create() -> torch.nn.Module:
+        torch.manual_seed(cfg.seed)  # same initial weights on every run, resume and rank
+        # Hub weights keep their own head (labels must be in its class space); otherwise one per class.
+        return create_model(recipe, None if cfg.pretrained else num_classes(items), cfg.pretrained)
+
+    model = group.main_first(create)  # rank 0 fills the hub cache; the others read it, no download race
     info: dict[str, Any] = {"name": cfg.proxy, "model": recipe.model, "recipe": asdict(recipe)}
     dyn = None
     if cfg.checkpoint is not None:
@@ -167,9 +217,8 @@ def _build_proxy(cfg: ScoreConfig, recipe: Recipe, items: Sequence[Item],
     elif cfg.pretrained:
         info.update(weights="pretrained", pretrained_tag=model.pretrained_cfg.get("tag", ""))
     else:
-        dyn = _train(cfg, recipe, model, items, device)
+        dyn = _train_on_main(cfg, recipe, model, items, device, group)
         weights = cfg.out / "proxy" / "model.pt"
-        torch.save(model.state_dict(), weights)
         info.update(weights="trained", checkpoint=str(weights), checkpoint_sha256=table.file_sha256(weights),
                     training={"epochs": cfg.train_epochs, "lr": recipe.lr, "batch_size": recipe.batch_size,
                               "weight_decay": recipe.weight_decay, "seed": cfg.seed,
@@ -181,6 +230,22 @@ def _build_proxy(cfg: ScoreConfig, recipe: Recipe, items: Sequence[Item],
     return proxy, info, dyn
 
 
+def _train_on_main(cfg: ScoreConfig, recipe: Recipe, model: torch.nn.Module, items: Sequence[Item],
+                   device: torch.device, group: Dist) -> Dynamics:
+    """Train on rank 0 alone, exactly as a single process would; the other ranks then load it.
+
+    Not DDP: a proxy trained data-parallel sees other batches and learning-rate steps, so its
+    scores would depend on the number of ranks. Here rank 0 trains (same seed, order and batches
+    as one process) while the others wait; every epoch then sits in proxy/train-state.pt with the
+    per-epoch dynamics, and the other ranks go through `train_proxy`'s own resume path, which finds
+    all epochs done and only loads weights and dynamics. Training is not parallelised; scoring is.
+    Rank 0 alone writes proxy/model.pt, and every rank waits for it before hashing it.
+    """
+    dyn = group.main_first(lambda: _train(cfg, recipe, model, items, device))
+    group.main_only(lambda: torch.save(model.state_dict(), cfg.out / "proxy" / "model.pt"))
+    return dyn
+
+
 def _train(cfg: ScoreConfig, recipe: Recipe, model: torch.nn.Module, items: Sequence[Item],
            device: torch.device) -> Dynamics:
     assert cfg.train_epochs is not None
@@ -190,11 +255,11 @@ def _train(cfg: ScoreConfig, recipe: Recipe, model: torch.nn.Module, items: Sequ
 
 
 def _score_parts(cfg: ScoreConfig, items: Sequence[Item], recipe: Recipe, proxy: ProxyModel,
-                 dyn: Dynamics | None, info: dict[str, Any]) -> int:
-    n_parts = -(-len(items) // cfg.chunk_size)
-    todo = sorted(set(range(n_parts)) - table.done_parts(cfg.out))
+                 dyn: Dynamics | None, info: dict[str, Any], todo: Sequence[int]) -> dict[str, int]:
+    """Score and write the parts `todo`; returns what was written (parts, rows, ok, error)."""
+    work = {"parts_written": len(todo), "rows_written": 0, "ok": 0, "error": 0}
     if not todo:
-        return 0
+        return work
     summary = dyn.summary(dynamics_skip(recipe)) if dyn is not None else None
     batches = [b for p in todo for b in chunk_batches(p * cfg.chunk_size,
                                                       min((p + 1) * cfg.chunk_size, len(items)), cfg.batch_size)]
@@ -206,8 +271,11 @@ def _score_parts(cfg: ScoreConfig, items: Sequence[Item], recipe: Recipe, proxy:
     bar = tqdm(total=sum(len(b) for b in batches), desc="score", unit="img", disable=not cfg.progress)
     for part, rows in _parts(loader, items, proxy, summary, cfg.chunk_size, bar):
         table.write_part(table.part_path(cfg.out, part), rows, part_schema)
+        work["rows_written"] += len(rows["key"])
+        work["ok"] += rows["status"].count("ok")
+        work["error"] += rows["status"].count("error")
     bar.close()
-    return len(todo)
+    return work
 
 
 def dynamics_skip(recipe: Recipe) -> int:
@@ -289,9 +357,11 @@ def _finite(x: float) -> float | None:
 
 
 def _write_manifest(cfg: ScoreConfig, items: Sequence[Item], info: dict[str, Any],
-                    timing: dict[str, float]) -> dict[str, Any]:
-    counts = (pl.scan_parquet(cfg.out / table.PART_GLOB).group_by("status").len().collect())
-    by_status = dict(zip(counts["status"].to_list(), counts["len"].to_list()))
+                    timing: dict[str, float], ranks: list[dict[str, Any]]) -> dict[str, Any]:
+    """The run's record, written once (by rank 0, after every rank has written its parts); counts
+    come from the whole table, so they include parts written before a resume; `ranks` holds what
+    each rank wrote in this invocation and how long it took."""
+    by_status = _table_counts(cfg.out, len(items))
     manifest = {
         "schema_version": table.SCHEMA_VERSION,
         "source": cfg.source,
@@ -301,11 +371,22 @@ def _write_manifest(cfg: ScoreConfig, items: Sequence[Item], info: dict[str, Any
         "counts": {"inputs": len(items), "ok": by_status.get("ok", 0), "error": by_status.get("error", 0),
                    "classes": len({it.label for it in items})},
         "timing": timing | {"images_per_s": len(items) / max(timing["score_s"], 1e-9)},
+        "ranks": ranks,
         "config": cfg.fingerprint(),
         "versions": versions(),
     }
     table.write_json(cfg.out / "manifest.json", manifest)
     return manifest
+
+
+def _table_counts(out: Path, n_items: int) -> dict[str, int]:
+    """Rows per status; checks the table has every input exactly once (no part lost or doubled)."""
+    scan = pl.scan_parquet(out / table.PART_GLOB)
+    rows, keys = scan.select(pl.len(), pl.col("key").n_unique()).collect().row(0)
+    if rows != n_items or keys != n_items:
+        raise RuntimeError(f"{out}: the table has {rows} rows and {keys} distinct keys for {n_items} inputs")
+    counts = scan.group_by("status").len().collect()
+    return dict(zip(counts["status"].to_list(), counts["len"].to_list()))
 
 
 def versions() -> dict[str, str]:

@@ -1,0 +1,124 @@
+"""Training images/s of a timm ViT from curated shards: dense vs token dropping (and sparse
+attention), loader included, as ratios measured in one run.
+
+Every setting runs the real `curate train` step (sparsevit.train.train_step) fed by the real
+shard loader (decode + RandomResizedCrop + flip, with the importance map re-projected through
+the same crop and pooled to the patch grid) in its own worker processes. Settings are run in
+interleaved rounds and the best round of each is kept, so drift on a shared machine hits all
+settings alike. Ratio = setting img/s / dense img/s.
+
+    python bench/train_step.py [--model deit_tiny_patch16_224] [--img-size 224] [--batch-size 64]
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import platform
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from score_throughput import make_photos  # noqa: E402  (ImageNet-sized JPEGs)
+
+from curate import shards, table  # noqa: E402
+from curate.dist import Dist  # noqa: E402
+from sparsevit import data  # noqa: E402
+from sparsevit.model import SparseConfig  # noqa: E402
+from sparsevit.train import TrainConfig, _build, train_step  # noqa: E402
+
+SETTINGS: dict[str, dict[str, Any]] = {
+    "dense": {"keep": 1.0},
+    "keep 0.7": {"keep": 0.7},
+    "keep 0.5": {"keep": 0.5},
+    "keep 0.5 random": {"keep": 0.5, "sparse": SparseConfig(drop_by="random")},
+    "keep 0.7 + gather attention 0.5": {"keep": 0.7, "sparse": SparseConfig(attention="gather", key_keep=0.5)},
+    "keep 0.7 + online drop 0.7 at blocks 3/6/9": {"keep": 0.7, "sparse": SparseConfig(online_blocks=(3, 6, 9)),
+                                      "online_keep": 0.7},
+}
+
+
+def write_bench_shards(src: Path, out: Path, grid: int = 14, per_shard: int = 64) -> Path:
+    """The photos as `curate shard` output, each with a smooth random importance map."""
+    files = sorted(src.rglob("*.JPEG"))
+    rng = np.random.default_rng(0)
+    maps = {f.stem: rng.random((grid, grid)).astype(np.float32) for f in files}
+    labels = {f.stem: int(f.parent.name[1:]) for f in files}
+    paths = {f.stem: f for f in files}
+    plan = shards.plan_shards(sorted(paths), "train", "bench", per_shard, 4, 0)
+
+    def load(keys: Sequence[str]) -> Iterator[shards.SampleData]:
+        for k in keys:
+            yield shards.SampleData(k, paths[k].read_bytes(), labels[k], {}, maps[k])
+
+    infos = {"train": shards.write_split(out, plan, load, resume=False, progress=False, workers=2)}
+    table.write_json(out / "_info.json", shards.info_json("bench", infos))
+    table.write_json(out / "manifest.json", shards.shard_manifest(infos))
+    return out
+
+
+def endless(cfg: TrainConfig, run: Any, split: data.Split) -> Iterator[dict[str, Any]]:
+    """Loader batches across epochs, without the step cap: the benchmark decides when to stop."""
+    for epoch in itertools.count():
+        plan = data.plan_epoch(split, epoch, cfg.seed, 1, cfg.workers, cfg.batch_size)
+        geo = data.Geometry(cfg.img_size, run.core.vit.patch_embed.patch_size[0])
+        pipe = data.make_pipeline(plan, data.Augment(data.TrainTransform(geo), True), cfg.batch_size,
+                                  cfg.shuffle_buffer, cfg.seed, epoch)
+        yield from data.make_loader(pipe, cfg.workers)
+
+
+def time_setting(base: TrainConfig, opts: dict[str, Any], split: data.Split, steps: int, warmup: int) -> float:
+    cfg = TrainConfig(**{**base.__dict__, **opts})
+    run = _build(cfg, Dist(), torch.device("cpu"), split)
+    batches = endless(cfg, run, split)
+    for _ in range(warmup):  # loader start-up, allocator, first-call costs
+        train_step(run, next(batches), 1.0, 0)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        train_step(run, next(batches), 1.0, 0)  # the wait for the next batch is inside the timing
+    return steps * cfg.batch_size / (time.perf_counter() - t0)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="deit_tiny_patch16_224")
+    ap.add_argument("--img-size", type=int, default=224)
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--images", type=int, default=512)
+    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--settings", default=",".join(SETTINGS), help="comma-separated names from SETTINGS")
+    args = ap.parse_args()
+    random.seed(0)
+    torch.manual_seed(0)
+    names = [n.strip() for n in args.settings.split(",")]
+    with tempfile.TemporaryDirectory(dir=".") as tmp_name:
+        tmp = Path(tmp_name)
+        make_photos(tmp / "photos", args.images)
+        split = data.read_split(write_bench_shards(tmp / "photos", tmp / "shards"), "train")
+        base = TrainConfig(shards=tmp / "shards", out=tmp / "run", model=args.model, img_size=args.img_size,
+                           num_classes=4, batch_size=args.batch_size, workers=args.workers,
+                           shuffle_buffer=64, epochs=1, warmup_epochs=0.0, progress=False)
+        best: dict[str, float] = {}
+        for _ in range(args.rounds):
+            for name in names:
+                ips = time_setting(base, SETTINGS[name], split, args.steps, args.warmup)
+                best[name] = max(best.get(name, 0.0), ips)
+    print(f"# {platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}, "
+          f"{args.model} @{args.img_size}px, batch {args.batch_size}, {args.workers} loader workers, "
+          f"500x375 JPEGs, best of {args.rounds} rounds x {args.steps} steps")
+    print("| setting | train img/s | ratio vs dense |\n|---|---|---|")
+    for name in names:
+        print(f"| {name} | {best[name]:.1f} | {best[name] / best['dense']:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()

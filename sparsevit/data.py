@@ -1,0 +1,284 @@
+"""Shard loader: a webdataset pipeline from `_info.json` whose importance maps follow every
+crop, flip and mix of the image they belong to, pooled to the model's patch grid.
+
+Equal epochs on every rank without duplicates: shards are shuffled with a seed that all ranks
+share, split `urls[rank::world]` (wds.split_by_node) and `[worker::workers]` (wds.split_by_worker),
+batched per worker with the partial batch dropped. `steps_per_epoch` computes, from the shard
+lengths in `_info.json`, how many full batches the poorest rank gets; every rank stops there, so
+no rank waits on another in an all-reduce. The surplus (at most a few batches per rank) is
+counted in `EpochPlan.unused`, and changes from epoch to epoch with the shard order.
+"""
+from __future__ import annotations
+
+import io
+import json
+import math
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import webdataset as wds
+from PIL import Image, ImageOps
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.data.mixup import Mixup, cutmix_bbox_and_lam, mixup_target
+from torchvision.transforms import RandomResizedCrop
+from torchvision.transforms import functional as TF
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+
+
+@dataclass(frozen=True)
+class Split:
+    """One split of `_info.json`, with absolute shard paths."""
+    name: str
+    urls: list[str]
+    lengths: list[int]
+    has_maps: bool  # samples carry importance.npy (from the shards' manifest.json)
+
+    @property
+    def num_samples(self) -> int:
+        return sum(self.lengths)
+
+
+def read_split(root: Path, split: str) -> Split:
+    """A split as the writer indexed it; the reader trusts `_info.json` and the manifest."""
+    info_path = root / "_info.json"
+    if not info_path.is_file():
+        raise FileNotFoundError(f"{root}: no _info.json; expected the output of `curate shard`")
+    splits = json.loads(info_path.read_text())["splits"]
+    if split not in splits:
+        raise KeyError(f"{info_path}: no split {split!r} (has {sorted(splits)})")
+    s = splits[split]
+    manifest = root / "manifest.json"
+    maps = json.loads(manifest.read_text())["splits"][split].get("importance", False) \
+        if manifest.is_file() else split == "train"
+    return Split(split, [str(root / f) for f in s["filenames"]], list(s["shard_lengths"]), bool(maps))
+
+
+@dataclass(frozen=True)
+class EpochPlan:
+    """Which shards each rank reads in one epoch and how many steps every rank takes."""
+    urls: list[str]  # shuffled with the shared seed; wds.split_by_node takes urls[rank::world]
+    steps: int  # full batches per rank, the same on every rank
+    unused: int  # samples not trained on this epoch, over all ranks
+
+
+def plan_epoch(split: Split, epoch: int, seed: int, world: int, workers: int, batch_size: int,
+               shuffle: bool = True) -> EpochPlan:
+    order = list(range(len(split.urls)))
+    if shuffle:
+        random.Random(seed * 100_003 + epoch).shuffle(order)  # same on every rank
+    if len(order) < world * max(1, workers):
+        raise ValueError(f"{len(order)} shards for {world} ranks x {max(1, workers)} loader workers: "
+                         f"every worker needs a shard; write more (curate shard --shard-multiple)")
+    lengths = [split.lengths[i] for i in order]
+    steps = min(_rank_batches(lengths[r::world], workers, batch_size) for r in range(world))
+    return EpochPlan([split.urls[i] for i in order], steps, split.num_samples - steps * batch_size * world)
+
+
+def _rank_batches(lengths: list[int], workers: int, batch_size: int) -> int:
+    """Full batches one rank's loader yields: each worker batches its own shards."""
+    workers = max(1, workers)
+    return sum(sum(lengths[w::workers]) // batch_size for w in range(workers))
+
+
+# --- decode -------------------------------------------------------------------------------
+
+def decode_sample(sample: dict[str, Any]) -> dict[str, Any]:
+    """Raw tar members -> PIL image (EXIF-oriented, as scoring saw it), label, importance grid."""
+    ext = next((e for e in IMAGE_EXTS if e in sample), None)
+    if ext is None:
+        raise ValueError(f"{sample.get('__key__')}: no image member among {sorted(sample)}")
+    with Image.open(io.BytesIO(sample[ext])) as im:
+        image = ImageOps.exif_transpose(im).convert("RGB")  # maps were computed upright
+    grid = sample.get("importance.npy")
+    importance = np.load(io.BytesIO(grid), allow_pickle=False).astype(np.float32) if grid is not None else None
+    return {"key": sample["__key__"], "image": image, "label": int(sample["cls"]), "importance": importance}
+
+
+# --- augmentation that carries the map ----------------------------------------------------
+
+@dataclass(frozen=True)
+class Geometry:
+    """Model input geometry: the map is pooled to (img_size / patch_size)^2 tokens."""
+    img_size: int
+    patch_size: int
+
+    def __post_init__(self) -> None:
+        if self.img_size % self.patch_size:
+            raise ValueError(f"img_size {self.img_size} is not a multiple of patch_size {self.patch_size}")
+
+    @property
+    def grid(self) -> int:
+        return self.img_size // self.patch_size
+
+
+def crop_map(importance: np.ndarray, box: tuple[float, float, float, float], image_hw: tuple[int, int],
+             out: int, flip: bool) -> torch.Tensor:
+    """Average the stored map over each output patch of a crop.
+
+    importance: (gh, gw) cell averages over the whole image of size image_hw; box: (top, left,
+    height, width) in image pixels. Each map cell is constant over its area, so an output patch
+    gets the area-weighted mean of the cells it overlaps: exact for any map resolution, any
+    crop and any patch grid. Returns (out, out) float32.
+    """
+    gh, gw = importance.shape
+    h, w = image_hw
+    top, left, bh, bw = box
+    rows = _overlap(top * gh / h, bh * gh / h, gh, out)  # (out, gh)
+    cols = _overlap(left * gw / w, bw * gw / w, gw, out)  # (out, gw)
+    pooled = rows @ torch.from_numpy(np.asarray(importance, dtype=np.float32)) @ cols.T
+    return pooled.flip(-1) if flip else pooled
+
+
+def _overlap(start: float, length: float, cells: int, out: int) -> torch.Tensor:
+    """(out, cells): share of output bin i (of `out` equal bins over [start, start+length)) that
+    falls in unit cell c; rows sum to 1 when the bins lie inside [0, cells]."""
+    edges = start + length * torch.arange(out + 1, dtype=torch.float64) / out
+    lo, hi = edges[:-1, None], edges[1:, None]  # (out, 1)
+    c = torch.arange(cells, dtype=torch.float64)[None]  # (1, cells)
+    inter = (torch.minimum(hi, c + 1) - torch.maximum(lo, c)).clamp_min(0)
+    return (inter / (hi - lo)).float()
+
+
+@dataclass(frozen=True)
+class TrainTransform:
+    """RandomResizedCrop + horizontal flip applied to image and map with the same box."""
+    geometry: Geometry
+    scale: tuple[float, float] = (0.08, 1.0)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    hflip: float = 0.5
+
+    def __call__(self, image: Image.Image, importance: np.ndarray | None
+                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        top, left, h, w = RandomResizedCrop.get_params(image, list(self.scale), list(self.ratio))
+        flip = random.random() < self.hflip
+        size = self.geometry.img_size
+        img = TF.resized_crop(image, top, left, h, w, [size, size], antialias=True)
+        if flip:
+            img = TF.hflip(img)
+        grid = None if importance is None else crop_map(
+            importance, (top, left, h, w), (image.height, image.width), self.geometry.grid, flip)
+        return to_tensor(img), grid
+
+
+@dataclass(frozen=True)
+class EvalTransform:
+    """Resize the short side to img_size / crop_pct, centre crop: timm's eval transform."""
+    geometry: Geometry
+    crop_pct: float = 0.875
+
+    def __call__(self, image: Image.Image, importance: np.ndarray | None
+                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        size = self.geometry.img_size
+        scale = math.floor(size / self.crop_pct) / min(image.width, image.height)
+        h, w = size / scale, size / scale  # the centre crop, in original pixels
+        top, left = (image.height - h) / 2, (image.width - w) / 2
+        img = TF.center_crop(TF.resize(image, math.floor(size / self.crop_pct), antialias=True), [size, size])
+        grid = None if importance is None else crop_map(
+            importance, (top, left, h, w), (image.height, image.width), self.geometry.grid, False)
+        return to_tensor(img), grid
+
+
+_MEAN = torch.tensor(IMAGENET_DEFAULT_MEAN).view(3, 1, 1)
+_STD = torch.tensor(IMAGENET_DEFAULT_STD).view(3, 1, 1)
+
+
+def to_tensor(img: Image.Image) -> torch.Tensor:
+    x = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)  # (3, H, W)
+    return (x.float() / 255 - _MEAN) / _STD
+
+
+# --- pipeline -----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Augment:
+    """decode + transform, a module-level callable so it pickles into loader workers."""
+    transform: TrainTransform | EvalTransform
+    need_maps: bool
+
+    def __call__(self, sample: dict[str, Any]) -> dict[str, Any]:
+        d = decode_sample(sample)
+        if self.need_maps and d["importance"] is None:
+            raise ValueError(f"{d['key']}: no importance.npy, but token dropping by importance needs one")
+        x, grid = self.transform(d["image"], d["importance"])
+        return {"key": d["key"], "image": x, "label": d["label"], "importance": grid}
+
+
+def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    maps = [s["importance"] for s in samples]
+    return {"key": [s["key"] for s in samples],
+            "image": torch.stack([s["image"] for s in samples]),
+            "label": torch.tensor([s["label"] for s in samples]),
+            "importance": torch.stack(maps).flatten(1) if all(m is not None for m in maps) else None}
+
+
+def make_pipeline(plan: EpochPlan, augment: Augment, batch_size: int, shuffle_buffer: int,
+                  seed: int, epoch: int, partial: bool = False, split_nodes: bool = True) -> wds.DataPipeline:
+    """Per rank and worker: its shards, samples shuffled in a buffer, decoded, batched.
+    split_nodes=False: the caller already chose this rank's shards (evaluation)."""
+    stages: list[Any] = [wds.SimpleShardList(plan.urls), *([wds.split_by_node] if split_nodes else []),
+                         wds.split_by_worker, wds.tarfile_to_samples()]
+    if shuffle_buffer > 1:
+        stages.append(wds.shuffle(shuffle_buffer, initial=shuffle_buffer,
+                                  rng=random.Random(seed * 7919 + epoch)))
+    stages += [wds.map(augment), wds.batched(batch_size, collation_fn=collate, partial=partial)]
+    return wds.DataPipeline(*stages)
+
+
+def make_loader(pipeline: wds.DataPipeline, workers: int) -> torch.utils.data.DataLoader:
+    """Batches are made in the workers (batch_size=None); worker seeds differ per epoch."""
+    return torch.utils.data.DataLoader(pipeline, batch_size=None, num_workers=workers,
+                                       worker_init_fn=_seed_worker if workers else None,
+                                       persistent_workers=False, pin_memory=torch.cuda.is_available())
+
+
+def _seed_worker(worker_id: int) -> None:
+    # torch seeds each worker from the base seed; python's random drives the crops.
+    random.seed(torch.initial_seed() % 2**32)
+    np.random.seed(torch.initial_seed() % 2**32)
+
+
+def iterate(loader: torch.utils.data.DataLoader, steps: int) -> Iterator[dict[str, Any]]:
+    """Exactly `steps` batches: the same count on every rank (see the module docstring)."""
+    it = iter(loader)
+    for _ in range(steps):
+        yield next(it)
+
+
+# --- mixup / cutmix on batches, maps included ----------------------------------------------
+
+class MapMixup(Mixup):
+    """timm's batch-mode Mixup/CutMix that mixes the token maps with the same weight and box.
+
+    Mixup: map = lam * map + (1 - lam) * map[flipped batch]. CutMix: each patch takes the other
+    image's map in proportion to how much of the patch the pasted box covers.
+    """
+
+    def mix(self, x: torch.Tensor, target: torch.Tensor, maps: torch.Tensor | None, grid: int
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        lam, use_cutmix = self._params_per_batch()
+        if lam != 1.0:
+            if use_cutmix:
+                (yl, yh, xl, xh), lam = cutmix_bbox_and_lam(
+                    x.shape, lam, ratio_minmax=self.cutmix_minmax, correct_lam=self.correct_lam)
+                x[:, :, yl:yh, xl:xh] = x.flip(0)[:, :, yl:yh, xl:xh]
+                if maps is not None:
+                    maps = _cutmix_maps(maps, (yl, yh, xl, xh), x.shape[-1], grid)
+            else:
+                x.mul_(lam).add_(x.flip(0).mul(1.0 - lam))
+                if maps is not None:
+                    maps = lam * maps + (1.0 - lam) * maps.flip(0)
+        return x, mixup_target(target, self.num_classes, lam, self.label_smoothing), maps
+
+
+def _cutmix_maps(maps: torch.Tensor, box: tuple[int, int, int, int], size: int, grid: int) -> torch.Tensor:
+    yl, yh, xl, xh = box
+    pasted = torch.zeros(1, 1, size, size, device=maps.device)
+    pasted[..., yl:yh, xl:xh] = 1.0
+    frac = F.adaptive_avg_pool2d(pasted, grid).flatten()  # (grid*grid,) share of each patch pasted
+    return maps * (1 - frac) + maps.flip(0) * frac

@@ -1,0 +1,190 @@
+"""Token dropping for any timm `VisionTransformer`: keep the top-k patch tokens by stored
+importance after `_pos_embed` (prefix tokens always kept), optionally fuse the dropped ones into
+a package token, optionally drop further at chosen blocks by online CLS attention (EViT /
+Tri-Level), and run attention in one of `sparsevit.attention.MODES`.
+
+The saving is real: dropped tokens are gathered away, so every later matmul is smaller. k is
+fixed per batch (one keep ratio per step), so shapes stay static and fused SDPA stays on.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import partial
+
+import timm
+import torch
+from timm.models.vision_transformer import Block, VisionTransformer
+from torch import nn
+
+from sparsevit import attention
+
+DROP_BY = ("importance", "random")
+
+
+def num_keep(n: int, ratio: float) -> int:
+    """Tokens kept of n at a keep ratio, ceil(ratio * n) as in Tri-Level: at least 1, at most n."""
+    return max(1, min(n, math.ceil(n * ratio - 1e-9)))
+
+
+def top_tokens(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """scores (B, N) -> indices (B, k) of the k highest, in ascending token order."""
+    return scores.topk(k, dim=1).indices.sort(dim=1).values
+
+
+def gather_tokens(x: torch.Tensor, idx: torch.Tensor, prefix: int) -> torch.Tensor:
+    """x (B, P + N, D), idx (B, k) patch-relative -> (B, P + k, D), prefix tokens first."""
+    patches = x[:, prefix:].gather(1, idx[..., None].expand(-1, -1, x.shape[-1]))
+    return torch.cat([x[:, :prefix], patches], dim=1)
+
+
+def package_token(x: torch.Tensor, scores: torch.Tensor, idx: torch.Tensor, prefix: int) -> torch.Tensor:
+    """Importance-weighted mean of the dropped patch tokens (SPViT/HeatViT/EViT fusion): (B, 1, D)."""
+    dropped = torch.ones_like(scores).scatter_(1, idx, 0.0)  # (B, N) 1 where dropped
+    w = scores.clamp_min(0) * dropped
+    w = w / w.sum(1, keepdim=True).clamp_min(1e-12)
+    return (w[..., None] * x[:, prefix:]).sum(1, keepdim=True)
+
+
+def drop_tokens(x: torch.Tensor, scores: torch.Tensor, keep: float, prefix: int, package: bool
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keep the top tokens by `scores` (B, N); returns tokens and the kept tokens' scores.
+
+    With `package`, one extra token carrying the dropped tokens (weighted by score) is appended;
+    its score is the mean of the dropped scores, so later drops can rank it like any token.
+    """
+    n = scores.shape[1]
+    k = num_keep(n, keep)
+    if k == n:
+        return x, scores
+    idx = top_tokens(scores, k)
+    out, kept = gather_tokens(x, idx, prefix), scores.gather(1, idx)
+    if package and k < n:
+        dropped_mean = (scores.sum(1, keepdim=True) - kept.sum(1, keepdim=True)) / (n - k)
+        out = torch.cat([out, package_token(x, scores, idx, prefix)], dim=1)
+        kept = torch.cat([kept, dropped_mean], dim=1)
+    return out, kept
+
+
+@dataclass(frozen=True)
+class SparseConfig:
+    """How a ViT is sparsified. Ratios that change during training are forward() arguments."""
+    drop_by: str = "importance"  # importance: stored maps | random: the control at the same k
+    package: bool = False  # fuse dropped tokens into one package token
+    online_blocks: tuple[int, ...] = ()  # drop again after these blocks by CLS attention (Tri-Level: 3, 6, 9)
+    attention: str = "dense"  # dense | topk | gather (sparsevit.attention)
+    rho: float = 1.0  # topk: fraction of keys each query keeps
+    key_keep: float = 0.5  # gather: fraction of patch keys all queries attend to
+
+    def __post_init__(self) -> None:
+        if self.drop_by not in DROP_BY:
+            raise ValueError(f"drop_by must be one of {DROP_BY}, got {self.drop_by!r}")
+        if self.attention not in attention.MODES:
+            raise ValueError(f"attention must be one of {sorted(attention.MODES)}, got {self.attention!r}")
+        if not (0 < self.rho <= 1 and 0 < self.key_keep <= 1):
+            raise ValueError(f"rho and key_keep must be in (0, 1], got {self.rho}, {self.key_keep}")
+
+
+class SparseViT(nn.Module):
+    """Wraps a timm VisionTransformer; its weights stay under `.vit` with timm's names."""
+
+    def __init__(self, vit: VisionTransformer, cfg: SparseConfig) -> None:
+        super().__init__()
+        _check_supported(vit, cfg)
+        self.vit, self.cfg = vit, cfg
+        self.prefix = vit.num_prefix_tokens
+        self.num_patches = vit.patch_embed.num_patches
+        self.attend = partial(attention.MODES[cfg.attention], rho=cfg.rho, key_keep=cfg.key_keep)
+
+    def forward(self, x: torch.Tensor, importance: torch.Tensor | None = None, keep: float = 1.0,
+                online_keep: float = 1.0) -> torch.Tensor:
+        """x (B, 3, H, W); importance (B, N) aligned with the patch tokens; keep: input keep ratio."""
+        return self.vit.forward_head(self.forward_features(x, importance, keep, online_keep))
+
+    def forward_features(self, x: torch.Tensor, importance: torch.Tensor | None, keep: float,
+                         online_keep: float) -> torch.Tensor:
+        vit = self.vit
+        x = vit._pos_embed(vit.patch_embed(x))  # (B, P + N, D)
+        scores = self.token_scores(x, importance, keep)
+        x, scores = drop_tokens(x, scores, keep, self.prefix, self.cfg.package)
+        x = vit.norm_pre(x)
+        for i, blk in enumerate(vit.blocks):
+            online = online_keep < 1 and i in self.cfg.online_blocks
+            x, cls = self.block(blk, x, scores, want_cls=online)
+            if online:
+                x, scores = drop_tokens(x, cls, online_keep, self.prefix, self.cfg.package)
+        return vit.norm(x)
+
+    def token_scores(self, x: torch.Tensor, importance: torch.Tensor | None, keep: float) -> torch.Tensor:
+        """The ranking used to drop: stored importance, or uniform noise for the random control."""
+        n = x.shape[1] - self.prefix
+        if self.cfg.drop_by == "random" and keep < 1:
+            return torch.rand(x.shape[0], n, device=x.device)
+        if importance is None:
+            if keep < 1 or self.cfg.attention == "gather":
+                raise ValueError("dropping tokens by importance needs the importance maps (B, N)")
+            return torch.zeros(x.shape[0], n, device=x.device)
+        if importance.shape != (x.shape[0], n):
+            raise ValueError(f"importance must be (B, {n}) for this model's patch grid, got "
+                             f"{tuple(importance.shape)}")
+        return importance.to(device=x.device, dtype=torch.float32)
+
+    def block(self, blk: Block, x: torch.Tensor, scores: torch.Tensor, want_cls: bool
+              ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """timm's Block.forward with the attention mode swapped in (same weights, same order)."""
+        a, cls = self.attend(blk.attn, blk.norm1(x), self.prefix, want_cls, scores=scores)
+        x = x + blk.drop_path1(blk.ls1(a))
+        x = x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
+        return x, cls
+
+    def tokens_per_block(self, keep: float, online_keep: float = 1.0) -> list[int]:
+        """Tokens (prefix included) entering each block: for the FLOPs estimate."""
+        n, counts = self.num_patches, []
+        n = _after_drop(n, keep, self.cfg.package)
+        for i in range(len(self.vit.blocks)):
+            counts.append(self.prefix + n)
+            if online_keep < 1 and i in self.cfg.online_blocks:
+                n = _after_drop(n, online_keep, self.cfg.package)
+        return counts
+
+    def train_gflops(self, keep: float, online_keep: float = 1.0) -> float:
+        """Estimated GFLOPs per image for forward + backward (3x forward), blocks only."""
+        d = self.vit.embed_dim
+        mlp = self.vit.blocks[0].mlp.fc1.out_features
+        macs = 0.0
+        for n in self.tokens_per_block(keep, online_keep):
+            keys = n if self.cfg.attention != "gather" else self.prefix + num_keep(n - self.prefix, self.cfg.key_keep)
+            macs += n * (4 * d * d + 2 * d * mlp) + 2 * n * keys * d
+        return 3 * 2 * macs / 1e9
+
+
+def _after_drop(n: int, keep: float, package: bool) -> int:
+    k = num_keep(n, keep)
+    return k + int(package and k < n)
+
+
+def _check_supported(vit: nn.Module, cfg: SparseConfig) -> None:
+    if not isinstance(vit, VisionTransformer):
+        raise TypeError(f"sparsevit wraps timm VisionTransformer models, got {type(vit).__name__}")
+    bad = {type(b).__name__ for b in vit.blocks if type(b) is not Block}
+    if bad:
+        raise TypeError(f"unsupported block type(s) {sorted(bad)}: token dropping needs timm's Block")
+    if any(getattr(b.attn, "gate", None) is not None for b in vit.blocks):
+        raise TypeError("gated attention is not supported")
+    if getattr(vit, "dynamic_img_size", False):
+        raise TypeError("dynamic_img_size models are not supported: maps are pooled to one fixed grid")
+    if cfg.online_blocks and max(cfg.online_blocks) >= len(vit.blocks):
+        raise ValueError(f"online_blocks {cfg.online_blocks} beyond depth {len(vit.blocks)}")
+
+
+def create_sparse(name: str, cfg: SparseConfig, num_classes: int, img_size: int, patch_size: int | None = None,
+           **kwargs: object) -> SparseViT:
+    """timm.create_model(name, ...) wrapped; patch_size overrides the model's (maps are resampled)."""
+    if patch_size is not None:
+        kwargs["patch_size"] = patch_size
+    vit = timm.create_model(name, num_classes=num_classes, img_size=img_size, **kwargs)
+    return SparseViT(vit, cfg)
+
+
+def patch_grid(model: SparseViT) -> int:
+    return int(math.isqrt(model.num_patches))

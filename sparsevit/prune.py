@@ -1,0 +1,147 @@
+"""Dynamic example pruning during training, keyed by sample key and identical on every rank.
+
+Every rank records (key, loss, correct) for its own samples; at the end of an epoch the records
+of all ranks are merged (all_gather in the loop) and applied in sorted key order, so every rank
+holds the same statistics. Which examples sit out is a function of (seed, epoch, key, stats)
+only: no per-rank random state, so DDP ranks agree without exchanging the subset.
+
+Pruning happens in the training loop, per batch (skipped rows are removed before the forward
+pass): the loader still reads them, but the compute, which dominates, is saved, and every rank
+keeps the same number of steps.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+Record = tuple[str, float, bool]  # (key, loss, correct); loss NaN: the example sat out
+
+
+def unit(seed: int, tag: str, key: str) -> float:
+    """A uniform number in [0, 1) from (seed, tag, key): the same on every rank and every run."""
+    h = hashlib.blake2b(f"{seed}:{tag}:{key}".encode(), digest_size=8).digest()
+    return int.from_bytes(h, "little") / 2**64
+
+
+@dataclass
+class NoPruning:
+    def weights(self, keys: list[str], epoch: int) -> torch.Tensor:
+        return torch.ones(len(keys))
+
+    def update(self, records: list[Record], epoch: int) -> None:
+        pass
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+
+@dataclass
+class InfoBatch(NoPruning):
+    """InfoBatch (Qin et al., ICLR'24): each epoch, skip a fraction `prune` of the examples whose
+    last loss is below the mean, scale the kept low-loss ones' loss by 1 / (1 - prune) so the
+    gradient stays unbiased, and train on everything in the last `anneal` share of epochs."""
+    epochs: int
+    seed: int = 0
+    prune: float = 0.5
+    anneal: float = 0.125
+    loss: dict[str, float] = field(default_factory=dict)
+
+    def weights(self, keys: list[str], epoch: int) -> torch.Tensor:
+        if not self.loss or epoch >= self.epochs * (1 - self.anneal):
+            return torch.ones(len(keys))
+        mean = sum(self.loss.values()) / len(self.loss)
+        w = []
+        for k in keys:
+            low = self.loss.get(k, mean) < mean
+            w.append(0.0 if low and unit(self.seed, f"ib{epoch}", k) < self.prune
+                     else 1 / (1 - self.prune) if low else 1.0)
+        return torch.tensor(w)
+
+    def update(self, records: list[Record], epoch: int) -> None:
+        for key, loss, _ in sorted(records):
+            if not math.isnan(loss):  # NaN: sat out this epoch, keep the last loss
+                self.loss[key] = loss
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"loss": dict(self.loss)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.loss = dict(state["loss"])
+
+
+@dataclass
+class HoldOutSwap(NoPruning):
+    """Tri-Level's example sparsity: a share `hold` of the examples sits out; every `every` epochs
+    the `swap` share with the lowest forgetting count (the most unforgettable) leaves and as
+    many held-out examples, drawn by key hash, come back. Forgetting is counted on the model
+    being trained (correct -> incorrect transitions; never correct counts as the maximum)."""
+    epochs: int
+    seed: int = 0
+    hold: float = 0.2
+    swap: float = 0.05
+    every: int = 0  # 0: 30 of 300 epochs, scaled to the run
+    last: dict[str, bool] = field(default_factory=dict)
+    forgets: dict[str, int] = field(default_factory=dict)
+    learned: set[str] = field(default_factory=set)
+    held: set[str] = field(default_factory=set)
+    seen: set[str] = field(default_factory=set)
+
+    def is_held(self, key: str) -> bool:
+        """Held out now; a key not seen yet follows the initial random hold-out by its hash."""
+        return key in self.held if key in self.seen else unit(self.seed, "hold", key) < self.hold
+
+    def _see(self, key: str) -> None:
+        if key not in self.seen:
+            if self.is_held(key):
+                self.held.add(key)
+            self.seen.add(key)
+
+    def weights(self, keys: list[str], epoch: int) -> torch.Tensor:
+        return torch.tensor([0.0 if self.is_held(k) else 1.0 for k in keys])
+
+    def update(self, records: list[Record], epoch: int) -> None:
+        for key, loss, correct in sorted(records):
+            self._see(key)
+            if math.isnan(loss):  # sat out this epoch
+                continue
+            if self.last.get(key) and not correct:
+                self.forgets[key] = self.forgets.get(key, 0) + 1
+            self.last[key] = correct
+            if correct:
+                self.learned.add(key)
+        every = self.every or max(1, round(self.epochs * 30 / 300))
+        if (epoch + 1) % every == 0 and epoch + 1 < self.epochs:
+            self._swap(epoch)
+
+    def forgetting(self, key: str) -> int:
+        return self.forgets.get(key, 0) if key in self.learned else self.epochs
+
+    def _swap(self, epoch: int) -> None:
+        n = round(self.swap * len(self.seen))
+        active = sorted(self.seen - self.held, key=lambda k: (self.forgetting(k), unit(self.seed, f"t{epoch}", k)))
+        back = sorted(self.held, key=lambda k: unit(self.seed, f"back{epoch}", k))[:n]
+        self.held = (self.held - set(back)) | set(active[:n])
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"last": dict(self.last), "forgets": dict(self.forgets), "learned": sorted(self.learned),
+                "held": sorted(self.held), "seen": sorted(self.seen)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.last, self.forgets = dict(state["last"]), dict(state["forgets"])
+        self.learned, self.held, self.seen = set(state["learned"]), set(state["held"]), set(state["seen"])
+
+
+PRUNERS: dict[str, Callable[..., NoPruning]] = {"none": NoPruning, "infobatch": InfoBatch, "trilevel": HoldOutSwap}
+
+
+def make_pruner(name: str, epochs: int, seed: int) -> NoPruning:
+    if name not in PRUNERS:
+        raise ValueError(f"example pruning must be one of {sorted(PRUNERS)}, got {name!r}")
+    return NoPruning() if name == "none" else PRUNERS[name](epochs=epochs, seed=seed)

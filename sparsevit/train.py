@@ -1,0 +1,457 @@
+"""`curate train`: a timm ViT trained from curated shards with token dropping, sparse attention
+and dynamic example pruning. DDP under torchrun (gloo on CPU, nccl on CUDA).
+
+Files in RUN: config.json, metrics.jsonl (one JSON object per logged step and per epoch, from
+rank 0), checkpoint.pt (after every epoch, written atomically: resume continues the same run),
+keys-rank{R}.txt with --record-keys (which samples each rank trained on, per epoch), and
+summary.json at the end.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import time
+from contextlib import ExitStack, nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import polars as pl
+import torch
+import torch.distributed as tdist
+import torch.nn.functional as F
+from timm.optim import create_optimizer_v2
+from timm.utils import ModelEmaV3
+
+from curate import dist
+from curate.table import atomic_path, write_json
+from sparsevit import data, prune, schedule
+from sparsevit.model import SparseConfig, SparseViT, create_sparse
+
+CHECKPOINT = "checkpoint.pt"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    shards: Path  # output of `curate shard`: _info.json with a train (and validation) split
+    out: Path  # run folder
+    model: str = "deit_tiny_patch16_224"  # any timm VisionTransformer name
+    img_size: int = 224
+    patch_size: int | None = None  # None: the model's own
+    model_kwargs: dict[str, Any] = field(default_factory=dict)  # e.g. depth, embed_dim for small runs
+    num_classes: int | None = None  # None: from the shards' selection.parquet
+    epochs: int = 10
+    batch_size: int = 64  # per rank
+    lr: float = 1e-3  # for batch 512 summed over ranks, scaled linearly (DeiT)
+    min_lr: float = 1e-5
+    weight_decay: float = 0.05
+    warmup_epochs: float = 1.0
+    smoothing: float = 0.1  # label smoothing
+    mixup: float = 0.0  # mixup alpha; > 0 turns it on
+    cutmix: float = 0.0  # cutmix alpha; > 0 turns it on
+    drop_path: float = 0.0
+    ema: float = 0.0  # EMA decay; 0: off
+    keep: float = 1.0  # target fraction of patch tokens kept at the input
+    keep_schedule: str = "constant"  # constant | trilevel | toe
+    sparse: SparseConfig = field(default_factory=SparseConfig)
+    online_keep: float = 1.0  # keep ratio at each of sparse.online_blocks
+    example_pruning: str = "none"  # none | infobatch | trilevel
+    workers: int = 2  # loader processes per rank
+    shuffle_buffer: int = 1000
+    amp: bool = True  # bf16 autocast on CUDA; ignored on CPU
+    seed: int = 0
+    log_every: int = 10  # steps
+    eval_every: int = 1  # epochs
+    record_keys: bool = False
+    resume: bool = False
+    overwrite: bool = False
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if not 0 < self.keep <= 1 or not 0 < self.online_keep <= 1:
+            raise ValueError(f"keep ratios must be in (0, 1], got {self.keep}, {self.online_keep}")
+        if self.keep_schedule not in schedule.KEEP_SCHEDULES:
+            raise ValueError(f"keep schedule must be one of {sorted(schedule.KEEP_SCHEDULES)}")
+        if self.example_pruning not in prune.PRUNERS:
+            raise ValueError(f"example pruning must be one of {sorted(prune.PRUNERS)}")
+        if self.epochs < 1 or self.batch_size < 1:
+            raise ValueError("epochs and batch size must be >= 1")
+        if self.resume and self.overwrite:
+            raise ValueError("--resume and --overwrite exclude each other")
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["shards"], d["out"] = str(self.shards), str(self.out)
+        return d
+
+
+@dataclass
+class Run:
+    """Everything the loop mutates, in one place (and in the checkpoint)."""
+    cfg: TrainConfig
+    net: torch.nn.Module  # DDP-wrapped when distributed
+    core: SparseViT
+    opt: torch.optim.Optimizer
+    ema: ModelEmaV3 | None
+    pruner: prune.NoPruning
+    mixer: data.MapMixup | None
+    ctx: dist.Dist
+    device: torch.device
+    epoch: int = 0  # epochs completed
+    step: int = 0  # optimizer steps taken
+    wall: float = 0.0  # training seconds so far (resume adds to it)
+
+
+def run_train(cfg: TrainConfig) -> dict[str, Any]:
+    """Train, evaluate each epoch, checkpoint; returns the summary written to summary.json."""
+    with ExitStack() as stack:
+        ctx = stack.enter_context(_process_group())
+        device = _device(ctx)
+        train_split = data.read_split(cfg.shards, "train")
+        val_split = _validation(cfg.shards)
+        ctx.main_only(lambda: _prepare_out(cfg))
+        run = _build(cfg, ctx, device, train_split)
+        if cfg.resume:
+            _load_checkpoint(run)
+        _log_header(run, train_split, val_split)
+        for epoch in range(run.epoch, cfg.epochs):
+            rec = train_epoch(run, train_split, epoch)
+            if val_split is not None and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs):
+                rec.update(evaluate(run, val_split))
+            run.epoch = epoch + 1
+            ctx.main_only(lambda: _save_checkpoint(run))
+            ctx.main_only(lambda rec=rec: _log(run, rec))
+            ctx.barrier()
+        summary = _summary(run)
+        ctx.main_only(lambda: write_json(cfg.out / "summary.json", summary))
+        return summary
+
+
+# --- set-up -------------------------------------------------------------------------------
+
+def _process_group() -> Any:
+    """Our own group when launched by torchrun: nccl on CUDA, gloo on CPU; dist.session reuses it."""
+    if dist.launched() and not tdist.is_initialized():
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        tdist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        return _owned_session()
+    return dist.session()
+
+
+class _owned_session:
+    def __enter__(self) -> dist.Dist:
+        self.inner = dist.session()
+        return self.inner.__enter__()
+
+    def __exit__(self, *exc: object) -> None:
+        self.inner.__exit__(*exc)
+        tdist.destroy_process_group()
+
+
+def _device(ctx: dist.Dist) -> torch.device:
+    return torch.device("cuda", ctx.local_rank) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def _validation(root: Path) -> data.Split | None:
+    try:
+        return data.read_split(root, "validation")
+    except KeyError:
+        return None
+
+
+def _prepare_out(cfg: TrainConfig) -> None:
+    out = cfg.out
+    if out.exists() and any(out.iterdir()) and not (cfg.resume or cfg.overwrite):
+        raise FileExistsError(f"{out} is not empty: pass --resume to continue or --overwrite to start over")
+    if cfg.overwrite and out.exists():
+        for p in out.iterdir():
+            if p.is_file():
+                p.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "config.json", cfg.to_json())
+
+
+def num_classes(cfg: TrainConfig) -> int:
+    if cfg.num_classes:
+        return cfg.num_classes
+    sel = cfg.shards / "selection.parquet"
+    if not sel.is_file():
+        raise ValueError(f"{cfg.shards}: no selection.parquet to count classes from; pass --num-classes")
+    return int(pl.scan_parquet(sel).select(pl.col("label").max()).collect().item()) + 1
+
+
+def _build(cfg: TrainConfig, ctx: dist.Dist, device: torch.device, split: data.Split) -> Run:
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+    core = create_sparse(cfg.model, cfg.sparse, num_classes(cfg), cfg.img_size, cfg.patch_size,
+                        drop_path_rate=cfg.drop_path, **cfg.model_kwargs).to(device)
+    if cfg.keep < 1 and cfg.sparse.drop_by == "importance" and not split.has_maps:
+        raise ValueError(f"{cfg.shards}: the train split has no importance maps; use --drop-by random or keep 1")
+    lr = cfg.lr * cfg.batch_size * ctx.world_size / 512
+    opt = create_optimizer_v2(core.vit, "adamw", lr=lr, weight_decay=cfg.weight_decay)
+    net: torch.nn.Module = core
+    if ctx.enabled:
+        net = torch.nn.parallel.DistributedDataParallel(core, device_ids=[device.index] if device.index is not None
+                                                        else None)
+    ema = ModelEmaV3(core, decay=cfg.ema) if cfg.ema > 0 else None
+    mixer = data.MapMixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, label_smoothing=cfg.smoothing,
+                          num_classes=core.vit.num_classes) if cfg.mixup > 0 or cfg.cutmix > 0 else None
+    pruner = prune.make_pruner(cfg.example_pruning, cfg.epochs, cfg.seed)
+    return Run(cfg, net, core, opt, ema, pruner, mixer, ctx, device)
+
+
+# --- one epoch ----------------------------------------------------------------------------
+
+def _seed_epoch(run: Run, epoch: int) -> None:
+    """Per (seed, epoch, rank): a resumed run draws what the uninterrupted run drew."""
+    s = run.cfg.seed * 1_000_003 + epoch * 1009 + run.ctx.rank
+    torch.manual_seed(s)
+    random.seed(s)
+    np.random.seed(s % 2**32)
+
+
+def train_loader(run: Run, split: data.Split, epoch: int) -> tuple[Iterator[dict[str, Any]], data.EpochPlan]:
+    cfg = run.cfg
+    plan = data.plan_epoch(split, epoch, cfg.seed, run.ctx.world_size, cfg.workers, cfg.batch_size)
+    geo = data.Geometry(cfg.img_size, run.core.vit.patch_embed.patch_size[0])
+    aug = data.Augment(data.TrainTransform(geo), need_maps=split.has_maps)
+    pipe = data.make_pipeline(plan, aug, cfg.batch_size, cfg.shuffle_buffer, cfg.seed, epoch)
+    return data.iterate(data.make_loader(pipe, cfg.workers), plan.steps), plan
+
+
+def train_epoch(run: Run, split: data.Split, epoch: int) -> dict[str, Any]:
+    cfg, ctx = run.cfg, run.ctx
+    _seed_epoch(run, epoch)
+    run.net.train()
+    batches, plan = train_loader(run, split, epoch)
+    totals = {"loss": 0.0, "correct": 0, "seen": 0, "trained": 0, "gflops": 0.0}
+    records: list[prune.Record] = []
+    keys_file = _keys_file(run, epoch)
+    t_epoch = t_log = time.perf_counter()
+    for i, batch in enumerate(batches):
+        progress = epoch + i / plan.steps
+        stats = train_step(run, batch, progress, epoch)
+        records += stats.pop("records")
+        for k in totals:
+            totals[k] += stats[k]
+        if keys_file is not None:
+            keys_file.write("".join(f"{epoch}\t{k}\n" for k in batch["key"]))
+        if ctx.is_main and (run.step % cfg.log_every == 0):
+            now = time.perf_counter()
+            _append_metrics(run, {"kind": "step", "epoch": epoch, "step": run.step, "lr": stats["lr"],
+                                  "loss": stats["loss"] / max(1, stats["trained"]), "keep": stats["keep"],
+                                  "tokens": stats["tokens"], "images_per_s": stats["seen"] * cfg.log_every /
+                                  max(1e-9, now - t_log) if i else None})
+            t_log = now
+    if keys_file is not None:
+        keys_file.close()
+    seconds = time.perf_counter() - t_epoch
+    run.wall += seconds
+    merged = [r for part in ctx.all_gather(records) for r in part]
+    run.pruner.update(merged, epoch)
+    sums = _sum_over_ranks(run, totals)
+    return {"kind": "epoch", "epoch": epoch, "step": run.step, "seconds": seconds, "wall": run.wall,
+            "train_loss": sums["loss"] / max(1, sums["trained"]), "train_acc": sums["correct"] / max(1, sums["trained"]),
+            "images": int(sums["seen"]), "trained": int(sums["trained"]), "unused": plan.unused,
+            "images_per_s": sums["seen"] / max(1e-9, seconds), "est_tflops": sums["gflops"] / 1e3}
+
+
+def train_step(run: Run, batch: dict[str, Any], progress: float, epoch: int) -> dict[str, Any]:
+    """One optimizer step on the rows the example pruner keeps; returns sums for the epoch."""
+    cfg = run.cfg
+    keep = schedule.KEEP_SCHEDULES[cfg.keep_schedule](progress, cfg.epochs, cfg.keep)
+    lr = _set_lr(run, progress)
+    x, y, maps, w, rows = _pruned_rows(run, batch, epoch)
+    target = F.one_hot(y, run.core.vit.num_classes).float()
+    target = target * (1 - cfg.smoothing) + cfg.smoothing / target.shape[1]
+    if run.mixer is not None:
+        x, target, maps = run.mixer.mix(x, y, maps, data.Geometry(cfg.img_size, _patch(run)).grid)
+    with _autocast(run):
+        logits = run.net(x, maps, keep, cfg.online_keep)
+        logits = logits[0] if isinstance(logits, tuple) else logits
+        per = torch.sum(-target * F.log_softmax(logits.float(), dim=-1), dim=-1)  # (B,)
+        loss = (per * w).sum() / max(1, len(per))
+    run.opt.zero_grad(set_to_none=True)
+    loss.backward()
+    run.opt.step()
+    run.step += 1
+    if run.ema is not None:
+        run.ema.update(run.core, step=run.step)
+    correct = (logits.argmax(-1) == y) & (w > 0)
+    records = _records(batch["key"], rows, per.detach(), correct, w)
+    n = int((w > 0).sum())
+    tokens = run.core.tokens_per_block(keep, cfg.online_keep)
+    return {"loss": float((per.detach() * (w > 0)).sum()), "correct": int(correct.sum()), "seen": len(batch["key"]),
+            "trained": n, "gflops": n * run.core.train_gflops(keep, cfg.online_keep), "lr": lr, "keep": keep,
+            "tokens": tokens[0], "records": records}
+
+
+def _pruned_rows(run: Run, batch: dict[str, Any], epoch: int
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
+    """The rows the pruner keeps, on the device, with their loss weights; at least one row
+    (weight 0 if all sat out) so every DDP rank joins the all-reduce."""
+    w = run.pruner.weights(batch["key"], epoch)
+    rows = torch.nonzero(w > 0).flatten()
+    if len(rows) == 0:
+        rows = torch.zeros(1, dtype=torch.long)
+    dev = run.device
+    maps = batch["importance"]
+    return (batch["image"][rows].to(dev, non_blocking=True), batch["label"][rows].to(dev),
+            None if maps is None else maps[rows].to(dev), w[rows].to(dev), rows)
+
+
+def _records(keys: list[str], rows: torch.Tensor, per: torch.Tensor, correct: torch.Tensor, w: torch.Tensor
+             ) -> list[prune.Record]:
+    out = {k: (k, float("nan"), False) for k in keys}
+    for j, r in enumerate(rows.tolist()):
+        if float(w[j]) > 0:
+            out[keys[r]] = (keys[r], float(per[j]), bool(correct[j]))
+    return list(out.values())
+
+
+def _set_lr(run: Run, progress: float) -> float:
+    cfg = run.cfg
+    base = cfg.lr * cfg.batch_size * run.ctx.world_size / 512
+    lr = schedule.lr_at(progress, cfg.epochs, base, cfg.warmup_epochs, cfg.min_lr)
+    for g in run.opt.param_groups:
+        g["lr"] = lr
+    return lr
+
+
+def _autocast(run: Run) -> Any:
+    if run.cfg.amp and run.device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def _patch(run: Run) -> int:
+    return run.core.vit.patch_embed.patch_size[0]
+
+
+def _sum_over_ranks(run: Run, totals: dict[str, float]) -> dict[str, float]:
+    parts = run.ctx.all_gather(totals)
+    return {k: sum(p[k] for p in parts) for k in totals}
+
+
+def _keys_file(run: Run, epoch: int) -> Any:
+    if not run.cfg.record_keys:
+        return None
+    return open(run.cfg.out / f"keys-rank{run.ctx.rank}.txt", "a" if epoch else "w")
+
+
+# --- evaluation ---------------------------------------------------------------------------
+
+@torch.no_grad()
+def evaluate(run: Run, split: data.Split) -> dict[str, Any]:
+    """Accuracy with all tokens, and with the training keep ratio (dropped by the trained mode;
+    by importance only where the split carries maps). Each rank reads its own shards."""
+    cfg = run.cfg
+    net = run.ema.module if run.ema is not None else run.core
+    net.eval()
+    keep = cfg.keep
+    by_importance = cfg.sparse.drop_by == "importance"
+    can_drop = keep < 1 and (split.has_maps or not by_importance)
+    counts = {"n": 0, "all": 0, "dropped": 0}
+    for batch in _eval_batches(run, split):
+        x, y = batch["image"].to(run.device), batch["label"].to(run.device)
+        maps = batch["importance"].to(run.device) if batch["importance"] is not None else None
+        with _autocast(run):
+            counts["all"] += int((_logits(net(x, maps if cfg.sparse.attention == "gather" else None))
+                                  .argmax(-1) == y).sum())
+            if can_drop:
+                counts["dropped"] += int((_logits(net(x, maps, keep, cfg.online_keep)).argmax(-1) == y).sum())
+        counts["n"] += len(y)
+    net.train()
+    s = _sum_over_ranks(run, counts)
+    n = max(1, s["n"])
+    return {"val_images": int(s["n"]), "val_acc": s["all"] / n,
+            "val_acc_dropped": s["dropped"] / n if can_drop else None}
+
+
+def _logits(out: Any) -> torch.Tensor:
+    return out[0] if isinstance(out, tuple) else out
+
+
+def _eval_batches(run: Run, split: data.Split) -> Iterator[dict[str, Any]]:
+    """This rank's validation shards (urls[rank::world]), in order, partial last batch kept."""
+    cfg, ctx = run.cfg, run.ctx
+    urls = split.urls[ctx.rank::ctx.world_size]
+    if not urls:
+        return iter(())
+    geo = data.Geometry(cfg.img_size, _patch(run))
+    aug = data.Augment(data.EvalTransform(geo), need_maps=False)
+    pipe = data.make_pipeline(data.EpochPlan(urls, 0, 0), aug, cfg.batch_size, 0, cfg.seed, 0, partial=True,
+                              split_nodes=False)
+    return iter(data.make_loader(pipe, min(cfg.workers, len(urls))))
+
+
+# --- checkpoints and logs -----------------------------------------------------------------
+
+def _save_checkpoint(run: Run) -> None:
+    state = {"model": run.core.vit.state_dict(), "opt": run.opt.state_dict(),
+             "ema": run.ema.module.state_dict() if run.ema is not None else None,
+             "pruner": run.pruner.state_dict(), "epoch": run.epoch, "step": run.step, "wall": run.wall,
+             "config": run.cfg.to_json()}
+    with atomic_path(run.cfg.out / CHECKPOINT) as tmp:
+        torch.save(state, tmp)
+
+
+def _load_checkpoint(run: Run) -> None:
+    path = run.cfg.out / CHECKPOINT
+    if not path.is_file():
+        return  # --resume on an empty run folder starts from scratch
+    state = torch.load(path, map_location=run.device, weights_only=True)
+    _check_same_run(run.cfg, state["config"])
+    run.core.vit.load_state_dict(state["model"])
+    run.opt.load_state_dict(state["opt"])
+    if run.ema is not None and state["ema"] is not None:
+        run.ema.module.load_state_dict(state["ema"])
+    run.pruner.load_state_dict(state["pruner"])
+    run.epoch, run.step, run.wall = state["epoch"], state["step"], state["wall"]
+
+
+_MAY_CHANGE = {"out", "resume", "overwrite", "progress", "workers", "log_every", "eval_every", "record_keys"}
+
+
+def _check_same_run(cfg: TrainConfig, saved: dict[str, Any]) -> None:
+    now, saved = (json.loads(json.dumps(c, default=str)) for c in (cfg.to_json(), saved))  # tuples -> lists
+    diff = sorted(k for k in now if k not in _MAY_CHANGE and now[k] != saved.get(k))
+    if diff:
+        raise ValueError(f"{cfg.out}: the checkpoint was made with other settings ({', '.join(diff)}); "
+                         f"use --overwrite to start a new run")
+
+
+def _append_metrics(run: Run, rec: dict[str, Any]) -> None:
+    with open(run.cfg.out / "metrics.jsonl", "a") as f:
+        f.write(json.dumps(rec) + "\n")
+
+
+def _log(run: Run, rec: dict[str, Any]) -> None:
+    _append_metrics(run, rec)
+    if run.cfg.progress:
+        acc = f" val {rec['val_acc']:.1%}" if rec.get("val_acc") is not None else ""
+        dropped = f" (dropped {rec['val_acc_dropped']:.1%})" if rec.get("val_acc_dropped") is not None else ""
+        print(f"epoch {rec['epoch']}: loss {rec['train_loss']:.3f} train {rec['train_acc']:.1%}{acc}{dropped} "
+              f"{rec['images_per_s']:.0f} img/s {rec['seconds']:.1f}s", flush=True)
+
+
+def _log_header(run: Run, split: data.Split, val: data.Split | None) -> None:
+    cfg = run.cfg
+    msg = {"kind": "start", "world_size": run.ctx.world_size, "device": str(run.device),
+           "train_samples": split.num_samples, "val_samples": val.num_samples if val else 0,
+           "tokens_per_block": run.core.tokens_per_block(cfg.keep, cfg.online_keep),
+           "est_train_gflops_per_image": run.core.train_gflops(cfg.keep, cfg.online_keep),
+           "dense_train_gflops_per_image": run.core.train_gflops(1.0), "resumed_at_epoch": run.epoch}
+    run.ctx.main_only(lambda: _append_metrics(run, msg))
+
+
+def _summary(run: Run) -> dict[str, Any]:
+    path = run.cfg.out / "metrics.jsonl"
+    epochs = [r for r in map(json.loads, path.read_text().splitlines()) if r["kind"] == "epoch"] \
+        if path.is_file() else []
+    last = epochs[-1] if epochs else {}
+    return {"epochs": run.epoch, "steps": run.step, "wall_s": run.wall, "val_acc": last.get("val_acc"),
+            "val_acc_dropped": last.get("val_acc_dropped"), "train_acc": last.get("train_acc")}
+

@@ -1,0 +1,56 @@
+"""Small shards written through curate's own writer, with objects at known places.
+
+Each image is a grey 64x64 canvas with a coloured square (the class is the colour) at a random
+place; its importance map (8x8) is the square's coverage of each patch, so a map that follows
+augmentation must point at the square's pixels.
+"""
+from __future__ import annotations
+
+import io
+import random
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+from PIL import Image
+
+from curate import shards, table
+
+COLOURS = ((220, 40, 40), (40, 200, 60), (50, 80, 230), (230, 210, 40))
+SIZE, GRID = 64, 8
+
+
+def object_image(rng: random.Random, label: int, side: int = 24) -> tuple[bytes, np.ndarray, tuple[int, int, int]]:
+    """(JPEG bytes, importance (8, 8), (top, left, side)) for one image of class `label`."""
+    top, left = rng.randrange(0, SIZE - side), rng.randrange(0, SIZE - side)
+    arr = np.full((SIZE, SIZE, 3), 128, np.uint8)
+    arr += np.asarray([rng.randrange(-20, 20) for _ in range(3)], np.int8).astype(np.uint8)
+    arr[top:top + side, left:left + side] = COLOURS[label]
+    mask = np.zeros((SIZE, SIZE), np.float32)
+    mask[top:top + side, left:left + side] = 1
+    grid = mask.reshape(GRID, SIZE // GRID, GRID, SIZE // GRID).mean((1, 3))
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, "JPEG", quality=95)
+    return buf.getvalue(), grid / grid.sum(), (top, left, side)
+
+
+def write_shards(out: Path, per_class: int = 16, classes: int = 4, per_shard: int = 8, multiple: int = 4,
+                 val_per_class: int = 4, seed: int = 0, maps_on_val: bool = True) -> Path:
+    """`curate shard`-style output (train + validation) in `out`; returns `out`."""
+    rng = random.Random(seed)
+    splits, samples = {}, {}
+    for split, n in (("train", per_class), ("validation", val_per_class)):
+        data = {f"{split}-{c}-{i:04d}": (c, *object_image(rng, c)) for c in range(classes) for i in range(n)}
+        samples.update(data)
+        plan = shards.plan_shards(sorted(data), split, "toy", per_shard, multiple if split == "train" else 1, seed)
+
+        def load(keys: Sequence[str], data=data, split=split) -> Iterator[shards.SampleData]:
+            for k in keys:
+                label, img, grid, box = data[k]
+                imp = grid if split == "train" or maps_on_val else None
+                yield shards.SampleData(k, img, label, {"box": list(box)}, imp)
+
+        splits[split] = shards.write_split(out, plan, load, resume=False, progress=False)
+    table.write_json(out / "_info.json", shards.info_json("toy", splits))
+    table.write_json(out / "manifest.json", shards.shard_manifest(splits, {"train": True, "validation": maps_on_val}))
+    return out
