@@ -1,9 +1,10 @@
 """Embedding-derived columns: near-duplicate groups and self-supervised prototype scores.
 
-The `embedding` column of a scores table is read part by part into ONE preallocated float32
-matrix (ImageNet: 1.28M x 384 x 4 B = 1.9 GiB); the only per-row Python objects are the keys.
-Everything after that is faiss on that matrix, in query batches, so peak memory is the matrix
-plus one batch of search results (and faiss's copy of it inside a flat index).
+The `embedding` (or `thumbnail`) column of a scores table is read part by part into ONE
+preallocated float32 matrix (ImageNet: 1.28M x 384 x 4 B = 1.9 GiB); the only per-row Python
+objects are the keys. Everything after that is faiss on that matrix, in place and in query
+batches, so peak memory is one matrix plus one batch of search results; with thumbnail dedup
+and prototypes both on, the two matrices are loaded one after the other, never together.
 
 - Near-duplicates (SemDeDup-style, Abbas et al. 2023): rows linked by cosine similarity above a
   threshold, grouped by connected components; one representative per group is kept. By default
@@ -97,11 +98,14 @@ def _as_f32(emb: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(emb, dtype=np.float32)
 
 
-def _links(index: faiss.Index, x: np.ndarray, threshold: float, k: int, batch: int) -> np.ndarray:
-    """(2, E) row pairs with similarity > threshold among each row's k nearest neighbours."""
+def _links(x: np.ndarray, threshold: float, k: int, batch: int) -> np.ndarray:
+    """(2, E) row pairs with similarity > threshold among each row's k nearest neighbours.
+
+    faiss.knn searches `x` in place: an IndexFlatIP would hold a second copy of the matrix.
+    It runs the same exact inner-product search (`knn_inner_product`) the index does."""
     pairs = [np.empty((2, 0), dtype=np.int64)]
     for start in range(0, len(x), batch):
-        sim, nbr = index.search(x[start : start + batch], k)  # (B, k) each
+        sim, nbr = faiss.knn(x[start : start + batch], x, k, metric=faiss.METRIC_INNER_PRODUCT)  # (B, k) each
         rows = np.broadcast_to(np.arange(start, start + len(nbr))[:, None], nbr.shape)
         # faiss pads with -1 when fewer than k exist; the row itself is always a hit
         hit = (sim > threshold) & (nbr >= 0) & (nbr != rows)
@@ -142,17 +146,15 @@ def duplicate_groups(
     Two rows are linked when their cosine similarity (inner product: `emb` must be
     L2-normalised) is > `threshold` and one is among the other's `k` nearest neighbours;
     groups are the connected components, so a group larger than k+1 is still found whole
-    through chains of links. Search is exact (IndexFlatIP, O(N^2 D) = 1.3e15 flops for
-    1.28M x 384: ~60 GFLOP/s on 2 cores -> hours, ~1 TFLOP/s on 16 AVX-512 cores -> ~20 min)
-    and the index holds its own copy of `emb`. For much larger N swap in `IndexIVFFlat`
+    through chains of links. Search is exact (brute-force inner product, O(N^2 D) = 1.3e15 flops
+    for 1.28M x 384: ~60 GFLOP/s on 2 cores -> hours, ~1 TFLOP/s on 16 AVX-512 cores -> ~20 min)
+    and reads `emb` in place, without copying it into an index. For much larger N swap in `IndexIVFFlat`
     (train on a sample, nprobe ~ 16) or `IndexHNSWFlat`: a little recall for much less time.
     """
     x = _as_f32(emb)
     if len(x) == 0:
         return np.empty(0, dtype=np.int64)
-    index = faiss.IndexFlatIP(x.shape[1])
-    index.add(x)
-    a, b = _links(index, x, threshold, min(k + 1, len(x)), batch)  # +1: the row finds itself
+    a, b = _links(x, threshold, min(k + 1, len(x)), batch)  # +1: the row finds itself
     root = _components(len(x), a, b)
     groups = np.full(len(x), -1, dtype=np.int64)
     linked = np.unique(np.concatenate([a, b]))
@@ -217,11 +219,12 @@ def _dup_columns(frame: pl.DataFrame, emb: np.ndarray, threshold: float | None) 
     )
 
 
-def _proto_columns(frame: pl.DataFrame, emb: np.ndarray, k: int | None, seed: int) -> pl.DataFrame:
+def _proto_columns(frame: pl.DataFrame, emb: np.ndarray | None, k: int | None, seed: int) -> pl.DataFrame:
     if k is None:
         return frame.with_columns(
             proto_dist=pl.lit(None, pl.Float32), proto_cluster=pl.lit(None, pl.Int64)
         )
+    assert emb is not None  # embedding_columns loads it whenever prototypes are asked for
     dist, cluster = prototype_scores(emb, k, seed=seed)
     return frame.with_columns(proto_dist=pl.Series(dist), proto_cluster=pl.Series(cluster))
 
@@ -236,13 +239,20 @@ def embedding_columns(
     for the representative (smallest key) of each group. Columns of a disabled step
     (threshold or prototypes None) are null. Join onto the scores by key (`select(extra=...)`).
     """
-    keys, emb = load_embeddings(scores_dir)
-    frame = pl.DataFrame({"key": keys}, schema={"key": pl.String})
+    frame: pl.DataFrame | None = None
+    emb: np.ndarray | None = None
     if dedup_threshold is not None and dedup_on != "embedding":
-        dup_keys, dup_vectors = load_embeddings(scores_dir, column=dedup_on)
-        if dup_keys != keys:
+        keys, vectors = load_embeddings(scores_dir, column=dedup_on)
+        frame = _dup_columns(_key_frame(keys), vectors, dedup_threshold)
+        del vectors  # one N x D matrix at a time: free it before the embeddings are loaded
+    if frame is None or prototypes is not None:  # the embeddings only when a step uses them
+        keys, emb = load_embeddings(scores_dir)
+        if frame is None:
+            frame = _dup_columns(_key_frame(keys), emb, dedup_threshold)
+        elif keys != frame["key"].to_list():
             raise RuntimeError(f"{scores_dir}: {dedup_on} and embedding rows differ (table changed?)")
-    else:
-        dup_vectors = emb
-    frame = _dup_columns(frame, dup_vectors, dedup_threshold)
     return _proto_columns(frame, emb, prototypes, seed)
+
+
+def _key_frame(keys: list[str]) -> pl.DataFrame:
+    return pl.DataFrame({"key": keys}, schema={"key": pl.String})

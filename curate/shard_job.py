@@ -3,11 +3,18 @@
 OUT/selection.parquet holds every input key with kept yes/no and the reason; the shards hold the
 kept samples with their original bytes, label, scores and importance map; `_info.json` lets timm
 read them unchanged and `manifest.json` records what made them (see curate/shards.py).
+
+Memory: per input, only columns of scalars and keys (selection, shard plan, item fields) and,
+with --dedup/--prototypes, the one vector matrix faiss searches. Importance maps are copied from
+the Parquet parts, a batch at a time, into a scratch file in plan order, and every shard reads
+its own contiguous slice of it, so no map of the whole table is ever held in memory.
 """
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -15,6 +22,8 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from curate import shards, table
 from curate.decode import decode_image
@@ -25,6 +34,9 @@ from curate.sources import Item, open_source, read_bytes
 
 OUTPUTS = ("*.tar", ".*.tmp", "_info.json", "manifest.json", "selection.parquet", "config.json")
 RESUME_FREE = ("resume", "overwrite", "dry_run", "progress", "workers")
+# Item fields as columns: the shard writers get kept inputs as slices of these, not as objects.
+ITEM_SCHEMA = {"key": pl.String, "source": pl.String, "label": pl.Int64, "class_name": pl.String,
+               "path": pl.String, "offset": pl.Int64, "size": pl.Int64}
 
 
 @dataclass(frozen=True)
@@ -95,15 +107,15 @@ def run_shard(cfg: ShardConfig) -> ShardResult:
     per_class = per_class_counts(sel)
     if cfg.dry_run:
         return ShardResult(cfg.out, sel, per_class, None, time.perf_counter() - t0)
-    items = _check_source(cfg, manifests)
+    items = _check_source(cfg, manifests, sel.filter(pl.col("kept")))
     _prepare_out(cfg)
     _write_parquet(cfg.out / "selection.parquet", sel)
-    maps = _importance_table(cfg.scores)
-    splits = {"train": _write_train(cfg, sel, items, manifests, maps)}
+    maps_dir = _maps_dir(cfg.scores)
+    splits = {"train": _write_train(cfg, sel, items, manifests, maps_dir)}
     if cfg.val is not None:
         splits["validation"] = _write_validation(cfg)
     table.write_json(cfg.out / "_info.json", shards.info_json(cfg.name, splits))
-    manifest = _manifest(cfg, sel, manifests, splits, maps is not None, time.perf_counter() - t0)
+    manifest = _manifest(cfg, sel, manifests, splits, maps_dir is not None, time.perf_counter() - t0)
     table.write_json(cfg.out / "manifest.json", manifest)
     return ShardResult(cfg.out, sel, per_class, manifest, time.perf_counter() - t0)
 
@@ -127,9 +139,10 @@ def _embedding_extra(cfg: ShardConfig) -> pl.DataFrame:
     return embedding_columns(cfg.scores[0], cfg.dedup, cfg.prototypes, seed=cfg.seed, dedup_on=cfg.dedup_on)
 
 
-def _check_source(cfg: ShardConfig, manifests: list[dict[str, Any]]) -> dict[str, Item]:
+def _check_source(cfg: ShardConfig, manifests: list[dict[str, Any]], kept: pl.DataFrame) -> pl.DataFrame:
     """The source must be the one that was scored: same keys, sources and labels (read with the
-    class map the scoring used)."""
+    class map the scoring used). Returns the kept inputs as columns (ITEM_SCHEMA): an Item
+    object costs ~320 B, and forked shard writers that touch one copy its memory page."""
     class_map = manifests[0]["config"].get("class_map")
     items = open_source(cfg.source, Path(class_map) if class_map else None)
     digest = index_sha256(items)
@@ -137,7 +150,8 @@ def _check_source(cfg: ShardConfig, manifests: list[dict[str, Any]]) -> dict[str
         if m["index_sha256"] != digest:
             raise ValueError(f"{cfg.source} is not the input {scores_dir} was scored on "
                              f"({m['source']}): keys, sources or labels differ")
-    return {it.key: it for it in items}
+    columns = {name: [getattr(it, name) for it in items] for name in ITEM_SCHEMA}
+    return pl.DataFrame(columns, schema=ITEM_SCHEMA).join(kept.select("key"), on="key", how="semi")
 
 
 def _prepare_out(cfg: ShardConfig) -> None:
@@ -161,61 +175,139 @@ def _write_parquet(path: Path, df: pl.DataFrame) -> None:
         df.write_parquet(tmp)
 
 
-def _write_train(cfg: ShardConfig, sel: pl.DataFrame, items: dict[str, Item],
-                 manifests: list[dict[str, Any]], maps: pl.DataFrame | None) -> list[shards.ShardInfo]:
+def _write_train(cfg: ShardConfig, sel: pl.DataFrame, items: pl.DataFrame,
+                 manifests: list[dict[str, Any]], maps_dir: Path | None) -> list[shards.ShardInfo]:
     kept = sel.filter(pl.col("kept"))
     if kept.is_empty():
         raise ValueError("the selection keeps no sample: nothing to shard")
     plan = shards.plan_shards(kept["key"].to_list(), "train", cfg.name, cfg.samples_per_shard,
                               cfg.shard_multiple, cfg.seed)
-    sidecar = _sidecar_frame(cfg, kept, maps)
+    order = pl.DataFrame({"key": [k for keys in plan.shards for k in keys]}).with_row_index("pos")
+    rows, score_cols = _train_rows(cfg, order, kept, items)
     proxies = [{"name": m["proxy"]["name"], "checkpoint_sha256": m["proxy"].get("checkpoint_sha256", "")[:16]}
                for m in manifests]
-    loader = TrainSamples(items, sidecar, cfg.by, proxies)
-    return shards.write_split(cfg.out, plan, loader, cfg.resume, cfg.progress, cfg.workers)
+    # The maps go to an unnamed scratch file in OUT (O_TMPFILE where supported): a killed run
+    # leaves nothing behind, and forked writers share the descriptor.
+    with tempfile.TemporaryFile(dir=cfg.out) as scratch:
+        maps = _map_store(maps_dir, order, scratch.fileno()) if maps_dir is not None else None
+        loader = TrainSamples(plan, rows, score_cols, maps, cfg.by, proxies)
+        return shards.write_split(cfg.out, plan, loader, cfg.resume, cfg.progress, cfg.workers)
 
 
-def _sidecar_frame(cfg: ShardConfig, kept: pl.DataFrame, maps: pl.DataFrame | None) -> pl.DataFrame:
-    """Per kept key: combined score, the `by` columns and the importance map."""
-    keys = kept.select("key", "score")
+def _train_rows(cfg: ShardConfig, order: pl.DataFrame, kept: pl.DataFrame,
+                items: pl.DataFrame) -> tuple[pa.Table, list[str]]:
+    """One row per kept key in plan order: its item columns, combined score and the `by`
+    columns of every table (`{column}@{table}`); and the names of the score columns."""
+    rows = order.join(kept.select("key", "score"), on="key", how="left")
+    score_cols = ["score"]
     for i, d in enumerate(cfg.scores):
-        cols = [c for c in cfg.by if c in pl.scan_parquet(d / table.PART_GLOB).collect_schema().names()]
-        part = pl.scan_parquet(d / table.PART_GLOB).select("key", *cols).rename({c: f"{c}@{i}" for c in cols})
-        keys = keys.join(part.collect(), on="key", how="left")
-    return keys.join(maps, on="key", how="left") if maps is not None else keys
+        scan = pl.scan_parquet(d / table.PART_GLOB)
+        cols = [c for c in cfg.by if c in scan.collect_schema().names()]
+        named = {c: f"{c}@{i}" for c in cols}
+        rows = rows.join(scan.select("key", *cols).rename(named).collect(), on="key", how="left")
+        score_cols += named.values()
+    rows = rows.join(items, on="key", how="left").sort("pos")
+    return rows.drop("pos").to_arrow(), score_cols
 
 
-def _importance_table(dirs: Sequence[Path]) -> pl.DataFrame | None:
-    """The importance columns of the first table that has maps (e.g. the ViT proxy's)."""
+def _maps_dir(dirs: Sequence[Path]) -> Path | None:
+    """The first table whose rows carry importance maps (e.g. the ViT proxy's). The grid size
+    is written with every map, so its small int column answers without reading the maps."""
     for d in dirs:
-        lf = pl.scan_parquet(d / table.PART_GLOB).select("key", "importance", "importance_h", "importance_w")
-        maps = lf.filter(pl.col("importance").is_not_null()).collect()
-        if not maps.is_empty():
-            return maps
+        has = pl.scan_parquet(d / table.PART_GLOB).select(pl.col("importance_h").is_not_null().any())
+        if has.collect().item():
+            return d
     return None
 
 
-class TrainSamples:
-    """`load(keys)` for the shard writer: bytes from the source, the rest from the tables."""
+@dataclass(frozen=True)
+class MapStore:
+    """Importance maps of the kept keys in plan order, one fixed-size slot per key, in a
+    scratch file: a shard reads one contiguous byte range, and memory holds only the grid
+    sizes (4 bytes a key). Slots are as large as the largest map; a smaller map fills the start
+    of its slot, and a key without a map has size 0x0."""
 
-    def __init__(self, items: dict[str, Item], sidecar: pl.DataFrame, by: Sequence[str],
-                 proxies: list[dict[str, str]]):
-        self.items, self.by, self.proxies = items, list(by), proxies
-        self.rows = {r["key"]: r for r in sidecar.iter_rows(named=True)}
+    fd: int  # scratch file, sized to slot * number of kept keys
+    slot: int  # bytes per slot
+    h: np.ndarray  # int16 (K,): grid height per plan position, 0 = no map
+    w: np.ndarray  # int16 (K,): grid width per plan position
+
+    def read(self, start: int, stop: int) -> list[np.ndarray | None]:
+        """The maps of plan positions [start, stop), float16 [h, w] or None."""
+        data = os.pread(self.fd, (stop - start) * self.slot, start * self.slot)
+        if len(data) != (stop - start) * self.slot:
+            raise RuntimeError(f"importance scratch file is short: {len(data)} bytes for {stop - start} maps")
+        out: list[np.ndarray | None] = []
+        for i, (h, w) in enumerate(zip(self.h[start:stop].tolist(), self.w[start:stop].tolist())):
+            at = i * self.slot
+            out.append(table.importance_from_bytes(data[at:at + 2 * h * w], h, w) if h else None)
+        return out
+
+
+def _map_store(maps_dir: Path, order: pl.DataFrame, fd: int) -> MapStore:
+    """Copy the kept keys' maps from the Parquet parts into `fd`, one part batch at a time.
+
+    A key join on the small columns first gives every table row its plan position (-1: not
+    kept); the maps themselves are then streamed without their keys, in the same row order.
+    """
+    parts = sorted(maps_dir.glob(table.PART_GLOB))
+    index = (pl.scan_parquet(parts).select("key", "importance_h", "importance_w").with_row_index("row")
+             .join(order.lazy(), on="key", how="inner").filter(pl.col("importance_h").is_not_null())
+             .select("row", "pos", "importance_h", "importance_w").collect())
+    n_rows = sum(pq.ParquetFile(p).metadata.num_rows for p in parts)
+    pos_of_row = np.full(n_rows, -1, dtype=np.int64)
+    pos_of_row[index["row"].to_numpy()] = index["pos"].to_numpy()
+    h, w = np.zeros(len(order), np.int16), np.zeros(len(order), np.int16)
+    h[index["pos"].to_numpy()] = index["importance_h"].to_numpy()
+    w[index["pos"].to_numpy()] = index["importance_w"].to_numpy()
+    slot = 2 * int((h.astype(np.int64) * w).max(initial=0))
+    os.ftruncate(fd, slot * len(order))
+    _copy_maps(parts, pos_of_row, slot, fd)
+    return MapStore(fd, slot, h, w)
+
+
+def _copy_maps(parts: Sequence[Path], pos_of_row: np.ndarray, slot: int, fd: int) -> None:
+    """Write each kept row's map bytes at its slot, reading the parts in `pos_of_row`'s order."""
+    row = 0
+    for part in parts:
+        for batch in pq.ParquetFile(part).iter_batches(columns=["importance"]):
+            pos = pos_of_row[row:row + len(batch)]
+            take = np.flatnonzero(pos >= 0)
+            for p, data in zip(pos[take].tolist(), batch.column(0).take(take).to_pylist()):
+                os.pwrite(fd, data, p * slot)
+            row += len(batch)
+    if row != len(pos_of_row):
+        raise RuntimeError(f"{parts[0].parent} changed while being read: {row} rows, {len(pos_of_row)} counted")
+
+
+class TrainSamples:
+    """`load(keys)` for the shard writer, for whole shards of `plan`: one slice of the
+    plan-ordered columns and one read of the map store per shard. Columns and the store are
+    read-only after fork, so writer processes share them instead of copying per-key objects."""
+
+    def __init__(self, plan: shards.ShardPlan, rows: pa.Table, score_cols: Sequence[str],
+                 maps: MapStore | None, by: Sequence[str], proxies: list[dict[str, str]]):
+        self.plan, self.rows, self.score_cols, self.maps = plan, rows, list(score_cols), maps
+        self.by, self.proxies = list(by), proxies
+        starts = np.cumsum([0, *(len(keys) for keys in plan.shards)]).tolist()
+        self.shard_at = {keys[0]: (i, starts[i]) for i, keys in enumerate(plan.shards) if keys}
 
     def __call__(self, keys: Sequence[str]) -> Iterator[shards.SampleData]:
-        for key in keys:
-            item, row = self.items[key], self.rows[key]
-            scores = {k: v for k, v in row.items() if "@" in k or k == "score"}
-            meta = {"class_name": item.class_name, "source": item.source, "scores": scores,
-                    "by": self.by, "proxies": self.proxies}
-            yield shards.SampleData(key, read_bytes(item), item.label, meta, _importance(row))
+        start = self._start(keys)
+        stop = start + len(keys)
+        maps = self.maps.read(start, stop) if self.maps is not None else [None] * len(keys)
+        for row, grid in zip(self.rows.slice(start, len(keys)).to_pylist(), maps):
+            item = Item(**{name: row[name] for name in ITEM_SCHEMA})
+            meta = {"class_name": item.class_name, "source": item.source,
+                    "scores": {c: row[c] for c in self.score_cols}, "by": self.by, "proxies": self.proxies}
+            yield shards.SampleData(item.key, read_bytes(item), item.label, meta, grid)
 
-
-def _importance(row: dict[str, Any]) -> np.ndarray | None:
-    if row.get("importance") is None:
-        return None
-    return table.importance_from_bytes(row["importance"], row["importance_h"], row["importance_w"])
+    def _start(self, keys: Sequence[str]) -> int:
+        """Plan position of the shard whose keys these are (the writer asks for whole shards)."""
+        i, start = self.shard_at.get(keys[0], (-1, 0)) if keys else (-1, 0)
+        if i < 0 or list(keys) != self.plan.shards[i]:
+            raise ValueError("TrainSamples loads whole shards of its plan, in plan order")
+        return start
 
 
 def _write_validation(cfg: ShardConfig) -> list[shards.ShardInfo]:

@@ -1,6 +1,7 @@
 """`curate shard` end to end on scored demo data, through timm's and webdataset's readers."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -9,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import polars as pl
+import pyarrow.parquet as pq
 import pytest
 import timm.data
 import webdataset as wds
@@ -18,6 +20,7 @@ from cli import main
 from curate.jobs import ScoreConfig, run_score
 from curate.shard_job import ShardConfig, run_shard
 from curate.shards import file_sha256, read_samples, verify
+from curate.table import importance_from_bytes
 
 from .conftest import ROOT
 from .test_score_job import random_checkpoint
@@ -67,6 +70,47 @@ def test_timm_and_webdataset_read_the_shards(scored, small_demo: Path, tmp_path:
     assert raw["jpg"] == Path(source).read_bytes()  # original bytes, never re-encoded
     val = timm.data.create_dataset("wds/demo", root=str(out), split="validation", is_training=False)
     assert sum(1 for _ in val) == 16
+
+
+def _cut_into_parts(scores: Path, dest: Path, rows_per_part: int) -> Path:
+    """A copy of a scores table whose rows are spread over several part files."""
+    dest.mkdir()
+    whole = pq.read_table(sorted(scores.glob("part-*.parquet")))
+    for i, start in enumerate(range(0, whole.num_rows, rows_per_part)):
+        pq.write_table(whole.slice(start, rows_per_part), dest / f"part-{i:06d}.parquet")
+    shutil.copy(scores / "manifest.json", dest / "manifest.json")
+    return dest
+
+
+def test_streamed_maps_and_scores_equal_the_tables(scored, tmp_path: Path):
+    """Maps and scores are fetched per shard, not held per key: what each sample carries must be
+    exactly its row of the Parquet tables, whatever the part layout and writer count."""
+    src, cnn, vit = scored
+    vit_parts = _cut_into_parts(vit, tmp_path / "vit-parts", rows_per_part=25)
+    kw = dict(keep=0.75, by=("el2n", "margin"), samples_per_shard=7, progress=False)
+    one = run_shard(ShardConfig(str(src), (vit, cnn), tmp_path / "one", workers=1, **kw))
+    run_shard(ShardConfig(str(src), (vit_parts, cnn), tmp_path / "parts", workers=2, **kw))
+    names = sorted(p.name for p in (tmp_path / "one").glob("*.tar"))
+    assert len(names) == 11 and names == sorted(p.name for p in (tmp_path / "parts").glob("*.tar"))
+    for name in names:  # the part layout and the writer count change no byte
+        assert file_sha256(tmp_path / "one" / name) == file_sha256(tmp_path / "parts" / name), name
+
+    tables = [pl.read_parquet(d / "*.parquet").sort("key") for d in (vit, cnn)]
+    rows = {r["key"]: r for r in tables[0].iter_rows(named=True)}
+    by_table = [{r["key"]: r for r in t.select("key", "el2n", "margin").iter_rows(named=True)} for t in tables]
+    score = dict(one.selection.select("key", "score").iter_rows())
+    urls = sorted(str(p) for p in (tmp_path / "parts").glob("train-*.tar"))
+    seen = set()
+    for s in wds.WebDataset(urls, shardshuffle=False, empty_check=False).decode():
+        key, row = s["__key__"], rows[s["__key__"]]
+        expected = importance_from_bytes(row["importance"], row["importance_h"], row["importance_w"])
+        assert s["importance.npy"].dtype == np.float16 and np.array_equal(s["importance.npy"], expected)
+        scores = {"score": score[key]} | {f"{c}@{i}": t[key][c] for i, t in enumerate(by_table)
+                                          for c in ("el2n", "margin")}
+        assert s["json"]["scores"] == scores and s["json"]["source"] == row["source"]
+        assert s["cls"] == row["label"] and s["jpg"] == Path(row["source"]).read_bytes()
+        seen.add(key)
+    assert seen == set(one.selection.filter(pl.col("kept"))["key"])
 
 
 def test_selection_counts_and_refusals(scored, tmp_path: Path):
