@@ -29,6 +29,8 @@ def unit(seed: int, tag: str, key: str) -> float:
 
 @dataclass
 class NoPruning:
+    tracks = False  # whether update() needs the epoch's records
+
     def weights(self, keys: list[str], epoch: int) -> torch.Tensor:
         return torch.ones(len(keys))
 
@@ -51,6 +53,7 @@ class InfoBatch(NoPruning):
     seed: int = 0
     prune: float = 0.5
     anneal: float = 0.125
+    tracks = True
     loss: dict[str, float] = field(default_factory=dict)
 
     def weights(self, keys: list[str], epoch: int) -> torch.Tensor:
@@ -87,6 +90,7 @@ class HoldOutSwap(NoPruning):
     hold: float = 0.2
     swap: float = 0.05
     every: int = 0  # 0: 30 of 300 epochs, scaled to the run
+    tracks = True
     last: dict[str, bool] = field(default_factory=dict)
     forgets: dict[str, int] = field(default_factory=dict)
     learned: set[str] = field(default_factory=set)

@@ -249,8 +249,8 @@ def train_epoch(run: Run, split: data.Split, epoch: int) -> dict[str, Any]:
         keys_file.close()
     seconds = time.perf_counter() - t_epoch
     run.wall += seconds
-    merged = [r for part in ctx.all_gather(records) for r in part]
-    run.pruner.update(merged, epoch)
+    if run.pruner.tracks:  # every rank gets every rank's records, applied in the same order
+        run.pruner.update([r for part in ctx.all_gather(records) for r in part], epoch)
     sums = _sum_over_ranks(run, totals)
     return {"kind": "epoch", "epoch": epoch, "step": run.step, "seconds": seconds, "wall": run.wall,
             "train_loss": sums["loss"] / max(1, sums["trained"]), "train_acc": sums["correct"] / max(1, sums["trained"]),
@@ -345,21 +345,23 @@ def _keys_file(run: Run, epoch: int) -> Any:
 
 @torch.no_grad()
 def evaluate(run: Run, split: data.Split) -> dict[str, Any]:
-    """Accuracy with all tokens, and with the training keep ratio (dropped by the trained mode;
-    by importance only where the split carries maps). Each rank reads its own shards."""
+    """Accuracy with all tokens and dense attention (how the model is used after training), and
+    as trained: keep ratio, drops and attention mode (by importance only where the split carries
+    maps). Each rank reads its own shards."""
     cfg = run.cfg
     net = run.ema.module if run.ema is not None else run.core
     net.eval()
     keep = cfg.keep
     by_importance = cfg.sparse.drop_by == "importance"
-    can_drop = keep < 1 and (split.has_maps or not by_importance)
+    sparse = keep < 1 or cfg.online_keep < 1 or cfg.sparse.attention != "dense"
+    can_drop = sparse and (split.has_maps or not (by_importance or cfg.sparse.attention == "gather"))
     counts = {"n": 0, "all": 0, "dropped": 0}
+    dense = SparseViT(net.vit, SparseConfig())  # the same weights, all tokens, dense attention
     for batch in _eval_batches(run, split):
         x, y = batch["image"].to(run.device), batch["label"].to(run.device)
         maps = batch["importance"].to(run.device) if batch["importance"] is not None else None
         with _autocast(run):
-            counts["all"] += int((_logits(net(x, maps if cfg.sparse.attention == "gather" else None))
-                                  .argmax(-1) == y).sum())
+            counts["all"] += int((_logits(dense(x)).argmax(-1) == y).sum())
             if can_drop:
                 counts["dropped"] += int((_logits(net(x, maps, keep, cfg.online_keep)).argmax(-1) == y).sum())
         counts["n"] += len(y)
