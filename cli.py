@@ -126,6 +126,8 @@ def _keep(value: str) -> float | int:
                    "(semantic: also crops and flips, needs a strong pretrained proxy).")
 @click.option("--prototypes", type=int, help="k-means clusters for the proto_dist score.")
 @click.option("--val", help="Validation source, written unpruned as the `validation` split.")
+@click.option("--val-scores", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="A `curate score` output over --val: its importance maps go into the validation shards.")
 @click.option("--samples-per-shard", default=1000, show_default=True)
 @click.option("--shard-multiple", default=1, show_default=True, help="Shard count multiple (ranks x workers).")
 @click.option("--name", default="curated", show_default=True, help="Dataset name in _info.json.")

@@ -9,6 +9,8 @@ import polars as pl
 
 from curate import evaluate, report, table
 from curate.demo import DemoConfig, make_demo
+from curate.demo_train import DemoTrain, baseline_shards, train_variants
+from curate.demo_train import render as render_train
 from curate.jobs import ScoreConfig, run_score
 from curate.proxies import RECIPES
 from curate.shard_job import ShardConfig, ShardResult, run_shard
@@ -22,15 +24,16 @@ AUC_COLUMNS = ("el2n", "loss", "margin", "forgetting", "el2n_mean", "margin_mean
 
 
 def run_demo(out: Path, seed: int = 0, workers: int = 2, progress: bool = True,
-             per_class: int = 250, epochs: int | None = None) -> str:
+             per_class: int = 250, epochs: int | None = None, train: DemoTrain | None = None) -> str:
     """Everything under `out` belongs to the demo and is rebuilt on every run.
 
-    per_class and epochs (default: each recipe's) exist to run the same path small in tests.
+    per_class, epochs (proxy training; default: each recipe's) and train (the ViT trained on the
+    shards; default: DemoTrain()) exist to run the same path small in tests.
     """
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     data = out / "data"
-    make_demo(DemoConfig(root=data, seed=seed, per_class=per_class, val_per_class=max(2, per_class // 5)))
+    make_demo(DemoConfig(root=data, seed=seed, per_class=per_class, val_per_class=max(2, per_class // 2)))
     timings["generate_s"] = time.perf_counter() - t0
     metrics: dict[str, Any] = {"proxies": {}}
     for folder, proxy in PROXIES.items():
@@ -41,13 +44,20 @@ def run_demo(out: Path, seed: int = 0, workers: int = 2, progress: bool = True,
         timings[f"{folder}_s"] = time.perf_counter() - t1
         metrics["proxies"][proxy] = proxy_metrics(out / folder, data)
     t1 = time.perf_counter()
+    score_validation(out, data, workers)
     shard = run_shard(ShardConfig(str(data / "train"), tuple(out / f for f in PROXIES), out / "shards",
                                   keep=0.7, by=("el2n",), policy="ccs", dedup=DEDUP, val=str(data / "val"),
+                                  val_scores=out / "scores-val",
                                   samples_per_shard=max(1, per_class // 2), shard_multiple=4, name="demo",
                                   seed=seed,
                                   overwrite=True, progress=progress))
     timings["shard_s"] = time.perf_counter() - t1
     metrics["shard"] = shard_metrics(shard, out / "scores-cnn", data)
+    t1 = time.perf_counter()
+    train = train or DemoTrain(seed=seed, workers=workers)
+    baseline_shards(out, data, tuple(out / f for f in PROXIES), seed, max(1, per_class // 2), progress)
+    metrics["train"] = train_variants(out, train, progress)
+    timings["train_s"] = time.perf_counter() - t1
     plots = out / "plots"
     plots.mkdir(parents=True, exist_ok=True)
     report.plot_histograms(out / "scores-cnn", plots)
@@ -56,6 +66,14 @@ def run_demo(out: Path, seed: int = 0, workers: int = 2, progress: bool = True,
     (out / "report.txt").write_text(text + "\n")
     table.write_json(out / "report.json", {"metrics": metrics, "timing": timings})
     return text
+
+
+def score_validation(out: Path, data: Path, workers: int) -> None:
+    """Importance maps for the validation images from the trained ViT proxy, so that evaluation
+    can also drop tokens by importance (val_acc_dropped)."""
+    run_score(ScoreConfig(source=str(data / "val"), out=out / "scores-val", proxy=PROXIES["scores-vit"],
+                          checkpoint=out / "scores-vit" / "proxy" / "model.pt", workers=workers, overwrite=True,
+                          progress=False))
 
 
 def proxy_metrics(scores: Path, data: Path) -> dict[str, Any]:
@@ -130,6 +148,8 @@ def render_report(all_metrics: dict[str, Any], t: dict[str, float], out: Path) -
         f"timm: --dataset wds/demo --data-dir {out / 'shards'}",
         f"  time: shard {t['shard_s']:.1f}s",
     ]
+    lines += render_train(all_metrics["train"])
+    lines += [f"  time: baseline shards + training {t['train_s']:.0f}s"]
     lines += ["", f"  outputs: {out}/scores-*/ (polars.scan_parquet('{out}/scores-cnn/*.parquet')), "
               f"{out}/plots/, {out}/report.json"]
     return "\n".join(lines)

@@ -55,6 +55,7 @@ class ShardConfig:
     dedup_on: str = "thumbnail"  # thumbnail: pixel layout (any proxy) | embedding: semantic (strong proxies)
     prototypes: int | None = None  # k-means clusters for the proto_dist score; None = off
     val: str | None = None  # validation source, written unpruned as the `validation` split
+    val_scores: Path | None = None  # a `curate score` output over `val`: its importance maps go in too
     samples_per_shard: int = 1000  # target samples per shard (sizes are balanced +-1)
     shard_multiple: int = 1  # make the shard count a multiple of this (ranks x workers)
     name: str = "curated"  # dataset name in _info.json (timm: --dataset wds/NAME)
@@ -311,26 +312,43 @@ class TrainSamples:
 
 
 def _write_validation(cfg: ShardConfig) -> list[shards.ShardInfo]:
-    """The validation source, unpruned; files that do not decode are left out and counted."""
+    """The validation source, unpruned; files that do not decode are left out and counted.
+    With `val_scores`, every sample carries its importance map (evaluation with dropped tokens)."""
     assert cfg.val is not None
     items = {it.key: it for it in open_source(cfg.val)}
     good = [k for k, it in items.items() if decode_image(read_bytes(it), 16).ok]
     plan = shards.plan_shards(good, "validation", cfg.name, cfg.samples_per_shard, 1, cfg.seed)
+    maps = _validation_maps(cfg.val_scores, good) if cfg.val_scores is not None else {}
 
     def load(keys: Sequence[str]) -> Iterator[shards.SampleData]:
         for key in keys:
             it = items[key]
             yield shards.SampleData(key, read_bytes(it), it.label,
-                                    {"class_name": it.class_name, "source": it.source}, None)
+                                    {"class_name": it.class_name, "source": it.source}, maps.get(key))
 
     return shards.write_split(cfg.out, plan, load, cfg.resume, cfg.progress, cfg.workers)
+
+
+def _validation_maps(scores: Path, keys: Sequence[str]) -> dict[str, np.ndarray]:
+    """key -> importance grid from a score table over the validation source (held in memory:
+    validation sets are small). Every decodable key must have one."""
+    rows = (pl.scan_parquet(scores / table.PART_GLOB)
+            .filter(pl.col("importance").is_not_null())
+            .select("key", "importance", "importance_h", "importance_w").collect())
+    maps = {k: np.frombuffer(b, dtype="<f2").reshape(h, w)
+            for k, b, h, w in rows.iter_rows()}
+    missing = [k for k in keys if k not in maps]
+    if missing:
+        raise ValueError(f"{scores}: no importance map for {len(missing)} validation key(s), e.g. {missing[:3]}; "
+                         f"score the validation source with a proxy that makes maps")
+    return maps
 
 
 def _manifest(cfg: ShardConfig, sel: pl.DataFrame, manifests: list[dict[str, Any]],
               splits: dict[str, list[shards.ShardInfo]], has_maps: bool, seconds: float) -> dict[str, Any]:
     reasons = dict(sel.group_by("reason").len().iter_rows())
     return {
-        **shards.shard_manifest(splits, {"train": has_maps, "validation": False}),
+        **shards.shard_manifest(splits, {"train": has_maps, "validation": cfg.val_scores is not None}),
         "selection_sha256": selection_hash(sel),
         "counts": {"inputs": len(sel), "kept": int(sel["kept"].sum()), **{str(k): int(v) for k, v in reasons.items()}},
         "scores": [{"dir": str(d), "proxy": m["proxy"]["name"], "index_sha256": m["index_sha256"],

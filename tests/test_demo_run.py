@@ -4,11 +4,14 @@ from pathlib import Path
 
 import pytest
 from curate.demo_run import run_demo
+from curate.demo_train import DemoTrain
 
 
 @pytest.mark.slow
 def test_small_demo_runs_every_stage_and_reports(tmp_path: Path):
-    text = run_demo(tmp_path / "demo", workers=0, progress=False, per_class=12, epochs=1)
+    small = DemoTrain(epochs=1, batch_size=8, workers=0, extra={"model_kwargs": {"depth": 1, "embed_dim": 32,
+                                                                                  "num_heads": 2}})
+    text = run_demo(tmp_path / "demo", workers=0, progress=False, per_class=12, epochs=1, train=small)
     report = json.loads((tmp_path / "demo" / "report.json").read_text())
     m = report["metrics"]
     assert m["proxies"]["demo-cnn"]["images"] == 96 and m["proxies"]["demo-cnn"]["localisation"] is None
@@ -19,4 +22,7 @@ def test_small_demo_runs_every_stage_and_reports(tmp_path: Path):
     assert "label was flipped" in text and "near-duplicates" in text
     for png in ("score_histograms.png", "importance_overlay.png"):
         assert (tmp_path / "demo" / "plots" / png).stat().st_size > 1000
-
+    train = m["train"]["variants"]
+    assert set(train) == {"full", "random 70%", "curated 70%", "curated 70% + keep 0.7"}
+    assert all(0 <= v["val_acc"] <= 1 and v["wall_s"] > 0 for v in train.values())
+    assert train["full"]["wall_ratio"] == 1.0 and "to full-1pt" in text

@@ -1,0 +1,82 @@
+"""images/s of the sparsevit shard loader (decode + RandomResizedCrop + flip + normalise, with the
+importance map re-projected through the same crop and pooled to the patch grid) vs torchvision's
+ImageFolder loader with the same transforms on the same JPEG files, as a ratio in one run.
+
+Both use a DataLoader with the same batch size and worker count; rounds are interleaved and the
+best kept. Ratio = shards / ImageFolder.
+
+    python bench/loader_throughput.py [--images 2000] [--workers 2]
+"""
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torchvision import datasets, transforms
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from score_throughput import make_photos  # noqa: E402  (ImageNet-sized JPEGs)
+from train_step import write_bench_shards  # noqa: E402
+
+from sparsevit import data  # noqa: E402
+
+
+def imagefolder_ips(root: Path, size: int, batch: int, workers: int) -> float:
+    tf = transforms.Compose([transforms.RandomResizedCrop(size), transforms.RandomHorizontalFlip(),
+                             transforms.ToTensor(),
+                             transforms.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
+    loader = torch.utils.data.DataLoader(datasets.ImageFolder(str(root), tf), batch_size=batch, shuffle=True,
+                                         num_workers=workers, drop_last=True)
+    return _drain(loader)
+
+
+def shards_ips(root: Path, size: int, patch: int, batch: int, workers: int) -> float:
+    split = data.read_split(root, "train")
+    plan = data.plan_epoch(split, 0, seed=0, world=1, workers=workers, batch_size=batch)
+    aug = data.Augment(data.TrainTransform(data.Geometry(size, patch)), need_maps=True)
+    pipe = data.make_pipeline(plan, aug, batch, shuffle_buffer=256, seed=0, epoch=0)
+    return _drain(data.iterate(data.make_loader(pipe, workers), plan.steps))
+
+
+def _drain(batches) -> float:
+    """images/s over one epoch, worker start-up included (both loaders pay it)."""
+    t0, n = time.perf_counter(), 0
+    for b in batches:
+        n += len(b[1]) if isinstance(b, (list, tuple)) else len(b["label"])
+    return n / (time.perf_counter() - t0)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--images", type=int, default=2000)
+    ap.add_argument("--size", type=int, default=224)
+    ap.add_argument("--patch", type=int, default=16)
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=3)
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory(dir=".") as tmp_name:
+        tmp = Path(tmp_name)
+        make_photos(tmp / "photos", args.images)
+        write_bench_shards(tmp / "photos", tmp / "shards", per_shard=250)
+        best = {"ImageFolder (torchvision)": 0.0, "shards + maps (sparsevit)": 0.0}
+        for _ in range(args.rounds):
+            best["ImageFolder (torchvision)"] = max(best["ImageFolder (torchvision)"], imagefolder_ips(
+                tmp / "photos", args.size, args.batch, args.workers))
+            best["shards + maps (sparsevit)"] = max(best["shards + maps (sparsevit)"], shards_ips(
+                tmp / "shards", args.size, args.patch, args.batch, args.workers))
+    print(f"# {platform.machine()}, torch {torch.__version__}, {args.images} JPEGs 500x375, {args.size}px, "
+          f"batch {args.batch}, {args.workers} workers, best of {args.rounds}")
+    print("| loader | img/s |\n|---|---|")
+    for name, ips in best.items():
+        print(f"| {name} | {ips:.0f} |")
+    print(f"ratio shards/ImageFolder = {best['shards + maps (sparsevit)'] / best['ImageFolder (torchvision)']:.2f}")
+
+
+if __name__ == "__main__":
+    main()
