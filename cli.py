@@ -211,7 +211,7 @@ def _model_args(values: tuple[str, ...]) -> dict[str, object]:
 @click.option("--workers", default=2, show_default=True, help="Loader processes per rank.")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--log-every", default=10, show_default=True, help="Steps between metrics.jsonl step records.")
-@click.option("--record-keys", is_flag=True, help="Write the keys each rank trained on (keys-rankR.txt).")
+@click.option("--record-keys", is_flag=True, help="Write the keys each rank trained on (keys-rankR-epochE.txt).")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its checkpoint.")
 @click.option("--overwrite", is_flag=True, help="Start over in a non-empty --out.")
 @click.option("--quiet", is_flag=True)

@@ -29,6 +29,7 @@ from torchvision.transforms import RandomResizedCrop
 from torchvision.transforms import functional as TF
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+_ORIENTATION = 0x0112  # EXIF tag
 
 
 @dataclass(frozen=True)
@@ -94,7 +95,9 @@ def decode_sample(sample: dict[str, Any]) -> dict[str, Any]:
     if ext is None:
         raise ValueError(f"{sample.get('__key__')}: no image member among {sorted(sample)}")
     with Image.open(io.BytesIO(sample[ext])) as im:
-        image = ImageOps.exif_transpose(im).convert("RGB")  # maps were computed upright
+        # maps were computed upright; exif_transpose copies even when there is nothing to do
+        upright = ImageOps.exif_transpose(im) if im.getexif().get(_ORIENTATION, 1) != 1 else im
+        image = upright.convert("RGB")
     grid = sample.get("importance.npy")
     importance = np.load(io.BytesIO(grid), allow_pickle=False).astype(np.float32) if grid is not None else None
     return {"key": sample["__key__"], "image": image, "label": int(sample["cls"]), "importance": importance}
@@ -189,8 +192,8 @@ _STD = torch.tensor(IMAGENET_DEFAULT_STD).view(3, 1, 1)
 
 
 def to_tensor(img: Image.Image) -> torch.Tensor:
-    x = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)  # (3, H, W)
-    return (x.float() / 255 - _MEAN) / _STD
+    x = torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1)  # (3, H, W)
+    return x.float().div_(255).sub_(_MEAN).div_(_STD)
 
 
 # --- pipeline -----------------------------------------------------------------------------

@@ -3,7 +3,7 @@ and dynamic example pruning. DDP under torchrun (gloo on CPU, nccl on CUDA).
 
 Files in RUN: config.json, metrics.jsonl (one JSON object per logged step and per epoch, from
 rank 0), checkpoint.pt (after every epoch, written atomically: resume continues the same run),
-keys-rank{R}.txt with --record-keys (which samples each rank trained on, per epoch), and
+keys-rank{R}-epoch{E}.txt with --record-keys (which samples each rank trained on), and
 summary.json at the end.
 """
 from __future__ import annotations
@@ -237,7 +237,7 @@ def train_epoch(run: Run, split: data.Split, epoch: int) -> dict[str, Any]:
         for k in totals:
             totals[k] += stats[k]
         if keys_file is not None:
-            keys_file.write("".join(f"{epoch}\t{k}\n" for k in batch["key"]))
+            keys_file.write("".join(f"{k}\n" for k in batch["key"]))
         if ctx.is_main and (run.step % cfg.log_every == 0):
             now = time.perf_counter()
             _append_metrics(run, {"kind": "step", "epoch": epoch, "step": run.step, "lr": stats["lr"],
@@ -338,7 +338,8 @@ def _sum_over_ranks(run: Run, totals: dict[str, float]) -> dict[str, float]:
 def _keys_file(run: Run, epoch: int) -> Any:
     if not run.cfg.record_keys:
         return None
-    return open(run.cfg.out / f"keys-rank{run.ctx.rank}.txt", "a" if epoch else "w")
+    # one file per epoch and rank: a resumed epoch rewrites its file instead of appending twice
+    return open(run.cfg.out / f"keys-rank{run.ctx.rank}-epoch{epoch}.txt", "w")
 
 
 # --- evaluation ---------------------------------------------------------------------------
