@@ -1,4 +1,4 @@
-"""`curate`: score an image dataset once, select and shard it, inspect the scores, run the demo.
+"""`curate`: score an image dataset once, select and shard it, train on the shards, inspect, run the demo.
 
 Thin by design: options -> a config dataclass -> one library call -> a short summary.
 """
@@ -265,7 +265,7 @@ def proxies() -> None:
 @click.option("--workers", default=2, show_default=True)
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def demo(out: Path, seed: int, workers: int, quiet: bool) -> None:
-    """Generate the demo data, score it, and report what the scores found."""
+    """Generate the demo data, score, shard and train on it, and report against the truth."""
     from curate.demo_run import run_demo
 
     t0 = time.perf_counter()

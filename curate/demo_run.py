@@ -1,4 +1,4 @@
-"""`curate demo`: generate the demo data, run the pipeline that exists, report against the truth."""
+"""`curate demo`: generate the demo data, score, shard and train on it, report against the truth."""
 from __future__ import annotations
 
 import time
@@ -17,7 +17,7 @@ from curate.shard_job import ShardConfig, ShardResult, run_shard
 from curate.shards import verify
 
 # Two proxies, each for what it learns fastest on CPU: the CNN ranks examples (EL2N, forgetting),
-# the conv-stem ViT provides CLS-attention importance maps. `curate shard` joins tables by key.
+# the plain ViT provides CLS-attention importance maps. `curate shard` joins tables by key.
 PROXIES = {"scores-cnn": "demo-cnn", "scores-vit": "demo-vit"}
 DEDUP = 0.93  # thumbnail cosine threshold for near-duplicates
 AUC_COLUMNS = ("el2n", "loss", "margin", "forgetting", "el2n_mean", "margin_mean")

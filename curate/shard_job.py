@@ -335,8 +335,7 @@ def _validation_maps(scores: Path, keys: Sequence[str]) -> dict[str, np.ndarray]
     rows = (pl.scan_parquet(scores / table.PART_GLOB)
             .filter(pl.col("importance").is_not_null())
             .select("key", "importance", "importance_h", "importance_w").collect())
-    maps = {k: np.frombuffer(b, dtype="<f2").reshape(h, w)
-            for k, b, h, w in rows.iter_rows()}
+    maps = {k: table.importance_from_bytes(b, h, w) for k, b, h, w in rows.iter_rows()}
     missing = [k for k in keys if k not in maps]
     if missing:
         raise ValueError(f"{scores}: no importance map for {len(missing)} validation key(s), e.g. {missing[:3]}; "

@@ -26,3 +26,5 @@ def test_small_demo_runs_every_stage_and_reports(tmp_path: Path):
     assert set(train) == {"full", "random 70%", "curated 70%", "curated 70% + keep 0.7"}
     assert all(0 <= v["val_acc"] <= 1 and v["wall_s"] > 0 for v in train.values())
     assert train["full"]["wall_ratio"] == 1.0 and "to full-1pt" in text
+    shards = json.loads((tmp_path / "demo" / "shards" / "manifest.json").read_text())
+    assert shards["splits"]["validation"]["importance"] is True  # --val-scores: maps for dropped-token eval
