@@ -280,7 +280,7 @@ def train_step(run: Run, batch: dict[str, Any], progress: float, epoch: int) -> 
     if run.ema is not None:
         run.ema.update(run.core, step=run.step)
     correct = (logits.argmax(-1) == y) & (w > 0)
-    records = _records(batch["key"], rows, per.detach(), correct, w)
+    records = _records(batch["key"], rows, per.detach(), correct, w) if run.pruner.tracks else []
     n = int((w > 0).sum())
     tokens = run.core.tokens_per_block(keep, cfg.online_keep)
     return {"loss": float((per.detach() * (w > 0)).sum()), "correct": int(correct.sum()), "seen": len(batch["key"]),
