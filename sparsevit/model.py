@@ -185,6 +185,3 @@ def create_sparse(name: str, cfg: SparseConfig, num_classes: int, img_size: int,
     vit = timm.create_model(name, num_classes=num_classes, img_size=img_size, **kwargs)
     return SparseViT(vit, cfg)
 
-
-def patch_grid(model: SparseViT) -> int:
-    return int(math.isqrt(model.num_patches))

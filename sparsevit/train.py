@@ -189,8 +189,7 @@ def _build(cfg: TrainConfig, ctx: dist.Dist, device: torch.device, split: data.S
                         drop_path_rate=cfg.drop_path, **cfg.model_kwargs).to(device)
     if cfg.keep < 1 and cfg.sparse.drop_by == "importance" and not split.has_maps:
         raise ValueError(f"{cfg.shards}: the train split has no importance maps; use --drop-by random or keep 1")
-    lr = cfg.lr * cfg.batch_size * ctx.world_size / 512
-    opt = create_optimizer_v2(core.vit, "adamw", lr=lr, weight_decay=cfg.weight_decay)
+    opt = create_optimizer_v2(core.vit, "adamw", lr=base_lr(cfg, ctx.world_size), weight_decay=cfg.weight_decay)
     net: torch.nn.Module = core
     if ctx.enabled:
         net = torch.nn.parallel.DistributedDataParallel(core, device_ids=[device.index] if device.index is not None
@@ -296,10 +295,11 @@ def _pruned_rows(run: Run, batch: dict[str, Any], epoch: int
     rows = torch.nonzero(w > 0).flatten()
     if len(rows) == 0:
         rows = torch.zeros(1, dtype=torch.long)
+    x, y, maps = batch["image"], batch["label"], batch["importance"]
+    if len(rows) < len(w):  # index only when rows sit out: it copies the whole image batch
+        x, y, maps, w = x[rows], y[rows], None if maps is None else maps[rows], w[rows]
     dev = run.device
-    maps = batch["importance"]
-    return (batch["image"][rows].to(dev, non_blocking=True), batch["label"][rows].to(dev),
-            None if maps is None else maps[rows].to(dev), w[rows].to(dev), rows)
+    return (x.to(dev, non_blocking=True), y.to(dev), None if maps is None else maps.to(dev), w.to(dev), rows)
 
 
 def _records(keys: list[str], rows: torch.Tensor, per: torch.Tensor, correct: torch.Tensor, w: torch.Tensor
@@ -311,10 +311,14 @@ def _records(keys: list[str], rows: torch.Tensor, per: torch.Tensor, correct: to
     return list(out.values())
 
 
+def base_lr(cfg: TrainConfig, world_size: int) -> float:
+    """cfg.lr is for a global batch of 512, scaled linearly (DeiT)."""
+    return cfg.lr * cfg.batch_size * world_size / 512
+
+
 def _set_lr(run: Run, progress: float) -> float:
     cfg = run.cfg
-    base = cfg.lr * cfg.batch_size * run.ctx.world_size / 512
-    lr = schedule.lr_at(progress, cfg.epochs, base, cfg.warmup_epochs, cfg.min_lr)
+    lr = schedule.lr_at(progress, cfg.epochs, base_lr(cfg, run.ctx.world_size), cfg.warmup_epochs, cfg.min_lr)
     for g in run.opt.param_groups:
         g["lr"] = lr
     return lr
