@@ -25,7 +25,6 @@ import webdataset as wds
 from PIL import Image, ImageOps
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.data.mixup import Mixup, cutmix_bbox_and_lam, mixup_target
-from torchvision.transforms import RandomResizedCrop
 from torchvision.transforms import functional as TF
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
@@ -99,8 +98,30 @@ def decode_sample(sample: dict[str, Any]) -> dict[str, Any]:
         upright = ImageOps.exif_transpose(im) if im.getexif().get(_ORIENTATION, 1) != 1 else im
         image = upright.convert("RGB")
     grid = sample.get("importance.npy")
-    importance = np.load(io.BytesIO(grid), allow_pickle=False).astype(np.float32) if grid is not None else None
+    importance = load_npy(grid).astype(np.float32) if grid is not None else None
     return {"key": sample["__key__"], "image": image, "label": int(sample["cls"]), "importance": importance}
+
+
+_NPY_MAGIC = b"\x93NUMPY"
+_npy_headers: dict[bytes, tuple[np.dtype, tuple[int, ...], bool]] = {}
+
+
+def load_npy(raw: bytes) -> np.ndarray:
+    """`np.load` of one in-memory .npy, read-only. Parsing the header (a Python literal) is most of
+    np.load's cost on a small map, and every map of a shard set has the same header: cached."""
+    if raw[:6] != _NPY_MAGIC or len(raw) < 10:
+        raise ValueError("importance.npy is not a .npy file")
+    size = 2 if raw[6] == 1 else 4  # header length field: 2 bytes in format 1.0, 4 after
+    start = 8 + size + int.from_bytes(raw[8:8 + size], "little")
+    header = raw[:start]
+    if header not in _npy_headers:
+        if len(_npy_headers) >= 64:  # odd data: stay bounded
+            _npy_headers.clear()
+        first = np.load(io.BytesIO(raw), allow_pickle=False)  # validates; refuses object arrays
+        _npy_headers[header] = (first.dtype, first.shape, not first.flags.c_contiguous)
+    dtype, shape, fortran = _npy_headers[header]
+    flat = np.frombuffer(raw, dtype=dtype, count=math.prod(shape), offset=start)
+    return flat.reshape(shape[::-1]).T if fortran else flat.reshape(shape)
 
 
 # --- augmentation that carries the map ----------------------------------------------------
@@ -134,18 +155,42 @@ def crop_map(importance: np.ndarray, box: tuple[float, float, float, float], ima
     top, left, bh, bw = box
     rows = _overlap(top * gh / h, bh * gh / h, gh, out)  # (out, gh)
     cols = _overlap(left * gw / w, bw * gw / w, gw, out)  # (out, gw)
-    pooled = rows @ torch.from_numpy(np.asarray(importance, dtype=np.float32)) @ cols.T
-    return pooled.flip(-1) if flip else pooled
+    pooled = rows @ np.asarray(importance, dtype=np.float32) @ cols.T
+    return torch.from_numpy(np.ascontiguousarray(pooled[:, ::-1] if flip else pooled))
 
 
-def _overlap(start: float, length: float, cells: int, out: int) -> torch.Tensor:
+def _overlap(start: float, length: float, cells: int, out: int) -> np.ndarray:
     """(out, cells): share of output bin i (of `out` equal bins over [start, start+length)) that
-    falls in unit cell c; rows sum to 1 when the bins lie inside [0, cells]."""
-    edges = start + length * torch.arange(out + 1, dtype=torch.float64) / out
+    falls in unit cell c; rows sum to 1 when the bins lie inside [0, cells]. NumPy, not torch:
+    on arrays this small the per-op overhead is the cost, and this runs once per sample."""
+    edges = start + length * np.arange(out + 1, dtype=np.float64) / out
     lo, hi = edges[:-1, None], edges[1:, None]  # (out, 1)
-    c = torch.arange(cells, dtype=torch.float64)[None]  # (1, cells)
-    inter = (torch.minimum(hi, c + 1) - torch.maximum(lo, c)).clamp_min(0)
-    return (inter / (hi - lo)).float()
+    c = np.arange(cells, dtype=np.float64)[None]  # (1, cells)
+    inter = np.clip(np.minimum(hi, c + 1) - np.maximum(lo, c), 0, None)
+    return (inter / (hi - lo)).astype(np.float32)
+
+
+def random_resized_box(height: int, width: int, scale: tuple[float, float], ratio: tuple[float, float]
+                       ) -> tuple[int, int, int, int]:
+    """(top, left, h, w): torchvision's RandomResizedCrop.get_params drawn from Python's `random`
+    (seeded per worker), which costs a fraction of its four tiny torch tensors per sample."""
+    area = height * width
+    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
+    for _ in range(10):
+        target = area * random.uniform(scale[0], scale[1])
+        aspect = math.exp(random.uniform(log_lo, log_hi))
+        w = int(round(math.sqrt(target * aspect)))
+        h = int(round(math.sqrt(target / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            return random.randint(0, height - h), random.randint(0, width - w), h, w
+    in_ratio = width / height  # fallback: the largest centred box within the ratio range
+    if in_ratio < min(ratio):
+        w, h = width, int(round(width / min(ratio)))
+    elif in_ratio > max(ratio):
+        w, h = int(round(height * max(ratio))), height
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
 
 
 @dataclass(frozen=True)
@@ -158,7 +203,7 @@ class TrainTransform:
 
     def __call__(self, image: Image.Image, importance: np.ndarray | None
                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        top, left, h, w = RandomResizedCrop.get_params(image, list(self.scale), list(self.ratio))
+        top, left, h, w = random_resized_box(image.height, image.width, self.scale, self.ratio)
         flip = random.random() < self.hflip
         size = self.geometry.img_size
         img = TF.resized_crop(image, top, left, h, w, [size, size], antialias=True)

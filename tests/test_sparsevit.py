@@ -1,5 +1,6 @@
 """sparsevit pieces: loader plans, maps through augmentation, token dropping, attention modes,
 example pruning. CPU, small models, data written by the test."""
+import io
 import math
 import random
 from pathlib import Path
@@ -9,6 +10,7 @@ import pytest
 import timm
 import torch
 from PIL import Image
+from torchvision.transforms import RandomResizedCrop
 
 from sparsevit import attention, data, prune, schedule
 from sparsevit.model import SparseConfig, SparseViT, create_sparse, drop_tokens, num_keep
@@ -110,6 +112,40 @@ def test_map_of_another_resolution_is_resampled():
     assert pooled.shape == (8, 8) and pooled.flatten().argmax().item() in {6, 7}
     flipped = data.crop_map(grid, (0, 0, 100, 100), (100, 100), out=8, flip=True)
     assert flipped.flatten().argmax().item() in {0, 1}
+
+
+@pytest.mark.parametrize("array", [np.random.rand(8, 8).astype("<f2"), np.random.rand(3, 5).astype(">f4"),
+                                   np.asfortranarray(np.random.rand(4, 6)), np.arange(7), np.ones(())])
+def test_load_npy_equals_np_load_also_from_its_header_cache(array: np.ndarray):
+    raw = io.BytesIO()
+    np.save(raw, array)
+    for _ in range(2):  # the second read takes the cached header
+        got = data.load_npy(raw.getvalue())
+        assert got.dtype == array.dtype and got.shape == array.shape and np.array_equal(got, array)
+
+
+def test_load_npy_refuses_other_bytes_and_pickled_objects():
+    with pytest.raises(ValueError, match="not a .npy"):
+        data.load_npy(b"\xff\xd8\xff\xe0 a jpeg")
+    raw = io.BytesIO()
+    np.save(raw, np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    with pytest.raises(ValueError):
+        data.load_npy(raw.getvalue())
+
+
+def test_random_resized_box_draws_torchvisions_distribution_inside_the_image():
+    random.seed(0)
+    torch.manual_seed(0)
+    ours = np.array([data.random_resized_box(48, 80, (0.08, 1.0), (3 / 4, 4 / 3)) for _ in range(4000)])
+    image = Image.new("RGB", (80, 48))
+    ref = np.array([RandomResizedCrop.get_params(image, [0.08, 1.0], [3 / 4, 4 / 3]) for _ in range(4000)])
+    top, left, h, w = ours.T
+    assert (top >= 0).all() and (left >= 0).all() and (top + h <= 48).all() and (left + w <= 80).all()
+    for col in range(4):  # top, left, height, width: the same quartiles as torchvision's draws
+        q_ours, q_ref = (np.quantile(b[:, col], [0.25, 0.5, 0.75]) for b in (ours, ref))
+        assert np.abs(q_ours - q_ref).max() <= 2, (col, q_ours, q_ref)
+    # impossible draws fall back to the largest centred box within the ratio range, as torchvision's
+    assert data.random_resized_box(10, 100, (0.9, 1.0), (1.0, 1.0)) == (0, 45, 10, 10)
 
 
 def test_mixup_and_cutmix_mix_maps_with_the_images_weights_and_box():
