@@ -188,6 +188,8 @@ def _model_args(values: tuple[str, ...]) -> dict[str, object]:
 @click.option("--warmup-epochs", default=1.0, show_default=True)
 @click.option("--weight-decay", default=0.05, show_default=True)
 @click.option("--smoothing", default=0.1, show_default=True, help="Label smoothing.")
+@click.option("--crop-scale", nargs=2, type=float, default=(0.08, 1.0), show_default=True,
+              help="RandomResizedCrop area range (timm's --scale).")
 @click.option("--mixup", default=0.0, show_default=True, help="Mixup alpha (0: off).")
 @click.option("--cutmix", default=0.0, show_default=True, help="CutMix alpha (0: off).")
 @click.option("--drop-path", default=0.0, show_default=True)

@@ -49,6 +49,7 @@ class TrainConfig:
     weight_decay: float = 0.05
     warmup_epochs: float = 1.0
     smoothing: float = 0.1  # label smoothing
+    crop_scale: tuple[float, float] = (0.08, 1.0)  # RandomResizedCrop area range (timm's --scale)
     mixup: float = 0.0  # mixup alpha; > 0 turns it on
     cutmix: float = 0.0  # cutmix alpha; > 0 turns it on
     drop_path: float = 0.0
@@ -78,6 +79,9 @@ class TrainConfig:
             raise ValueError(f"example pruning must be one of {sorted(prune.PRUNERS)}")
         if self.epochs < 1 or self.batch_size < 1:
             raise ValueError("epochs and batch size must be >= 1")
+        object.__setattr__(self, "crop_scale", tuple(self.crop_scale))  # a list from JSON or click
+        if len(self.crop_scale) != 2 or not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
+            raise ValueError(f"crop_scale must be (lo, hi) with 0 < lo <= hi <= 1, got {self.crop_scale}")
         if self.resume and self.overwrite:
             raise ValueError("--resume and --overwrite exclude each other")
 
@@ -215,7 +219,7 @@ def train_loader(run: Run, split: data.Split, epoch: int) -> tuple[Iterator[dict
     cfg = run.cfg
     plan = data.plan_epoch(split, epoch, cfg.seed, run.ctx.world_size, cfg.workers, cfg.batch_size)
     geo = data.Geometry(cfg.img_size, run.core.vit.patch_embed.patch_size[0])
-    aug = data.Augment(data.TrainTransform(geo), need_maps=split.has_maps)
+    aug = data.Augment(data.TrainTransform(geo, scale=cfg.crop_scale), need_maps=split.has_maps)
     pipe = data.make_pipeline(plan, aug, cfg.batch_size, cfg.shuffle_buffer, cfg.seed, epoch)
     return data.iterate(data.make_loader(pipe, cfg.workers), plan.steps), plan
 

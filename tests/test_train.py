@@ -36,7 +36,7 @@ def test_train_writes_metrics_and_a_checkpoint_timm_loads(toy: Path, tmp_path: P
     run = tmp_path / "run"
     args = ["train", str(toy), "--out", str(run), *TINY, "--epochs", "2", "--keep", "0.5", "--package-token",
             "--mixup", "0.8", "--cutmix", "1.0", "--ema", "0.9", "--example-pruning", "infobatch",
-            "--online-blocks", "0", "--online-keep", "0.7", "--log-every", "2"]
+            "--online-blocks", "0", "--online-keep", "0.7", "--log-every", "2", "--crop-scale", "0.35", "1.0"]
     res = CliRunner().invoke(main, args)
     assert res.exit_code == 0, res.output
     recs = records(run)
@@ -52,6 +52,7 @@ def test_train_writes_metrics_and_a_checkpoint_timm_loads(toy: Path, tmp_path: P
     vit = timm.create_model("vit_tiny_patch16_224", num_classes=4, img_size=64, patch_size=8, depth=2)
     vit.load_state_dict(state["model"])  # timm's own names: usable without sparsevit
     assert state["epoch"] == 2 and json.loads((run / "summary.json").read_text())["epochs"] == 2
+    assert json.loads((run / "config.json").read_text())["crop_scale"] == [0.35, 1.0]
 
 
 def test_non_empty_out_and_missing_maps_are_clear_errors(toy: Path, tmp_path: Path):
@@ -60,6 +61,8 @@ def test_non_empty_out_and_missing_maps_are_clear_errors(toy: Path, tmp_path: Pa
     (run / "x").write_text("")
     res = CliRunner().invoke(main, ["train", str(toy), "--out", str(run), *TINY])
     assert res.exit_code != 0 and "--resume" in res.output
+    res = CliRunner().invoke(main, ["train", str(toy), "--out", str(tmp_path / "r1"), *TINY, "--crop-scale", "0.5", "0.2"])
+    assert res.exit_code != 0 and "crop_scale" in res.output
     bare = write_shards(tmp_path / "no-maps", maps_on_val=False)
     res = CliRunner().invoke(main, ["train", str(bare), "--out", str(tmp_path / "r2"), *TINY, "--epochs", "1",
                                     "--keep", "0.5"])
