@@ -10,6 +10,7 @@ import polars as pl
 from curate import evaluate, report, table
 from curate.demo import DemoConfig, make_demo
 from curate.demo_train import DemoTrain, baseline_shards, train_variants
+from curate.demo_train import plot as plot_training
 from curate.demo_train import render as render_train
 from curate.jobs import ScoreConfig, run_score
 from curate.proxies import RECIPES
@@ -62,6 +63,7 @@ def run_demo(out: Path, seed: int = 0, workers: int = 2, progress: bool = True,
     plots.mkdir(parents=True, exist_ok=True)
     report.plot_histograms(out / "scores-cnn", plots)
     report.plot_importance(out / "scores-vit", plots)
+    plot_training(metrics["train"], plots)
     text = render_report(metrics, timings, out)
     (out / "report.txt").write_text(text + "\n")
     table.write_json(out / "report.json", {"metrics": metrics, "timing": timings})

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 from curate.demo_run import run_demo
-from curate.demo_train import DemoTrain
+from curate.demo_train import DemoTrain, acc_at, compare
 
 
 @pytest.mark.slow
@@ -20,11 +20,30 @@ def test_small_demo_runs_every_stage_and_reports(tmp_path: Path):
     assert sh["verify_faults"] == 0 and sh["train_samples"] == sh["kept"]
     assert sum(sh["reasons"].values()) == sh["inputs"] == 96
     assert "label was flipped" in text and "near-duplicates" in text
-    for png in ("score_histograms.png", "importance_overlay.png"):
+    for png in ("score_histograms.png", "importance_overlay.png", "time_to_accuracy.png"):
         assert (tmp_path / "demo" / "plots" / png).stat().st_size > 1000
     train = m["train"]["variants"]
     assert set(train) == {"full", "random 70%", "curated 70%", "curated 70% + keep 0.7"}
     assert all(0 <= v["val_acc"] <= 1 and v["wall_s"] > 0 for v in train.values())
-    assert train["full"]["wall_ratio"] == 1.0 and "to full-1pt" in text
+    assert train["full"]["wall_ratio"] == 1.0 and "to full-1pt" in text and "at budget" in text
+    assert m["train"]["budget"]["wall_s"] == min(v["wall_s"] for v in train.values())
     shards = json.loads((tmp_path / "demo" / "shards" / "manifest.json").read_text())
     assert shards["splits"]["validation"]["importance"] is True  # --val-scores: maps for dropped-token eval
+
+
+def test_compare_reads_ratios_time_to_target_and_equal_budget_off_the_curves():
+    results = {
+        "full": {"val_acc": 0.80, "wall_s": 100.0, "curve": [(50.0, 0.70), (100.0, 0.80)]},
+        "cheap": {"val_acc": 0.79, "wall_s": 50.0, "curve": [(25.0, 0.60), (50.0, 0.79)]},
+        "slow": {"val_acc": 0.75, "wall_s": 70.0, "curve": [(20.0, 0.74), (40.0, 0.72), (70.0, 0.75)]},
+    }
+    out = compare(results)
+    assert out["budget"] == {"variant": "cheap", "wall_s": 50.0}
+    assert out["target"] == pytest.approx(0.79)
+    full, cheap, slow = (out["variants"][k] for k in ("full", "cheap", "slow"))
+    assert full["wall_ratio"] == 1.0 and cheap["wall_ratio"] == 0.5
+    assert cheap["acc_minus_full"] == pytest.approx(-0.01)
+    assert cheap["time_to_target_ratio"] == 0.5 and slow["time_to_target_ratio"] is None
+    # within 50 s: full had measured 0.70 at 50 s; slow's last point inside is 0.72, not its best 0.74
+    assert (full["acc_at_budget"], cheap["acc_at_budget"], slow["acc_at_budget"]) == (0.70, 0.79, 0.72)
+    assert acc_at([(60.0, 0.5)], 50.0) is None
