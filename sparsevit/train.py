@@ -2,7 +2,8 @@
 and dynamic example pruning. DDP under torchrun (gloo on CPU, nccl on CUDA).
 
 Files in RUN: config.json, metrics.jsonl (one JSON object per logged step and per epoch, from
-rank 0), checkpoint.pt (after every epoch, written atomically: resume continues the same run),
+rank 0; --resume drops the records of the epoch it trains again), checkpoint.pt (after every
+epoch, written atomically: resume continues the same run),
 keys-rank{R}-epoch{E}.txt with --record-keys (which samples each rank trained on), and
 summary.json at the end.
 """
@@ -31,6 +32,7 @@ from sparsevit import data, prune, schedule
 from sparsevit.model import SparseConfig, SparseViT, create_sparse
 
 CHECKPOINT = "checkpoint.pt"
+METRICS = "metrics.jsonl"
 
 
 @dataclass(frozen=True)
@@ -119,14 +121,17 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
         run = _build(cfg, ctx, device, train_split)
         if cfg.resume:
             _load_checkpoint(run)
+            ctx.main_only(lambda: trim_metrics(cfg.out / METRICS, run.epoch))
         _log_header(run, train_split, val_split)
         for epoch in range(run.epoch, cfg.epochs):
             rec = train_epoch(run, train_split, epoch)
             if val_split is not None and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs):
                 rec.update(evaluate(run, val_split))
             run.epoch = epoch + 1
-            ctx.main_only(lambda: _save_checkpoint(run))
+            # log, then checkpoint: a kill in between re-runs the epoch, and trim_metrics on
+            # --resume drops its first record, so each epoch is logged exactly once
             ctx.main_only(lambda rec=rec: _log(run, rec))
+            ctx.main_only(lambda: _save_checkpoint(run))
             ctx.barrier()
         summary = _summary(run)
         ctx.main_only(lambda: write_json(cfg.out / "summary.json", summary))
@@ -435,8 +440,26 @@ def _check_same_run(cfg: TrainConfig, saved: dict[str, Any]) -> None:
 
 
 def _append_metrics(run: Run, rec: dict[str, Any]) -> None:
-    with open(run.cfg.out / "metrics.jsonl", "a") as f:
+    with open(run.cfg.out / METRICS, "a") as f:
         f.write(json.dumps(rec) + "\n")
+
+
+def trim_metrics(path: Path, epoch: int) -> None:
+    """Before a resumed run goes on from `epoch`: drop the step and epoch records of epochs it
+    will train again and a line cut short by the kill, so that no record is repeated."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines(keepends=True):
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # only the last line can be cut short, mid-write
+        if not line.endswith("\n") or (rec.get("kind") in ("step", "epoch") and rec["epoch"] >= epoch):
+            continue
+        kept.append(line)
+    with atomic_path(path) as tmp:
+        tmp.write_text("".join(kept))
 
 
 def _log(run: Run, rec: dict[str, Any]) -> None:
@@ -459,7 +482,7 @@ def _log_header(run: Run, split: data.Split, val: data.Split | None) -> None:
 
 
 def _summary(run: Run) -> dict[str, Any]:
-    path = run.cfg.out / "metrics.jsonl"
+    path = run.cfg.out / METRICS
     epochs = [r for r in map(json.loads, path.read_text().splitlines()) if r["kind"] == "epoch"] \
         if path.is_file() else []
     last = epochs[-1] if epochs else {}

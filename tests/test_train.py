@@ -15,6 +15,7 @@ import torch
 from click.testing import CliRunner
 
 from cli import main
+from sparsevit.train import trim_metrics
 
 from .conftest import ROOT
 from .sparse_fixtures import write_shards
@@ -98,6 +99,20 @@ def test_sigkill_after_an_epoch_then_resume_equals_an_uninterrupted_run(toy: Pat
     assert all(torch.equal(a[k], b[k]) for k in a)
     epochs = [r["epoch"] for r in records(killed) if r["kind"] == "epoch"]
     assert epochs == list(range(3)), epochs  # each epoch logged once: none lost, none repeated
+    steps = [(r["epoch"], r["step"]) for r in records(killed) if r["kind"] == "step"]
+    assert steps == [(r["epoch"], r["step"]) for r in records(clean) if r["kind"] == "step"]
+
+
+def test_trim_metrics_drops_what_a_resume_trains_again_and_a_cut_line(tmp_path: Path):
+    path = tmp_path / "metrics.jsonl"
+    lines = [{"kind": "start", "resumed_at_epoch": 0}, {"kind": "step", "epoch": 0, "step": 1},
+             {"kind": "epoch", "epoch": 0, "step": 2}, {"kind": "step", "epoch": 1, "step": 3},
+             {"kind": "epoch", "epoch": 1, "step": 4}, {"kind": "step", "epoch": 2, "step": 5}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in lines) + '{"kind": "step", "epo')
+    trim_metrics(path, 1)  # the checkpoint says one epoch is done; epoch 1 is trained again
+    assert [json.loads(line) for line in path.read_text().splitlines()] == lines[:3]
+    assert path.read_text().endswith("\n")
+    trim_metrics(tmp_path / "absent.jsonl", 0)  # nothing logged yet: nothing to do
 
 
 def test_resume_with_other_settings_is_refused(toy: Path, tmp_path: Path):
