@@ -23,9 +23,11 @@ from sparsevit import train
 from sparsevit.model import SparseConfig
 
 
-def evaluate_run(run_dir: Path, keep: float) -> dict[str, float]:
-    """The run's final weights on its validation split, with all tokens and at `keep`."""
+def evaluate_run(run_dir: Path, keep: float) -> tuple[float, dict[str, float]]:
+    """The keep the run trained with, and its final weights on its validation split with all
+    tokens and at `keep`."""
     saved = json.loads((run_dir / "config.json").read_text())
+    trained_keep = saved["keep"]
     saved.update(shards=Path(saved["shards"]), out=run_dir, sparse=SparseConfig(**saved["sparse"]),
                  resume=False, overwrite=False)
     cfg = replace(train.TrainConfig(**saved), keep=keep, sparse=SparseConfig(drop_by="importance"))
@@ -36,7 +38,7 @@ def evaluate_run(run_dir: Path, keep: float) -> dict[str, float]:
         run = train._build(cfg, ctx, torch.device("cpu"), train.data.read_split(cfg.shards, "train"))
         state = torch.load(run_dir / train.CHECKPOINT, map_location="cpu", weights_only=True)
         run.core.vit.load_state_dict(state["model"])
-        return train.evaluate(run, val)
+        return trained_keep, train.evaluate(run, val)
 
 
 def main() -> None:
@@ -47,8 +49,7 @@ def main() -> None:
     print(f"| run | trained keep | all tokens | keep {args.keep} by importance | difference |")
     print("|---|---|---|---|---|")
     for run_dir in args.runs:
-        trained_keep = json.loads((run_dir / "config.json").read_text())["keep"]
-        r = evaluate_run(run_dir, args.keep)
+        trained_keep, r = evaluate_run(run_dir, args.keep)
         print(f"| {run_dir} | {trained_keep} | {r['val_acc']:.1%} | {r['val_acc_dropped']:.1%} | "
               f"{100 * (r['val_acc_dropped'] - r['val_acc']):+.1f}p |", flush=True)
 
