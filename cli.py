@@ -58,12 +58,12 @@ def main() -> None:
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def score(source: str, out: Path, quiet: bool, **opts: object) -> None:
     """Score every image of SOURCE (ImageFolder, WebDataset shards, or a CSV/Parquet list)."""
-    from curate.jobs import ScoreConfig, run_score
+    from curate.score.job import ScoreConfig, run_score
 
     try:
         cfg = ScoreConfig(source=source, out=out, progress=not quiet, **opts)  # type: ignore[arg-type]
         result = run_score(cfg)
-    except (ValueError, FileExistsError, FileNotFoundError, RuntimeError) as e:
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
         _fail(e)
     if result.is_main:  # one summary per job, not one per rank
         click.echo(score_summary(result.manifest, out, result.parts_written), err=True)
@@ -87,15 +87,15 @@ def score_summary(manifest: dict, out: Path, parts_written: int) -> str:
 @click.option("--plots", type=click.Path(file_okay=False, path_type=Path), help="Write PNG plots here.")
 def inspect(scores_dir: Path, plots: Path | None) -> None:
     """Counts, errors, per-class statistics and score distributions of a scores table."""
-    from curate import report
+    from curate.score import inspect as inspect_table
 
     try:
-        click.echo(report.render(scores_dir))
-    except FileNotFoundError as e:
+        click.echo(inspect_table.summary_text(scores_dir))
+    except (FileNotFoundError, ValueError) as e:
         _fail(e)
     if plots is not None:
         plots.mkdir(parents=True, exist_ok=True)
-        written = [report.plot_histograms(scores_dir, plots), report.plot_importance(scores_dir, plots)]
+        written = [inspect_table.plot_histograms(scores_dir, plots), inspect_table.plot_importance(scores_dir, plots)]
         for path in written:
             if path is not None:
                 click.echo(f"wrote {path}")
@@ -142,13 +142,13 @@ def shard(source: str, scores: tuple[Path, ...], keep: str, by: tuple[str, ...],
     """Select a subset of SOURCE by its scores and write timm-ready WebDataset shards."""
     import polars as pl
 
-    from curate.shard_job import ShardConfig, run_shard
+    from curate.shard.job import ShardConfig, run_shard
 
     try:
         cfg = ShardConfig(source=source, scores=scores, keep=_keep(keep), by=by, progress=not quiet,
                           **opts)  # type: ignore[arg-type]
         result = run_shard(cfg)
-    except (ValueError, FileExistsError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError) as e:
         _fail(e)
     with pl.Config(tbl_rows=100, tbl_hide_dataframe_shape=True, tbl_hide_column_data_types=True):
         click.echo(str(result.per_class))
@@ -230,7 +230,7 @@ def train(shards: Path, out: Path, model_arg: tuple[str, ...], drop_by: str, pac
         cfg = TrainConfig(shards=shards, out=out, model_kwargs=_model_args(model_arg), sparse=sparse,
                           progress=not quiet, **opts)  # type: ignore[arg-type]
         summary = run_train(cfg)
-    except (ValueError, TypeError, FileExistsError, FileNotFoundError, KeyError) as e:
+    except (ValueError, TypeError, FileNotFoundError, KeyError, RuntimeError) as e:
         _fail(e)
     click.echo(json.dumps(summary), err=True)
 
@@ -239,14 +239,15 @@ def train(shards: Path, out: Path, model_arg: tuple[str, ...], drop_by: str, pac
 @click.argument("out", type=click.Path(exists=True, file_okay=False, path_type=Path))
 def verify(out: Path) -> None:
     """Re-read every shard in OUT: sha256, counts, _info.json, decodability, importance shapes."""
-    from curate.shards import verify as verify_shards
+    from curate.shard.format import read_manifest
+    from curate.shard.verify import verify as verify_shards
 
     faults = verify_shards(out)
     for fault in faults:
         click.echo(f"FAULT {fault}", err=True)
     if faults:
         raise click.ClickException(f"{len(faults)} fault(s) in {out}")
-    manifest = json.loads((out / "manifest.json").read_text())
+    manifest = read_manifest(out)
     counts = ", ".join(f"{s} {v['num_samples']} samples in {len(v['shards'])} shards"
                        for s, v in manifest["splits"].items())
     click.echo(f"ok: {counts}")
@@ -255,7 +256,7 @@ def verify(out: Path) -> None:
 @main.command()
 def proxies() -> None:
     """List the named proxy recipes."""
-    from curate.proxies import RECIPES
+    from curate.score.proxies import RECIPES
 
     for name, r in RECIPES.items():
         click.echo(f"{name:14s} {r.model} {r.model_kwargs} @{r.img_size}px, {r.epochs} epochs: {r.note}")
@@ -268,12 +269,12 @@ def proxies() -> None:
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def demo(out: Path, seed: int, workers: int, quiet: bool) -> None:
     """Generate the demo data, score, shard and train on it, and report against the truth."""
-    from curate.demo_run import run_demo
+    from curate.demo.run import run_demo
 
     t0 = time.perf_counter()
     try:
         text = run_demo(out, seed=seed, workers=workers, progress=not quiet)
-    except (ValueError, FileExistsError, RuntimeError) as e:
+    except (ValueError, RuntimeError) as e:
         _fail(e)
     click.echo(text)
     click.echo(f"demo finished in {time.perf_counter() - t0:.0f}s; report in {out / 'report.txt'}", err=True)

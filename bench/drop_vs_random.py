@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from curate.demo_train import DEMO_MODEL, DemoTrain, Variant, train_one
+from curate.demo.train import DEMO_MODEL, DemoTrain, Variant, train_one
 
 
 def main() -> None:

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import torch
 
-from curate import dist
+from curate.common import dist
+from curate.shard.format import read_split
 from sparsevit import train
 from sparsevit.model import SparseConfig
 
@@ -35,7 +36,7 @@ def evaluate_run(run_dir: Path, keep: float) -> tuple[float, dict[str, float]]:
     if val is None or not val.has_maps:
         raise SystemExit(f"{cfg.shards}: no validation split with importance maps")
     with dist.session() as ctx:
-        run = train._build(cfg, ctx, torch.device("cpu"), train.data.read_split(cfg.shards, "train"))
+        run = train._build(cfg, ctx, torch.device("cpu"), read_split(cfg.shards, "train"))
         state = torch.load(run_dir / train.CHECKPOINT, map_location="cpu", weights_only=True)
         run.core.vit.load_state_dict(state["model"])
         return trained_keep, train.evaluate(run, val)

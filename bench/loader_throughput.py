@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from score_throughput import make_photos  # noqa: E402  (ImageNet-sized JPEGs)
 from train_step import write_bench_shards  # noqa: E402
 
+from curate.shard.format import read_split  # noqa: E402
 from sparsevit import data  # noqa: E402
 
 
@@ -36,7 +37,7 @@ def imagefolder_ips(root: Path, size: int, batch: int, workers: int) -> float:
 
 
 def shards_ips(root: Path, size: int, patch: int, batch: int, workers: int) -> float:
-    split = data.read_split(root, "train")
+    split = read_split(root, "train")
     plan = data.plan_epoch(split, 0, seed=0, world=1, workers=workers, batch_size=batch)
     aug = data.Augment(data.TrainTransform(data.Geometry(size, patch)), need_maps=True)
     pipe = data.make_pipeline(plan, aug, batch, shuffle_buffer=256, seed=0, epoch=0)

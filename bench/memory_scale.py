@@ -44,7 +44,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from curate.table import THUMB_SIDE  # noqa: E402
+from curate.score.table import THUMB_SIDE  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -87,7 +87,7 @@ def make_checkpoint(path: Path, classes: int, side: int) -> None:
     """Random demo-vit weights at `side` px, saved as a state dict for `--checkpoint`."""
     import torch
 
-    from curate.proxies import create_model, resolve_recipe
+    from curate.score.proxies import create_model, resolve_recipe
 
     torch.manual_seed(0)
     torch.save(create_model(resolve_recipe("demo-vit", side), classes).state_dict(), path)

@@ -21,11 +21,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from curate.decode import decode_image
-from curate.demo import DemoConfig, make_demo
-from curate.jobs import ScoreConfig, run_score
-from curate.proxies import create_model, normalizer, resolve_recipe
-from curate.sources import open_source, read_bytes
+from curate.ingest.decode import decode_image
+from curate.demo.data import DemoConfig, make_demo
+from curate.score.job import ScoreConfig, run_score
+from curate.score.proxies import create_model, normalizer, resolve_recipe
+from curate.ingest.sources import open_source, read_bytes
 
 # (name, proxy recipe, how the images are made)
 SETTINGS = [("demo 64px JPEG, demo-vit@64", "demo-vit", "demo"),

@@ -23,9 +23,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from score_throughput import make_photos  # noqa: E402  (same photo-like JPEGs)
 
-from curate.jobs import ScoreConfig, run_score  # noqa: E402
-from curate.proxies import create_model, resolve_recipe  # noqa: E402
-from curate.shard_job import ShardConfig, run_shard  # noqa: E402
+from curate.score.job import ScoreConfig, run_score  # noqa: E402
+from curate.score.proxies import create_model, resolve_recipe  # noqa: E402
+from curate.shard.job import ShardConfig, run_shard  # noqa: E402
 
 
 def folder_bytes(root: Path) -> int:

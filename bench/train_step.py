@@ -27,8 +27,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from score_throughput import make_photos  # noqa: E402  (ImageNet-sized JPEGs)
 
-from curate import shards, table  # noqa: E402
-from curate.dist import Dist  # noqa: E402
+from curate.shard import format as fmt  # noqa: E402
+from curate.shard.plan import plan_shards  # noqa: E402
+from curate.shard.writer import write_split  # noqa: E402
+from curate.common.dist import Dist  # noqa: E402
 from sparsevit import data  # noqa: E402
 from sparsevit.model import SparseConfig  # noqa: E402
 from sparsevit.train import TrainConfig, _build, train_step  # noqa: E402
@@ -51,19 +53,18 @@ def write_bench_shards(src: Path, out: Path, grid: int = 14, per_shard: int = 64
     maps = {f.stem: rng.random((grid, grid)).astype(np.float32) for f in files}
     labels = {f.stem: int(f.parent.name[1:]) for f in files}
     paths = {f.stem: f for f in files}
-    plan = shards.plan_shards(sorted(paths), "train", "bench", per_shard, 4, 0)
+    plan = plan_shards(sorted(paths), "train", "bench", per_shard, 4, 0)
 
-    def load(keys: Sequence[str]) -> Iterator[shards.SampleData]:
+    def load(keys: Sequence[str]) -> Iterator[fmt.SampleData]:
         for k in keys:
-            yield shards.SampleData(k, paths[k].read_bytes(), labels[k], {}, maps[k])
+            yield fmt.SampleData(k, paths[k].read_bytes(), labels[k], {}, maps[k])
 
-    infos = {"train": shards.write_split(out, plan, load, resume=False, progress=False, workers=2)}
-    table.write_json(out / "_info.json", shards.info_json("bench", infos))
-    table.write_json(out / "manifest.json", shards.shard_manifest(infos))
+    infos = {"train": write_split(out, plan, load, resume=False, progress=False, workers=2)}
+    fmt.write_index(out, "bench", infos, {"train": True}, num_classes=max(labels.values()) + 1)
     return out
 
 
-def endless(cfg: TrainConfig, run: Any, split: data.Split) -> Iterator[dict[str, Any]]:
+def endless(cfg: TrainConfig, run: Any, split: fmt.Split) -> Iterator[dict[str, Any]]:
     """Loader batches across epochs, without the step cap: the benchmark decides when to stop."""
     for epoch in itertools.count():
         plan = data.plan_epoch(split, epoch, cfg.seed, 1, cfg.workers, cfg.batch_size)
@@ -73,15 +74,15 @@ def endless(cfg: TrainConfig, run: Any, split: data.Split) -> Iterator[dict[str,
         yield from data.make_loader(pipe, cfg.workers)
 
 
-def time_setting(base: TrainConfig, opts: dict[str, Any], split: data.Split, steps: int, warmup: int) -> float:
+def time_setting(base: TrainConfig, opts: dict[str, Any], split: fmt.Split, steps: int, warmup: int) -> float:
     cfg = TrainConfig(**{**base.__dict__, **opts})
     run = _build(cfg, Dist(), torch.device("cpu"), split)
     batches = endless(cfg, run, split)
     for _ in range(warmup):  # loader start-up, allocator, first-call costs
-        train_step(run, next(batches), 1.0, 0)
+        train_step(run, next(batches), 1.0, 0, 0.01)
     t0 = time.perf_counter()
     for _ in range(steps):
-        train_step(run, next(batches), 1.0, 0)  # the wait for the next batch is inside the timing
+        train_step(run, next(batches), 1.0, 0, 0.01)  # the wait for the next batch is inside the timing
     return steps * cfg.batch_size / (time.perf_counter() - t0)
 
 
@@ -103,7 +104,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(dir=".") as tmp_name:
         tmp = Path(tmp_name)
         make_photos(tmp / "photos", args.images)
-        split = data.read_split(write_bench_shards(tmp / "photos", tmp / "shards"), "train")
+        split = fmt.read_split(write_bench_shards(tmp / "photos", tmp / "shards"), "train")
         base = TrainConfig(shards=tmp / "shards", out=tmp / "run", model=args.model, img_size=args.img_size,
                            num_classes=4, batch_size=args.batch_size, workers=args.workers,
                            shuffle_buffer=64, epochs=1, warmup_epochs=0.0, progress=False)

@@ -23,14 +23,11 @@ import torch
 import torch.nn.functional as F
 from timm.layers import Attention
 
+from curate.common.registry import Registry
+from curate.common.vit import cls_attention, qkv_heads
+
 AttnOut = tuple[torch.Tensor, torch.Tensor | None]  # (output (B, N, D), CLS attention (B, N - P) | None)
-
-
-def qkv_heads(attn: Attention, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    b, n, _ = x.shape
-    qkv = attn.qkv(x).reshape(b, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
-    q, k, v = qkv.unbind(0)  # (B, H, N, d) each
-    return attn.q_norm(q), attn.k_norm(k), v
+MODES: Registry[Callable[..., AttnOut]] = Registry("attention mode")
 
 
 def project(attn: Attention, out: torch.Tensor) -> torch.Tensor:
@@ -39,22 +36,18 @@ def project(attn: Attention, out: torch.Tensor) -> torch.Tensor:
     return attn.proj_drop(attn.proj(out))
 
 
-def cls_attention(attn: Attention, q: torch.Tensor, k: torch.Tensor, prefix: int) -> torch.Tensor:
-    """Head-averaged softmax(q_cls k^T) over all keys, restricted to patch keys: (B, N - P)."""
-    logits = (q[:, :, :1] * attn.scale) @ k.transpose(-2, -1)  # (B, H, 1, N)
-    return logits.float().softmax(-1).mean(1)[:, 0, prefix:]
-
-
 def _dropout(attn: Attention) -> float:
     return attn.attn_drop.p if attn.training else 0.0
 
 
+@MODES.register("dense")
 def dense(attn: Attention, x: torch.Tensor, prefix: int, want_cls: bool, **_: object) -> AttnOut:
     q, k, v = qkv_heads(attn, x)
     out = F.scaled_dot_product_attention(q, k, v, dropout_p=_dropout(attn))
-    return project(attn, out), cls_attention(attn, q, k, prefix) if want_cls else None
+    return project(attn, out), cls_attention(q, k, prefix) if want_cls else None
 
 
+@MODES.register("topk")
 def topk_connections(attn: Attention, x: torch.Tensor, prefix: int, want_cls: bool, rho: float = 1.0,
                      **_: object) -> AttnOut:
     """Tri-Level attention sparsity: per query, top ceil(rho * N) keys by head-averaged attention."""
@@ -77,6 +70,7 @@ def connection_mask(avg: torch.Tensor, rho: float, prefix: int) -> torch.Tensor:
     return keep
 
 
+@MODES.register("gather")
 def gather_keys(attn: Attention, x: torch.Tensor, prefix: int, want_cls: bool,
                 scores: torch.Tensor | None = None, key_keep: float = 0.5, **_: object) -> AttnOut:
     """All queries, prefix + top-k patch keys by `scores` (B, N - P): N x (P + k) attention."""
@@ -88,10 +82,7 @@ def gather_keys(attn: Attention, x: torch.Tensor, prefix: int, want_cls: bool,
     idx = torch.cat([torch.arange(prefix, device=x.device).expand(len(x), -1), idx], 1)  # (B, P + k)
     index = idx[:, None, :, None].expand(-1, attn.num_heads, -1, attn.head_dim)
     out = F.scaled_dot_product_attention(q, k.gather(2, index), v.gather(2, index), dropout_p=_dropout(attn))
-    return project(attn, out), cls_attention(attn, q, k, prefix) if want_cls else None
-
-
-MODES: dict[str, Callable[..., AttnOut]] = {"dense": dense, "topk": topk_connections, "gather": gather_keys}
+    return project(attn, out), cls_attention(q, k, prefix) if want_cls else None
 
 
 def reference_attention(attn: Attention, x: torch.Tensor) -> torch.Tensor:

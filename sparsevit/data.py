@@ -1,63 +1,34 @@
-"""Shard loader: a webdataset pipeline from `_info.json` whose importance maps follow every
-crop, flip and mix of the image they belong to, pooled to the model's patch grid.
+"""Shard loader: a webdataset pipeline over a split of the shard index whose importance maps
+follow every crop, flip and mix of the image they belong to, pooled to the model's patch grid.
+
+Samples that cannot be decoded are skipped and reported with their key (`Augment`'s error
+policy); everything about the shard format itself (index, members, the decoder) comes from
+`curate.shard.format`.
 
 Equal epochs on every rank without duplicates: shards are shuffled with a seed that all ranks
 share, split `urls[rank::world]` (wds.split_by_node) and `[worker::workers]` (wds.split_by_worker),
-batched per worker with the partial batch dropped. `steps_per_epoch` computes, from the shard
-lengths in `_info.json`, how many full batches the poorest rank gets; every rank stops there, so
+batched per worker with the partial batch dropped. `plan_epoch` computes, from the shard
+lengths in the index, how many full batches the poorest rank gets; every rank stops there, so
 no rank waits on another in an all-reduce. The surplus (at most a few batches per rank) is
 counted in `EpochPlan.unused`, and changes from epoch to epoch with the shard order.
 """
 from __future__ import annotations
 
-import io
-import json
 import math
 import random
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 import webdataset as wds
-from PIL import Image, ImageOps
+from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.data.mixup import Mixup, cutmix_bbox_and_lam, mixup_target
 from torchvision.transforms import functional as TF
 
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
-_ORIENTATION = 0x0112  # EXIF tag
-
-
-@dataclass(frozen=True)
-class Split:
-    """One split of `_info.json`, with absolute shard paths."""
-    name: str
-    urls: list[str]
-    lengths: list[int]
-    has_maps: bool  # samples carry importance.npy (from the shards' manifest.json)
-
-    @property
-    def num_samples(self) -> int:
-        return sum(self.lengths)
-
-
-def read_split(root: Path, split: str) -> Split:
-    """A split as the writer indexed it; the reader trusts `_info.json` and the manifest."""
-    info_path = root / "_info.json"
-    if not info_path.is_file():
-        raise FileNotFoundError(f"{root}: no _info.json; expected the output of `curate shard`")
-    splits = json.loads(info_path.read_text())["splits"]
-    if split not in splits:
-        raise KeyError(f"{info_path}: no split {split!r} (has {sorted(splits)})")
-    s = splits[split]
-    manifest = root / "manifest.json"
-    maps = json.loads(manifest.read_text())["splits"][split].get("importance", False) \
-        if manifest.is_file() else split == "train"
-    return Split(split, [str(root / f) for f in s["filenames"]], list(s["shard_lengths"]), bool(maps))
-
+from curate.shard.format import Split, decode_sample
 
 @dataclass(frozen=True)
 class EpochPlan:
@@ -84,44 +55,6 @@ def _rank_batches(lengths: list[int], workers: int, batch_size: int) -> int:
     """Full batches one rank's loader yields: each worker batches its own shards."""
     workers = max(1, workers)
     return sum(sum(lengths[w::workers]) // batch_size for w in range(workers))
-
-
-# --- decode -------------------------------------------------------------------------------
-
-def decode_sample(sample: dict[str, Any]) -> dict[str, Any]:
-    """Raw tar members -> PIL image (EXIF-oriented, as scoring saw it), label, importance grid."""
-    ext = next((e for e in IMAGE_EXTS if e in sample), None)
-    if ext is None:
-        raise ValueError(f"{sample.get('__key__')}: no image member among {sorted(sample)}")
-    with Image.open(io.BytesIO(sample[ext])) as im:
-        # maps were computed upright; exif_transpose copies even when there is nothing to do
-        upright = ImageOps.exif_transpose(im) if im.getexif().get(_ORIENTATION, 1) != 1 else im
-        image = upright.convert("RGB")
-    grid = sample.get("importance.npy")
-    importance = load_npy(grid).astype(np.float32) if grid is not None else None
-    return {"key": sample["__key__"], "image": image, "label": int(sample["cls"]), "importance": importance}
-
-
-_NPY_MAGIC = b"\x93NUMPY"
-_npy_headers: dict[bytes, tuple[np.dtype, tuple[int, ...], bool]] = {}
-
-
-def load_npy(raw: bytes) -> np.ndarray:
-    """`np.load` of one in-memory .npy, read-only. Parsing the header (a Python literal) is most of
-    np.load's cost on a small map, and every map of a shard set has the same header: cached."""
-    if raw[:6] != _NPY_MAGIC or len(raw) < 10:
-        raise ValueError("importance.npy is not a .npy file")
-    size = 2 if raw[6] == 1 else 4  # header length field: 2 bytes in format 1.0, 4 after
-    start = 8 + size + int.from_bytes(raw[8:8 + size], "little")
-    header = raw[:start]
-    if header not in _npy_headers:
-        if len(_npy_headers) >= 64:  # odd data: stay bounded
-            _npy_headers.clear()
-        first = np.load(io.BytesIO(raw), allow_pickle=False)  # validates; refuses object arrays
-        _npy_headers[header] = (first.dtype, first.shape, not first.flags.c_contiguous)
-    dtype, shape, fortran = _npy_headers[header]
-    flat = np.frombuffer(raw, dtype=dtype, count=math.prod(shape), offset=start)
-    return flat.reshape(shape[::-1]).T if fortran else flat.reshape(shape)
 
 
 # --- augmentation that carries the map ----------------------------------------------------
@@ -245,24 +178,41 @@ def to_tensor(img: Image.Image) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class Augment:
-    """decode + transform, a module-level callable so it pickles into loader workers."""
+    """decode + transform, a module-level callable so it pickles into loader workers.
+
+    Error policy: with `skip` (training's), a sample that cannot be decoded or transformed
+    becomes {"key", "error"} and travels on to `collate`, which sets it aside in the batch's
+    "skipped" list, so the loop can count it with its key; with `raise` the error stops the run."""
     transform: TrainTransform | EvalTransform
     need_maps: bool
+    on_error: str = "skip"  # skip | raise
 
     def __call__(self, sample: dict[str, Any]) -> dict[str, Any]:
+        try:
+            return self._apply(sample)
+        except Exception as e:  # noqa: BLE001 - bad data of any kind: the policy decides
+            if self.on_error == "raise":
+                raise
+            return {"key": str(sample.get("__key__")), "error": f"{type(e).__name__}: {e}"}
+
+    def _apply(self, sample: dict[str, Any]) -> dict[str, Any]:
         d = decode_sample(sample)
         if self.need_maps and d["importance"] is None:
-            raise ValueError(f"{d['key']}: no importance.npy, but token dropping by importance needs one")
+            raise ValueError("no importance.npy, but token dropping by importance needs one")
         x, grid = self.transform(d["image"], d["importance"])
         return {"key": d["key"], "image": x, "label": d["label"], "importance": grid}
 
 
 def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
-    maps = [s["importance"] for s in samples]
-    return {"key": [s["key"] for s in samples],
-            "image": torch.stack([s["image"] for s in samples]),
-            "label": torch.tensor([s["label"] for s in samples]),
-            "importance": torch.stack(maps).flatten(1) if all(m is not None for m in maps) else None}
+    """A batch of the decoded samples; those that failed are listed under "skipped" as
+    (key, error). "image" is None when every sample of the batch failed."""
+    good = [s for s in samples if "error" not in s]
+    maps = [s["importance"] for s in good]
+    return {"key": [s["key"] for s in good],
+            "image": torch.stack([s["image"] for s in good]) if good else None,
+            "label": torch.tensor([s["label"] for s in good], dtype=torch.long),
+            "importance": torch.stack(maps).flatten(1) if good and all(m is not None for m in maps) else None,
+            "skipped": [(s["key"], s["error"]) for s in samples if "error" in s]}
 
 
 def make_pipeline(plan: EpochPlan, augment: Augment, batch_size: int, shuffle_buffer: int,

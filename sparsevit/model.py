@@ -182,6 +182,12 @@ def create_sparse(name: str, cfg: SparseConfig, num_classes: int, img_size: int,
     """timm.create_model(name, ...) wrapped; patch_size overrides the model's (maps are resampled)."""
     if patch_size is not None:
         kwargs["patch_size"] = patch_size
-    vit = timm.create_model(name, num_classes=num_classes, img_size=img_size, **kwargs)
+    if not timm.is_model(name):
+        raise ValueError(f"unknown timm model {name!r}")
+    try:
+        vit = timm.create_model(name, num_classes=num_classes, img_size=img_size, **kwargs)
+    except TypeError as e:  # a model family without img_size/patch_size: not a ViT
+        raise TypeError(f"sparsevit wraps timm VisionTransformer models (deit_*, vit_*); {name} is not one "
+                        f"({e})") from e
     return SparseViT(vit, cfg)
 

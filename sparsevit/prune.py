@@ -11,22 +11,20 @@ keeps the same number of steps.
 """
 from __future__ import annotations
 
-import hashlib
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
+from curate.common.hashing import unit
+from curate.common.registry import Registry
+
 Record = tuple[str, float, bool]  # (key, loss, correct); loss NaN: the example sat out
+PRUNERS: Registry[type["NoPruning"]] = Registry("example pruning")
 
 
-def unit(seed: int, tag: str, key: str) -> float:
-    """A uniform number in [0, 1) from (seed, tag, key): the same on every rank and every run."""
-    h = hashlib.blake2b(f"{seed}:{tag}:{key}".encode(), digest_size=8).digest()
-    return int.from_bytes(h, "little") / 2**64
-
-
+@PRUNERS.register("none")
 @dataclass
 class NoPruning:
     tracks = False  # whether update() needs the epoch's records
@@ -44,6 +42,7 @@ class NoPruning:
         pass
 
 
+@PRUNERS.register("infobatch")
 @dataclass
 class InfoBatch(NoPruning):
     """InfoBatch (Qin et al., ICLR'24): each epoch, skip a fraction `prune` of the examples whose
@@ -63,7 +62,7 @@ class InfoBatch(NoPruning):
         w = []
         for k in keys:
             low = self.loss.get(k, mean) < mean
-            w.append(0.0 if low and unit(self.seed, f"ib{epoch}", k) < self.prune
+            w.append(0.0 if low and unit(self.seed, k, f"ib{epoch}") < self.prune
                      else 1 / (1 - self.prune) if low else 1.0)
         return torch.tensor(w)
 
@@ -79,6 +78,7 @@ class InfoBatch(NoPruning):
         self.loss = dict(state["loss"])
 
 
+@PRUNERS.register("trilevel")
 @dataclass
 class HoldOutSwap(NoPruning):
     """Tri-Level's example sparsity: a share `hold` of the examples sits out; every `every` epochs
@@ -99,7 +99,7 @@ class HoldOutSwap(NoPruning):
 
     def is_held(self, key: str) -> bool:
         """Held out now; a key not seen yet follows the initial random hold-out by its hash."""
-        return key in self.held if key in self.seen else unit(self.seed, "hold", key) < self.hold
+        return key in self.held if key in self.seen else unit(self.seed, key, "hold") < self.hold
 
     def _see(self, key: str) -> None:
         if key not in self.seen:
@@ -129,8 +129,8 @@ class HoldOutSwap(NoPruning):
 
     def _swap(self, epoch: int) -> None:
         n = round(self.swap * len(self.seen))
-        active = sorted(self.seen - self.held, key=lambda k: (self.forgetting(k), unit(self.seed, f"t{epoch}", k)))
-        back = sorted(self.held, key=lambda k: unit(self.seed, f"back{epoch}", k))[:n]
+        active = sorted(self.seen - self.held, key=lambda k: (self.forgetting(k), unit(self.seed, k, f"t{epoch}")))
+        back = sorted(self.held, key=lambda k: unit(self.seed, k, f"back{epoch}"))[:n]
         self.held = (self.held - set(back)) | set(active[:n])
 
     def state_dict(self) -> dict[str, Any]:
@@ -142,10 +142,5 @@ class HoldOutSwap(NoPruning):
         self.learned, self.held, self.seen = set(state["learned"]), set(state["held"]), set(state["seen"])
 
 
-PRUNERS: dict[str, Callable[..., NoPruning]] = {"none": NoPruning, "infobatch": InfoBatch, "trilevel": HoldOutSwap}
-
-
 def make_pruner(name: str, epochs: int, seed: int) -> NoPruning:
-    if name not in PRUNERS:
-        raise ValueError(f"example pruning must be one of {sorted(PRUNERS)}, got {name!r}")
-    return NoPruning() if name == "none" else PRUNERS[name](epochs=epochs, seed=seed)
+    return NoPruning() if name == "none" else PRUNERS[name](epochs=epochs, seed=seed)  # type: ignore[call-arg]

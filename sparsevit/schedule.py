@@ -1,22 +1,18 @@
-"""Keep-ratio and learning-rate schedules, as functions of training progress in epochs (float).
+"""Keep-ratio schedules, as functions of training progress in epochs (float).
 
-Keep-ratio schedules come from a small registry; each maps (epoch, total epochs, target) to the
-fraction of patch tokens kept at that point.
+Each maps (epoch, total epochs, target) to the fraction of patch tokens kept at that point. The
+learning-rate schedule is curate.common.schedule.warmup_cosine, shared with proxy training.
 """
 from __future__ import annotations
 
 import math
 from typing import Callable
 
+from curate.common.registry import Registry
+
 KeepSchedule = Callable[[float, int, float], float]
-KEEP_SCHEDULES: dict[str, KeepSchedule] = {}
-
-
-def register(name: str) -> Callable[[KeepSchedule], KeepSchedule]:
-    def add(fn: KeepSchedule) -> KeepSchedule:
-        KEEP_SCHEDULES[name] = fn
-        return fn
-    return add
+KEEP_SCHEDULES: Registry[KeepSchedule] = Registry("keep schedule")
+register = KEEP_SCHEDULES.register
 
 
 @register("constant")
@@ -41,11 +37,3 @@ def toe(epoch: float, total: int, target: float) -> float:
     all tokens for the last third (ToE's DeiT recipe: 0.5 -> 0.75 -> 1.0 at epochs 0/100/200)."""
     stage = min(2, int(3 * epoch / total))
     return (target, (target + 1) / 2, 1.0)[stage]
-
-
-def lr_at(epoch: float, total: int, base: float, warmup: float, min_lr: float) -> float:
-    """Linear warmup for `warmup` epochs, then cosine to min_lr at the end."""
-    if epoch < warmup:
-        return base * (epoch + 1e-3) / warmup
-    t = (epoch - warmup) / max(1e-9, total - warmup)
-    return min_lr + (base - min_lr) * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))

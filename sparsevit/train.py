@@ -19,25 +19,32 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
-import polars as pl
 import torch
 import torch.distributed as tdist
 import torch.nn.functional as F
 from timm.optim import create_optimizer_v2
 from timm.utils import ModelEmaV3
 
-from curate import dist
-from curate.table import atomic_path, write_json
+from curate.common import dist
+from curate.common.atomic import atomic_path, write_json
+from curate.common.runfolder import RunFolder, mode_of
+from curate.common.schedule import warmup_cosine
+from curate.shard import format as shard_format
 from sparsevit import data, prune, schedule
 from sparsevit.model import SparseConfig, SparseViT, create_sparse
 
+COMMAND = "train"
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
+SUMMARY = "summary.json"
+MAX_SKIPPED_LISTED = 100  # keys of undecodable samples written per epoch record; the count is exact
+# Settings that may change between a run and its --resume without changing what it trains.
+RESUME_FREE = ("out", "resume", "overwrite", "progress", "workers", "log_every", "eval_every", "record_keys")
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    shards: Path  # output of `curate shard`: _info.json with a train (and validation) split
+    shards: Path  # output of `curate shard`: a train (and validation) split
     out: Path  # run folder
     model: str = "deit_tiny_patch16_224"  # any timm VisionTransformer name
     img_size: int = 224
@@ -84,8 +91,7 @@ class TrainConfig:
         object.__setattr__(self, "crop_scale", tuple(self.crop_scale))  # a list from JSON or click
         if len(self.crop_scale) != 2 or not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
             raise ValueError(f"crop_scale must be (lo, hi) with 0 < lo <= hi <= 1, got {self.crop_scale}")
-        if self.resume and self.overwrite:
-            raise ValueError("--resume and --overwrite exclude each other")
+        mode_of(self.resume, self.overwrite)
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -108,6 +114,7 @@ class Run:
     epoch: int = 0  # epochs completed
     step: int = 0  # optimizer steps taken
     wall: float = 0.0  # training seconds so far (resume adds to it)
+    folder: RunFolder | None = None  # the run folder, on rank 0
 
 
 def run_train(cfg: TrainConfig) -> dict[str, Any]:
@@ -115,10 +122,14 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
     with ExitStack() as stack:
         ctx = stack.enter_context(_process_group())
         device = _device(ctx)
-        train_split = data.read_split(cfg.shards, "train")
+        # Everything that can fail on the shards or the settings fails before --out is touched.
+        train_split = shard_format.read_split(cfg.shards, "train")
         val_split = _validation(cfg.shards)
-        ctx.main_only(lambda: _prepare_out(cfg))
         run = _build(cfg, ctx, device, train_split)
+        folder = ctx.main_only(lambda: open_out(cfg, ctx.world_size))
+        if folder is not None:
+            stack.callback(folder.close)
+        run.folder = folder
         if cfg.resume:
             _load_checkpoint(run)
             ctx.main_only(lambda: trim_metrics(cfg.out / METRICS, run.epoch))
@@ -134,7 +145,7 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
             ctx.main_only(lambda: _save_checkpoint(run))
             ctx.barrier()
         summary = _summary(run)
-        ctx.main_only(lambda: write_json(cfg.out / "summary.json", summary))
+        ctx.main_only(lambda: write_json(cfg.out / SUMMARY, summary))
         return summary
 
 
@@ -164,35 +175,32 @@ def _device(ctx: dist.Dist) -> torch.device:
     return torch.device("cuda", ctx.local_rank) if torch.cuda.is_available() else torch.device("cpu")
 
 
-def _validation(root: Path) -> data.Split | None:
+def _validation(root: Path) -> shard_format.Split | None:
     try:
-        return data.read_split(root, "validation")
+        return shard_format.read_split(root, "validation")
     except KeyError:
         return None
 
 
-def _prepare_out(cfg: TrainConfig) -> None:
-    out = cfg.out
-    if out.exists() and any(out.iterdir()) and not (cfg.resume or cfg.overwrite):
-        raise FileExistsError(f"{out} is not empty: pass --resume to continue or --overwrite to start over")
-    if cfg.overwrite and out.exists():
-        for p in out.iterdir():
-            if p.is_file():
-                p.unlink()
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "config.json", cfg.to_json())
+def open_out(cfg: TrainConfig, world_size: int) -> RunFolder:
+    """The run folder (rank 0 holds it), with the files every epoch writes claimed up front."""
+    folder = RunFolder.open(cfg.out, COMMAND, mode_of(cfg.resume, cfg.overwrite), config=cfg.to_json(),
+                            free=RESUME_FREE, sources=[cfg.shards])
+    keys = [keys_name(r, e) for r in range(world_size) for e in range(cfg.epochs)] if cfg.record_keys else []
+    folder.claim(METRICS, CHECKPOINT, SUMMARY, *keys)
+    return folder
+
+
+def keys_name(rank: int, epoch: int) -> str:
+    return f"keys-rank{rank}-epoch{epoch}.txt"
 
 
 def num_classes(cfg: TrainConfig) -> int:
-    if cfg.num_classes:
-        return cfg.num_classes
-    sel = cfg.shards / "selection.parquet"
-    if not sel.is_file():
-        raise ValueError(f"{cfg.shards}: no selection.parquet to count classes from; pass --num-classes")
-    return int(pl.scan_parquet(sel).select(pl.col("label").max()).collect().item()) + 1
+    """--num-classes, else the class count the shard writer recorded."""
+    return cfg.num_classes or shard_format.num_classes(cfg.shards)
 
 
-def _build(cfg: TrainConfig, ctx: dist.Dist, device: torch.device, split: data.Split) -> Run:
+def _build(cfg: TrainConfig, ctx: dist.Dist, device: torch.device, split: shard_format.Split) -> Run:
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     core = create_sparse(cfg.model, cfg.sparse, num_classes(cfg), cfg.img_size, cfg.patch_size,
                         drop_path_rate=cfg.drop_path, **cfg.model_kwargs).to(device)
@@ -220,7 +228,7 @@ def _seed_epoch(run: Run, epoch: int) -> None:
     np.random.seed(s % 2**32)
 
 
-def train_loader(run: Run, split: data.Split, epoch: int) -> tuple[Iterator[dict[str, Any]], data.EpochPlan]:
+def train_loader(run: Run, split: shard_format.Split, epoch: int) -> tuple[Iterator[dict[str, Any]], data.EpochPlan]:
     cfg = run.cfg
     plan = data.plan_epoch(split, epoch, cfg.seed, run.ctx.world_size, cfg.workers, cfg.batch_size)
     geo = data.Geometry(cfg.img_size, run.core.vit.patch_embed.patch_size[0])
@@ -229,18 +237,20 @@ def train_loader(run: Run, split: data.Split, epoch: int) -> tuple[Iterator[dict
     return data.iterate(data.make_loader(pipe, cfg.workers), plan.steps), plan
 
 
-def train_epoch(run: Run, split: data.Split, epoch: int) -> dict[str, Any]:
+def train_epoch(run: Run, split: shard_format.Split, epoch: int) -> dict[str, Any]:
     cfg, ctx = run.cfg, run.ctx
     _seed_epoch(run, epoch)
     run.net.train()
     batches, plan = train_loader(run, split, epoch)
-    totals = {"loss": 0.0, "correct": 0, "seen": 0, "trained": 0, "gflops": 0.0}
+    totals = {"loss": 0.0, "correct": 0, "seen": 0, "trained": 0, "gflops": 0.0, "skipped": 0}
+    skipped: list[tuple[str, str]] = []  # (key, error) of samples that could not be decoded
     records: list[prune.Record] = []
     keys_file = _keys_file(run, epoch)
     t_epoch = t_log = time.perf_counter()
     for i, batch in enumerate(batches):
         progress = epoch + i / plan.steps
-        stats = train_step(run, batch, progress, epoch)
+        skipped += batch["skipped"]
+        stats = train_step(run, batch, progress, epoch, 1 / plan.steps)
         records += stats.pop("records")
         for k in totals:
             totals[k] += stats[k]
@@ -260,17 +270,33 @@ def train_epoch(run: Run, split: data.Split, epoch: int) -> dict[str, Any]:
     if run.pruner.tracks:  # every rank gets every rank's records, applied in the same order
         run.pruner.update([r for part in ctx.all_gather(records) for r in part], epoch)
     sums = _sum_over_ranks(run, totals)
+    skipped = _check_skipped(run, skipped, sums)
     return {"kind": "epoch", "epoch": epoch, "step": run.step, "seconds": seconds, "wall": run.wall,
+            "skipped": int(sums["skipped"]), "skipped_keys": skipped,
             "train_loss": sums["loss"] / max(1, sums["trained"]), "train_acc": sums["correct"] / max(1, sums["trained"]),
             "images": int(sums["seen"]), "trained": int(sums["trained"]), "unused": plan.unused,
             "images_per_s": sums["seen"] / max(1e-9, seconds), "est_tflops": sums["gflops"] / 1e3}
 
 
-def train_step(run: Run, batch: dict[str, Any], progress: float, epoch: int) -> dict[str, Any]:
-    """One optimizer step on the rows the example pruner keeps; returns sums for the epoch."""
+def _check_skipped(run: Run, skipped: list[tuple[str, str]], sums: dict[str, float]) -> list[dict[str, str]]:
+    """Every rank's undecodable samples, for the epoch record (the first MAX_SKIPPED_LISTED);
+    an epoch in which every sample failed stops the run: nothing could be learned."""
+    listed = [{"key": k, "error": e} for part in run.ctx.all_gather(skipped) for k, e in part]
+    if sums["skipped"] and not sums["seen"]:
+        example = listed[0] if listed else {"key": "?", "error": "?"}
+        raise RuntimeError(f"{run.cfg.shards}: every training sample failed to decode "
+                           f"({int(sums['skipped'])}; e.g. {example['key']}: {example['error']}): check the "
+                           "shards with `curate verify`")
+    return listed[:MAX_SKIPPED_LISTED]
+
+
+def train_step(run: Run, batch: dict[str, Any], progress: float, epoch: int, step_epochs: float
+               ) -> dict[str, Any]:
+    """One optimizer step on the rows the example pruner keeps; returns sums for the epoch.
+    `progress` is the step's start and `step_epochs` its length, in epochs."""
     cfg = run.cfg
     keep = schedule.KEEP_SCHEDULES[cfg.keep_schedule](progress, cfg.epochs, cfg.keep)
-    lr = _set_lr(run, progress)
+    lr = _set_lr(run, progress, step_epochs)
     x, y, maps, w, rows = _pruned_rows(run, batch, epoch)
     target = F.one_hot(y, run.core.vit.num_classes).float()
     target = target * (1 - cfg.smoothing) + cfg.smoothing / target.shape[1]
@@ -292,6 +318,7 @@ def train_step(run: Run, batch: dict[str, Any], progress: float, epoch: int) -> 
     n = int((w > 0).sum())
     tokens = run.core.tokens_per_block(keep, cfg.online_keep)
     return {"loss": float((per.detach() * (w > 0)).sum()), "correct": int(correct.sum()), "seen": len(batch["key"]),
+            "skipped": len(batch["skipped"]),
             "trained": n, "gflops": n * run.core.train_gflops(keep, cfg.online_keep), "lr": lr, "keep": keep,
             "tokens": tokens[0], "records": records}
 
@@ -300,6 +327,8 @@ def _pruned_rows(run: Run, batch: dict[str, Any], epoch: int
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
     """The rows the pruner keeps, on the device, with their loss weights; at least one row
     (weight 0 if all sat out) so every DDP rank joins the all-reduce."""
+    if batch["image"] is None:  # every sample of the batch failed to decode
+        return _placeholder_rows(run)
     w = run.pruner.weights(batch["key"], epoch)
     rows = torch.nonzero(w > 0).flatten()
     if len(rows) == 0:
@@ -309,6 +338,15 @@ def _pruned_rows(run: Run, batch: dict[str, Any], epoch: int
         x, y, maps, w = x[rows], y[rows], None if maps is None else maps[rows], w[rows]
     dev = run.device
     return (x.to(dev, non_blocking=True), y.to(dev), None if maps is None else maps.to(dev), w.to(dev), rows)
+
+
+def _placeholder_rows(run: Run
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
+    """One blank row of weight 0: the step still runs, so every DDP rank joins the all-reduce."""
+    size, dev = run.cfg.img_size, run.device
+    return (torch.zeros(1, 3, size, size, device=dev), torch.zeros(1, dtype=torch.long, device=dev),
+            torch.zeros(1, run.core.num_patches, device=dev), torch.zeros(1, device=dev),
+            torch.zeros(1, dtype=torch.long))
 
 
 def _records(keys: list[str], rows: torch.Tensor, per: torch.Tensor, correct: torch.Tensor, w: torch.Tensor
@@ -325,9 +363,10 @@ def base_lr(cfg: TrainConfig, world_size: int) -> float:
     return cfg.lr * cfg.batch_size * world_size / 512
 
 
-def _set_lr(run: Run, progress: float) -> float:
+def _set_lr(run: Run, progress: float, step_epochs: float) -> float:
     cfg = run.cfg
-    lr = schedule.lr_at(progress, cfg.epochs, base_lr(cfg, run.ctx.world_size), cfg.warmup_epochs, cfg.min_lr)
+    lr = warmup_cosine(progress, cfg.epochs, cfg.warmup_epochs, base_lr(cfg, run.ctx.world_size), cfg.min_lr,
+                       step=step_epochs)
     for g in run.opt.param_groups:
         g["lr"] = lr
     return lr
@@ -352,13 +391,13 @@ def _keys_file(run: Run, epoch: int) -> Any:
     if not run.cfg.record_keys:
         return None
     # one file per epoch and rank: a resumed epoch rewrites its file instead of appending twice
-    return open(run.cfg.out / f"keys-rank{run.ctx.rank}-epoch{epoch}.txt", "w")
+    return open(run.cfg.out / keys_name(run.ctx.rank, epoch), "w")
 
 
 # --- evaluation ---------------------------------------------------------------------------
 
 @torch.no_grad()
-def evaluate(run: Run, split: data.Split) -> dict[str, Any]:
+def evaluate(run: Run, split: shard_format.Split) -> dict[str, Any]:
     """Accuracy with all tokens and dense attention (how the model is used after training), and
     as trained: keep ratio, drops and attention mode (by importance only where the split carries
     maps). Each rank reads its own shards."""
@@ -369,9 +408,12 @@ def evaluate(run: Run, split: data.Split) -> dict[str, Any]:
     by_importance = cfg.sparse.drop_by == "importance"
     sparse = keep < 1 or cfg.online_keep < 1 or cfg.sparse.attention != "dense"
     can_drop = sparse and (split.has_maps or not (by_importance or cfg.sparse.attention == "gather"))
-    counts = {"n": 0, "all": 0, "dropped": 0}
+    counts = {"n": 0, "all": 0, "dropped": 0, "skipped": 0}
     dense = SparseViT(net.vit, SparseConfig())  # the same weights, all tokens, dense attention
     for batch in _eval_batches(run, split):
+        counts["skipped"] += len(batch["skipped"])
+        if batch["image"] is None:
+            continue
         x, y = batch["image"].to(run.device), batch["label"].to(run.device)
         maps = batch["importance"].to(run.device) if batch["importance"] is not None else None
         with _autocast(run):
@@ -382,7 +424,7 @@ def evaluate(run: Run, split: data.Split) -> dict[str, Any]:
     net.train()
     s = _sum_over_ranks(run, counts)
     n = max(1, s["n"])
-    return {"val_images": int(s["n"]), "val_acc": s["all"] / n,
+    return {"val_images": int(s["n"]), "val_skipped": int(s["skipped"]), "val_acc": s["all"] / n,
             "val_acc_dropped": s["dropped"] / n if can_drop else None}
 
 
@@ -390,7 +432,7 @@ def _logits(out: Any) -> torch.Tensor:
     return out[0] if isinstance(out, tuple) else out
 
 
-def _eval_batches(run: Run, split: data.Split) -> Iterator[dict[str, Any]]:
+def _eval_batches(run: Run, split: shard_format.Split) -> Iterator[dict[str, Any]]:
     """This rank's validation shards (urls[rank::world]), in order, partial last batch kept."""
     cfg, ctx = run.cfg, run.ctx
     urls = split.urls[ctx.rank::ctx.world_size]
@@ -415,28 +457,18 @@ def _save_checkpoint(run: Run) -> None:
 
 
 def _load_checkpoint(run: Run) -> None:
+    """Continue from the last finished epoch; the run folder has already checked that the
+    settings are the ones this run was started with."""
     path = run.cfg.out / CHECKPOINT
     if not path.is_file():
         return  # --resume on an empty run folder starts from scratch
     state = torch.load(path, map_location=run.device, weights_only=True)
-    _check_same_run(run.cfg, state["config"])
     run.core.vit.load_state_dict(state["model"])
     run.opt.load_state_dict(state["opt"])
     if run.ema is not None and state["ema"] is not None:
         run.ema.module.load_state_dict(state["ema"])
     run.pruner.load_state_dict(state["pruner"])
     run.epoch, run.step, run.wall = state["epoch"], state["step"], state["wall"]
-
-
-_MAY_CHANGE = {"out", "resume", "overwrite", "progress", "workers", "log_every", "eval_every", "record_keys"}
-
-
-def _check_same_run(cfg: TrainConfig, saved: dict[str, Any]) -> None:
-    now, saved = (json.loads(json.dumps(c, default=str)) for c in (cfg.to_json(), saved))  # tuples -> lists
-    diff = sorted(k for k in now if k not in _MAY_CHANGE and now[k] != saved.get(k))
-    if diff:
-        raise ValueError(f"{cfg.out}: the checkpoint was made with other settings ({', '.join(diff)}); "
-                         f"use --overwrite to start a new run")
 
 
 def _append_metrics(run: Run, rec: dict[str, Any]) -> None:
@@ -471,7 +503,7 @@ def _log(run: Run, rec: dict[str, Any]) -> None:
               f"{rec['images_per_s']:.0f} img/s {rec['seconds']:.1f}s", flush=True)
 
 
-def _log_header(run: Run, split: data.Split, val: data.Split | None) -> None:
+def _log_header(run: Run, split: shard_format.Split, val: shard_format.Split | None) -> None:
     cfg = run.cfg
     msg = {"kind": "start", "world_size": run.ctx.world_size, "device": str(run.device),
            "train_samples": split.num_samples, "val_samples": val.num_samples if val else 0,

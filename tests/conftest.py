@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from curate.demo import DemoConfig, make_demo
+from curate.demo.data import DemoConfig, make_demo
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -9,12 +9,14 @@ from __future__ import annotations
 import io
 import random
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 from PIL import Image
 
-from curate import shards, table
+from curate.shard import format as fmt
+from curate.shard.plan import plan_shards
+from curate.shard.writer import write_split
 
 COLOURS = ((220, 40, 40), (40, 200, 60), (50, 80, 230), (230, 210, 40))
 SIZE, GRID = 64, 8
@@ -35,22 +37,24 @@ def object_image(rng: random.Random, label: int, side: int = 24) -> tuple[bytes,
 
 
 def write_shards(out: Path, per_class: int = 16, classes: int = 4, per_shard: int = 8, multiple: int = 4,
-                 val_per_class: int = 4, seed: int = 0, maps_on_val: bool = True) -> Path:
-    """`curate shard`-style output (train + validation) in `out`; returns `out`."""
+                 val_per_class: int = 4, seed: int = 0, maps_on_val: bool = True,
+                 corrupt: Callable[[str], bool] = lambda key: False) -> Path:
+    """`curate shard`-style output (train + validation) in `out`; returns `out`. Keys for which
+    `corrupt` is true get a JPEG cut after its first 100 bytes (it no longer decodes)."""
     rng = random.Random(seed)
     splits, samples = {}, {}
     for split, n in (("train", per_class), ("validation", val_per_class)):
         data = {f"{split}-{c}-{i:04d}": (c, *object_image(rng, c)) for c in range(classes) for i in range(n)}
         samples.update(data)
-        plan = shards.plan_shards(sorted(data), split, "toy", per_shard, multiple if split == "train" else 1, seed)
+        plan = plan_shards(sorted(data), split, "toy", per_shard, multiple if split == "train" else 1, seed)
 
-        def load(keys: Sequence[str], data=data, split=split) -> Iterator[shards.SampleData]:
+        def load(keys: Sequence[str], data=data, split=split) -> Iterator[fmt.SampleData]:
             for k in keys:
                 label, img, grid, box = data[k]
+                img = img[:100] if corrupt(k) else img
                 imp = grid if split == "train" or maps_on_val else None
-                yield shards.SampleData(k, img, label, {"box": list(box)}, imp)
+                yield fmt.SampleData(k, img, label, {"box": list(box)}, imp)
 
-        splits[split] = shards.write_split(out, plan, load, resume=False, progress=False)
-    table.write_json(out / "_info.json", shards.info_json("toy", splits))
-    table.write_json(out / "manifest.json", shards.shard_manifest(splits, {"train": True, "validation": maps_on_val}))
+        splits[split] = write_split(out, plan, load, resume=False, progress=False)
+    fmt.write_index(out, "toy", splits, {"train": True, "validation": maps_on_val}, classes)
     return out

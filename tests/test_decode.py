@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from curate.decode import (
+from curate.ingest.decode import (
     DEFAULT_MAX_PIXELS,
     Decoded,
     content_hash,

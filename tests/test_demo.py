@@ -6,8 +6,8 @@ import polars as pl
 import pytest
 from PIL import Image
 
-from curate.demo import DemoConfig, make_demo
-from curate.sources import from_image_folder
+from curate.demo.data import DemoConfig, make_demo
+from curate.ingest.sources import from_image_folder
 
 
 def _digest(root: Path) -> str:

@@ -3,32 +3,38 @@ import json
 from pathlib import Path
 
 import pytest
-from curate.demo_run import run_demo
-from curate.demo_train import DemoTrain, acc_at, compare
+from curate.demo.run import run_demo
+from curate.demo.train import DemoTrain, acc_at, compare
 
 
 @pytest.mark.slow
 def test_small_demo_runs_every_stage_and_reports(tmp_path: Path):
-    small = DemoTrain(epochs=1, batch_size=8, workers=0, extra={"model_kwargs": {"depth": 1, "embed_dim": 32,
+    """320 images, proxies trained 4 epochs, a 2-block ViT for 4: small, but past chance on every
+    figure the demo reports (the floors hold for seeds 0, 1 and 2 with margin)."""
+    small = DemoTrain(epochs=4, batch_size=32, workers=0, extra={"model_kwargs": {"depth": 2, "embed_dim": 64,
                                                                                   "num_heads": 2}})
-    text = run_demo(tmp_path / "demo", workers=0, progress=False, per_class=12, epochs=1, train=small)
+    text = run_demo(tmp_path / "demo", workers=0, progress=False, per_class=40, epochs=4, train=small)
     report = json.loads((tmp_path / "demo" / "report.json").read_text())
     m = report["metrics"]
-    assert m["proxies"]["demo-cnn"]["images"] == 96 and m["proxies"]["demo-cnn"]["localisation"] is None
-    assert m["proxies"]["demo-vit"]["localisation"]["images"] > 0
+    cnn, vit = m["proxies"]["demo-cnn"], m["proxies"]["demo-vit"]
+    assert cnn["images"] == 320 and cnn["localisation"] is None
+    chance = 1 / 8
+    assert cnn["accuracy_vs_true_label"] > 2.4 * chance and cnn["label_noise_auc"]["el2n"] > 0.7
+    assert vit["localisation"]["images"] > 0 and vit["localisation"]["ratio"] > 1.2  # maps find the object
     sh = m["shard"]
     assert sh["verify_faults"] == 0 and sh["train_samples"] == sh["kept"]
-    assert sum(sh["reasons"].values()) == sh["inputs"] == 96
-    assert "label was flipped" in text and "near-duplicates" in text
+    assert sum(sh["reasons"].values()) == sh["inputs"] == 320
+    assert sh["flipped_removed"] > sh["clean_removed"] + 0.1 and sh["duplicates"]["found"] >= 0.75
+    assert "label was flipped" in text and "near-duplicates" in text and "to full-1pt" in text
     for png in ("score_histograms.png", "importance_overlay.png", "time_to_accuracy.png"):
         assert (tmp_path / "demo" / "plots" / png).stat().st_size > 1000
     train = m["train"]["variants"]
     assert set(train) == {"full", "random 70%", "curated 70%", "curated 70% + keep 0.7"}
-    assert all(0 <= v["val_acc"] <= 1 and v["wall_s"] > 0 for v in train.values())
-    assert train["full"]["wall_ratio"] == 1.0 and "to full-1pt" in text and "at budget" in text
-    assert m["train"]["budget"]["wall_s"] == min(v["wall_s"] for v in train.values())
+    assert all(v["val_acc"] > 1.5 * chance and v["wall_s"] > 0 for v in train.values()), train
     shards = json.loads((tmp_path / "demo" / "shards" / "manifest.json").read_text())
     assert shards["splits"]["validation"]["importance"] is True  # --val-scores: maps for dropped-token eval
+    again = run_demo(tmp_path / "demo", workers=0, progress=False, per_class=12, epochs=1, train=small)
+    assert "curate demo report" in again  # a demo replaces its own previous run
 
 
 def test_compare_reads_ratios_time_to_target_and_equal_budget_off_the_curves():

@@ -12,7 +12,7 @@ import pytest
 from click.testing import CliRunner
 
 from cli import main
-from curate.dist import Dist
+from curate.common.dist import Dist
 
 from .conftest import ROOT
 
@@ -59,6 +59,7 @@ def assert_same_table(a: pl.DataFrame, b: pl.DataFrame) -> float:
     return max(worst, float(np.abs(maps[0] - maps[1]).max()))
 
 
+@pytest.mark.slow
 def test_two_ranks_score_like_one_process_and_resume(small_demo: Path, tmp_path: Path):
     src, single, ranked = small_demo / "train", tmp_path / "single", tmp_path / "ranked"
     run(score_args(src, single))

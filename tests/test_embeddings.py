@@ -8,14 +8,14 @@ import numpy as np
 import polars as pl
 import pytest
 
-from curate.embeddings import (
+from curate.select.embeddings import (
     duplicate_groups,
     embedding_columns,
     load_embeddings,
     prototype_scores,
 )
-from curate.select import SelectConfig, load_scores, select
-from curate.table import BASE_FIELDS, part_path, schema, write_part
+from curate.select.policies import SelectConfig, load_scores, select
+from curate.score.table import BASE_FIELDS, part_path, schema, write_part
 
 
 def unit(x: np.ndarray) -> np.ndarray:

@@ -2,8 +2,8 @@ import pytest
 import timm
 import torch
 
-from curate import scoring
-from curate.proxies import ProxyModel, default_importance_blocks, resolve_blocks, resolve_recipe
+from curate.score import metrics as scoring
+from curate.score.proxies import ProxyModel, default_importance_blocks, resolve_blocks, resolve_recipe
 
 
 def tiny_vit() -> torch.nn.Module:

@@ -17,9 +17,10 @@ from click.testing import CliRunner
 from PIL import Image
 
 from cli import main
-from curate.jobs import ScoreConfig, run_score
-from curate.proxies import create_model, resolve_recipe
-from curate.table import importance_from_bytes, read_schema_version
+from curate.common.runfolder import RunFolderError
+from curate.score.job import ScoreConfig, run_score
+from curate.score.proxies import create_model, resolve_recipe
+from curate.score.table import importance_from_bytes, read_schema_version
 
 from .conftest import ROOT, jpeg_bytes
 
@@ -122,7 +123,7 @@ def test_refuses_non_empty_out_and_resume_with_other_settings(small_demo: Path, 
     out = tmp_path / "scores"
     cfg = ScoreConfig(str(small_demo / "train"), out, checkpoint=ckpt, workers=0, progress=False)
     run_score(cfg)
-    with pytest.raises(FileExistsError, match="--resume"):
+    with pytest.raises(RunFolderError, match="--resume"):
         run_score(cfg)
     with pytest.raises(ValueError, match="chunk_size"):
         run_score(ScoreConfig(**{**cfg.__dict__, "resume": True, "chunk_size": 7}))
@@ -215,3 +216,24 @@ def test_cli_score_and_inspect_with_plots(small_demo: Path, tmp_path: Path):
     assert res.exit_code != 0 and "--resume" in res.output
     res = runner.invoke(main, ["score", str(tmp_path / "nope"), "--out", str(tmp_path / "x"), "--train-epochs", "1"])
     assert res.exit_code != 0 and "does not exist" in res.output
+
+
+def test_a_failed_start_writes_nothing_and_overwrite_keeps_the_users_files(small_demo: Path, tmp_path: Path):
+    runner = CliRunner()
+    ckpt = random_checkpoint(tmp_path / "w.pt", classes=4)
+    src = str(small_demo / "train")
+    out = tmp_path / "scores"
+    for wrong in (["--checkpoint", str(ckpt), "--device", "cuda:7"], ["--proxy", "demo-vti", "--train-epochs", "1"],
+                  ["--checkpoint", str(random_checkpoint(tmp_path / "w3.pt", classes=3))]):
+        res = runner.invoke(main, ["score", src, "--out", str(out), "--workers", "0", "--quiet", *wrong])
+        assert res.exit_code != 0 and not out.exists(), res.output  # the corrected rerun finds nothing in its way
+    mine = tmp_path / "mine"
+    (mine / "proxy").mkdir(parents=True)
+    for name in ("manifest.json", "config.json", "part-000000.parquet", "proxy/model.pt"):
+        (mine / name).write_text("the user's")
+    res = runner.invoke(main, ["score", src, "--out", str(mine), "--checkpoint", str(ckpt), "--overwrite"])
+    assert res.exit_code != 0 and "holds no curate run" in res.output
+    assert all((mine / n).read_text() == "the user's" for n in ("manifest.json", "config.json", "proxy/model.pt"))
+    res = runner.invoke(main, ["score", src, "--out", str(small_demo / "train" / "scores"), "--checkpoint",
+                               str(ckpt)])
+    assert res.exit_code != 0 and "input folder" in res.output and not (small_demo / "train" / "scores").exists()

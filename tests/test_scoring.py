@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from curate import scoring
+from curate.score import metrics as scoring
 
 
 def test_example_scores_match_hand_computed_values():
@@ -36,14 +36,6 @@ def test_forgetting_counts_transitions_and_never_learned_is_max():
     ], dtype=torch.bool)  # (E=4, N=4)
     # col 0: 1->0 at 0->1 and 2->3: 2 events; col 1 never correct: E; col 2 always: 0; col 3: 1->0 once
     assert scoring.forgetting_counts(correct).tolist() == [2, 4, 0, 1]
-
-
-def test_cls_attention_equals_full_softmax_row():
-    torch.manual_seed(0)
-    q, k = torch.randn(2, 3, 5, 4), torch.randn(2, 3, 5, 4)  # (B, H, N, Dh)
-    full = ((q @ k.transpose(-2, -1)) * 4 ** -0.5).softmax(-1)  # (B, H, N, N)
-    expected = full[:, :, 0, 1:].mean(1)
-    torch.testing.assert_close(scoring.cls_attention(q, k, num_prefix=1), expected)
 
 
 def test_rollout_of_identity_attention_is_uniform_over_the_cls_row():

@@ -9,14 +9,14 @@ import numpy as np
 import polars as pl
 import pytest
 
-from curate.select import (
+from curate.select.policies import (
     POLICIES,
     SelectConfig,
     load_scores,
     select,
     selection_hash,
 )
-from curate.table import BASE_FIELDS, part_path, schema, write_part
+from curate.score.table import BASE_FIELDS, part_path, schema, write_part
 
 DIM = 4
 

@@ -17,10 +17,12 @@ import webdataset as wds
 from click.testing import CliRunner
 
 from cli import main
-from curate.jobs import ScoreConfig, run_score
-from curate.shard_job import ShardConfig, run_shard
-from curate.shards import file_sha256, read_samples, verify
-from curate.table import importance_from_bytes
+from curate.score.job import ScoreConfig, run_score
+from curate.shard.job import ShardConfig, run_shard
+from curate.common.atomic import file_sha256
+from curate.shard.format import read_samples
+from curate.shard.verify import verify
+from curate.score.table import importance_from_bytes
 
 from .conftest import ROOT
 from .test_score_job import random_checkpoint
@@ -168,6 +170,15 @@ def test_cli_shard_dry_run_and_verify_fault(scored, tmp_path: Path):
     shard.write_bytes(bytes(data))
     res = runner.invoke(main, ["verify", str(tmp_path / "o")])
     assert res.exit_code != 0 and "sha256" in res.output
+    (tmp_path / "o" / "old-dataset.tar").write_text("the user's")
+    res = runner.invoke(main, ["shard", str(src), "--scores", str(vit), "--out", str(tmp_path / "o"),
+                               "--quiet", "--overwrite"])
+    assert res.exit_code != 0 and "old-dataset.tar" in res.output
+    assert (tmp_path / "o" / "old-dataset.tar").read_text() == "the user's"
+    for out in (src, vit):  # --out is the source or a scores table: refused before anything is written
+        before = sorted(p.name for p in out.iterdir())
+        res = runner.invoke(main, ["shard", str(src), "--scores", str(vit), "--out", str(out), "--overwrite"])
+        assert res.exit_code != 0 and sorted(p.name for p in out.iterdir()) == before, res.output
 
 
 def test_shard_uses_the_class_map_the_scoring_used(small_demo: Path, tmp_path: Path):

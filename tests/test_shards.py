@@ -16,22 +16,13 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from curate.shards import (
-    FIXED_MTIME,
-    TAR_MODE,
-    TAR_OWNER,
-    SampleData,
-    ShardPlan,
-    image_ext,
-    info_json,
-    plan_shards,
-    sample_faults,
-    shard_manifest,
-    verify,
-    write_split,
-)
-from curate.sources import Item, read_bytes
-from curate.table import importance_from_bytes, importance_to_bytes, write_json
+from curate.common.atomic import write_json
+from curate.ingest.sources import Item, read_bytes
+from curate.score.table import importance_from_bytes, importance_to_bytes
+from curate.shard.format import SampleData, image_ext, write_index
+from curate.shard.plan import ShardPlan, plan_shards
+from curate.shard.verify import sample_faults, verify
+from curate.shard.writer import FIXED_MTIME, TAR_MODE, TAR_OWNER, write_split
 
 N_TRAIN, N_VAL, CLASSES = 25, 4, 4
 Load = Callable[[Sequence[str]], Iterator[SampleData]]
@@ -108,8 +99,7 @@ def plans(data: dict[str, dict[str, Row]]) -> dict[str, ShardPlan]:
 def write_all(out: Path, data: dict[str, dict[str, Row]]) -> dict[str, list]:
     infos = {s: write_split(out, p, make_loader(data[s])[0], resume=False, progress=False)
              for s, p in plans(data).items()}
-    write_json(out / "_info.json", info_json("demo", infos))
-    write_json(out / "manifest.json", {"selection_hash": "x", **shard_manifest(infos)})
+    write_index(out, "demo", infos, {"train": True, "validation": False}, CLASSES, extra={"selection_hash": "x"})
     return infos
 
 

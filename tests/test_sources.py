@@ -11,7 +11,7 @@ import polars as pl
 import pytest
 import webdataset as wds
 
-from curate.sources import (
+from curate.ingest.sources import (
     Item,
     SourceError,
     assign_keys,

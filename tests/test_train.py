@@ -60,8 +60,13 @@ def test_non_empty_out_and_missing_maps_are_clear_errors(toy: Path, tmp_path: Pa
     run = tmp_path / "run"
     run.mkdir()
     (run / "x").write_text("")
-    res = CliRunner().invoke(main, ["train", str(toy), "--out", str(run), *TINY])
-    assert res.exit_code != 0 and "--resume" in res.output
+    for extra in ((), ("--overwrite",), ("--resume",)):
+        res = CliRunner().invoke(main, ["train", str(toy), "--out", str(run), *TINY, *extra])
+        assert res.exit_code != 0 and "holds no curate run" in res.output and (run / "x").exists()
+    res = CliRunner().invoke(main, ["train", str(toy), "--out", str(toy), *TINY, "--overwrite"])
+    assert res.exit_code != 0 and "input folder" in res.output
+    res = CliRunner().invoke(main, ["train", str(toy), "--out", str(tmp_path / "r0"), *TINY, "--model", "resnet18"])
+    assert res.exit_code != 0 and "VisionTransformer" in res.output and not (tmp_path / "r0").exists()
     res = CliRunner().invoke(main, ["train", str(toy), "--out", str(tmp_path / "r1"), *TINY, "--crop-scale", "0.5", "0.2"])
     assert res.exit_code != 0 and "crop_scale" in res.output
     bare = write_shards(tmp_path / "no-maps", maps_on_val=False)
@@ -72,6 +77,22 @@ def test_non_empty_out_and_missing_maps_are_clear_errors(toy: Path, tmp_path: Pa
     assert last["val_acc_dropped"] is None  # the validation split has no maps to drop by
 
 
+def test_undecodable_samples_are_skipped_and_listed_and_a_run_of_nothing_but_them_stops(tmp_path: Path):
+    broken = {"train-1-0003", "train-2-0007", "validation-0-0001"}
+    shards = write_shards(tmp_path / "some", corrupt=lambda key: key in broken)
+    res = CliRunner().invoke(main, ["train", str(shards), "--out", str(tmp_path / "r1"), *TINY, "--epochs", "2"])
+    assert res.exit_code == 0, res.output
+    epochs = [r for r in records(tmp_path / "r1") if r["kind"] == "epoch"]
+    for e in epochs:  # 64 samples, 8 full batches: no sample is left unused, so both broken ones come up
+        assert e["unused"] == 0 and e["images"] == 62 and e["skipped"] == 2
+        assert sorted(s["key"] for s in e["skipped_keys"]) == ["train-1-0003", "train-2-0007"]
+        assert all("truncated image" in s["error"] for s in e["skipped_keys"])
+        assert e["val_images"] == 15 and e["val_skipped"] == 1
+    dead = write_shards(tmp_path / "dead", corrupt=lambda key: key.startswith("train"))
+    res = CliRunner().invoke(main, ["train", str(dead), "--out", str(tmp_path / "r2"), *TINY, "--epochs", "1"])
+    assert res.exit_code != 0 and "every training sample failed to decode" in res.output
+
+
 def _cli(*args: str) -> list[str]:
     return [sys.executable, str(ROOT / "cli.py"), *args]
 
@@ -80,6 +101,7 @@ def _final_weights(run: Path) -> dict[str, torch.Tensor]:
     return torch.load(run / "checkpoint.pt", weights_only=True)["model"]
 
 
+@pytest.mark.slow
 def test_sigkill_after_an_epoch_then_resume_equals_an_uninterrupted_run(toy: Path, tmp_path: Path):
     args = ["train", str(toy), *TINY, "--epochs", "3", "--keep", "0.5", "--workers", "1"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -7,15 +7,19 @@ from typing import Any
 
 import polars as pl
 
-from curate import evaluate, report, table
-from curate.demo import DemoConfig, make_demo
-from curate.demo_train import DemoTrain, baseline_shards, train_variants
-from curate.demo_train import plot as plot_training
-from curate.demo_train import render as render_train
-from curate.jobs import ScoreConfig, run_score
-from curate.proxies import RECIPES
-from curate.shard_job import ShardConfig, ShardResult, run_shard
-from curate.shards import verify
+from curate.common.atomic import write_json
+from curate.common.runfolder import RunFolder
+from curate.demo import evaluate
+from curate.demo.data import DemoConfig, make_demo
+from curate.demo.train import DemoTrain, baseline_shards, report_lines, train_variants
+from curate.demo.train import plot as plot_training
+from curate.score import inspect, table
+from curate.score.job import ScoreConfig, run_score
+from curate.score.proxies import RECIPES
+from curate.shard.job import ShardConfig, ShardResult, run_shard
+from curate.shard.verify import verify
+
+COMMAND = "demo"
 
 # Two proxies, each for what it learns fastest on CPU: the CNN ranks examples (EL2N, forgetting),
 # the plain ViT provides CLS-attention importance maps. `curate shard` joins tables by key.
@@ -26,61 +30,78 @@ AUC_COLUMNS = ("el2n", "loss", "margin", "forgetting", "el2n_mean", "margin_mean
 
 def run_demo(out: Path, seed: int = 0, workers: int = 2, progress: bool = True,
              per_class: int = 250, epochs: int | None = None, train: DemoTrain | None = None) -> str:
-    """Everything under `out` belongs to the demo and is rebuilt on every run.
+    """Generate, score, shard and train under `out`, and report. A previous demo run in `out`
+    is replaced (only its own files: anything else in `out` makes the demo refuse).
 
     per_class, epochs (proxy training; default: each recipe's) and train (the ViT trained on the
     shards; default: DemoTrain()) exist to run the same path small in tests.
     """
+    with RunFolder.open(out, COMMAND, "overwrite") as folder:
+        return _run(folder, seed, workers, progress, per_class, epochs, train)
+
+
+def _run(folder: RunFolder, seed: int, workers: int, progress: bool, per_class: int, epochs: int | None,
+         train: DemoTrain | None) -> str:
+    out = folder.root
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     data = out / "data"
-    make_demo(DemoConfig(root=data, seed=seed, per_class=per_class, val_per_class=max(2, per_class // 2)))
+    make_demo(DemoConfig(root=data, seed=seed, per_class=per_class, val_per_class=max(2, per_class // 2)),
+              claim=lambda names: folder.claim_many(f"data/{n}" for n in names))
     timings["generate_s"] = time.perf_counter() - t0
     metrics: dict[str, Any] = {"proxies": {}}
-    for folder, proxy in PROXIES.items():
+    for name, proxy in PROXIES.items():
         t1 = time.perf_counter()
-        run_score(ScoreConfig(source=str(data / "train"), out=out / folder, proxy=proxy,
+        run_score(ScoreConfig(source=str(data / "train"), out=folder.claim_run(name), proxy=proxy,
                               train_epochs=epochs or RECIPES[proxy].epochs, seed=seed, workers=workers,
                               overwrite=True, progress=progress))
-        timings[f"{folder}_s"] = time.perf_counter() - t1
-        metrics["proxies"][proxy] = proxy_metrics(out / folder, data)
+        timings[f"{name}_s"] = time.perf_counter() - t1
+        metrics["proxies"][proxy] = proxy_metrics(out / name, data)
     t1 = time.perf_counter()
-    score_validation(out, data, workers)
-    shard = run_shard(ShardConfig(str(data / "train"), tuple(out / f for f in PROXIES), out / "shards",
+    score_validation(folder, data, workers)
+    shard = run_shard(ShardConfig(str(data / "train"), tuple(out / f for f in PROXIES), folder.claim_run("shards"),
                                   keep=0.7, by=("el2n",), policy="ccs", dedup=DEDUP, val=str(data / "val"),
-                                  val_scores=out / "scores-val",
-                                  samples_per_shard=max(1, per_class // 2), shard_multiple=4, name="demo",
-                                  seed=seed,
-                                  overwrite=True, progress=progress))
+                                  val_scores=out / "scores-val", samples_per_shard=max(1, per_class // 2),
+                                  shard_multiple=4, name="demo", seed=seed, overwrite=True, progress=progress))
     timings["shard_s"] = time.perf_counter() - t1
     metrics["shard"] = shard_metrics(shard, out / "scores-cnn", data)
     t1 = time.perf_counter()
     train = train or DemoTrain(seed=seed, workers=workers)
-    baseline_shards(out, data, tuple(out / f for f in PROXIES), seed, max(1, per_class // 2), progress)
-    metrics["train"] = train_variants(out, train, progress)
+    baseline_shards(folder, data, tuple(out / f for f in PROXIES), seed, max(1, per_class // 2), progress)
+    metrics["train"] = train_variants(folder, train, progress)
     timings["train_s"] = time.perf_counter() - t1
-    plots = out / "plots"
-    plots.mkdir(parents=True, exist_ok=True)
-    report.plot_histograms(out / "scores-cnn", plots)
-    report.plot_importance(out / "scores-vit", plots)
-    plot_training(metrics["train"], plots)
+    _plots(folder, metrics)
     text = render_report(metrics, timings, out)
-    (out / "report.txt").write_text(text + "\n")
-    table.write_json(out / "report.json", {"metrics": metrics, "timing": timings})
+    folder.claim(REPORT_TEXT, REPORT_JSON)
+    (out / REPORT_TEXT).write_text(text + "\n")
+    write_json(out / REPORT_JSON, {"metrics": metrics, "timing": timings})
     return text
 
 
-def score_validation(out: Path, data: Path, workers: int) -> None:
+REPORT_TEXT, REPORT_JSON = "report.txt", "report.json"
+PLOTS = ("plots/score_histograms.png", "plots/importance_overlay.png", "plots/time_to_accuracy.png")
+
+
+def _plots(folder: RunFolder, metrics: dict[str, Any]) -> None:
+    folder.claim(*PLOTS)
+    plots = folder.root / "plots"
+    plots.mkdir(parents=True, exist_ok=True)
+    inspect.plot_histograms(folder.root / "scores-cnn", plots)
+    inspect.plot_importance(folder.root / "scores-vit", plots)
+    plot_training(metrics["train"], plots)
+
+
+def score_validation(folder: RunFolder, data: Path, workers: int) -> None:
     """Importance maps for the validation images from the trained ViT proxy, so that evaluation
     can also drop tokens by importance (val_acc_dropped)."""
-    run_score(ScoreConfig(source=str(data / "val"), out=out / "scores-val", proxy=PROXIES["scores-vit"],
-                          checkpoint=out / "scores-vit" / "proxy" / "model.pt", workers=workers, overwrite=True,
-                          progress=False))
+    run_score(ScoreConfig(source=str(data / "val"), out=folder.claim_run("scores-val"), proxy=PROXIES["scores-vit"],
+                          checkpoint=folder.root / "scores-vit" / "proxy" / "model.pt", workers=workers,
+                          overwrite=True, progress=False))
 
 
 def proxy_metrics(scores: Path, data: Path) -> dict[str, Any]:
     """One proxy's table against the truth: accuracy, label-noise AUCs, localisation."""
-    joined = evaluate.join_truth(pl.read_parquet(sorted(scores.glob(table.PART_GLOB))), data)
+    joined = evaluate.join_truth(table.scan(scores).collect(), data)
     ok = joined.filter(pl.col("status") == "ok")
     has_maps = ok["importance"].is_not_null().any()
     return {
@@ -96,7 +117,7 @@ def proxy_metrics(scores: Path, data: Path) -> dict[str, Any]:
 def shard_metrics(result: ShardResult, scores: Path, data: Path) -> dict[str, Any]:
     """What the selection removed, duplicate detection, and whether the shards read back."""
     sel = result.selection
-    sources = pl.scan_parquet(scores / table.PART_GLOB).select("key", "source").collect()
+    sources = table.scan(scores).select("key", "source").collect()
     joined = evaluate.join_truth(sel.join(sources, on="key"), data)
     flipped = joined.filter(pl.col("flipped"))
     assert result.manifest is not None
@@ -150,7 +171,7 @@ def render_report(all_metrics: dict[str, Any], t: dict[str, float], out: Path) -
         f"timm: --dataset wds/demo --data-dir {out / 'shards'}",
         f"  time: shard {t['shard_s']:.1f}s",
     ]
-    lines += render_train(all_metrics["train"])
+    lines += report_lines(all_metrics["train"])
     lines += [f"  time: baseline shards + training {t['train_s']:.0f}s"]
     lines += ["", f"  outputs: {out}/scores-*/ (polars.scan_parquet('{out}/scores-cnn/*.parquet')), "
               f"{out}/plots/, {out}/report.json"]

@@ -11,8 +11,8 @@ from typing import Any, Sequence
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from curate.decode import DEFAULT_MAX_PIXELS, content_hash, decode_image
-from curate.sources import Item, read_bytes
+from curate.ingest.decode import DEFAULT_MAX_PIXELS, content_hash, decode_image
+from curate.ingest.sources import Item, read_bytes
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,8 @@
-"""Image bytes -> a fixed-size RGB uint8 tensor, or a readable one-line error.
+"""The one image decoder: bytes -> an upright RGB image, or a readable one-line error.
+
+Scoring (`decode_image`: a fixed-size uint8 tensor) and training (`decode_rgb`: the full image
+for random crops, through the shard format's reader) both go through `_upright_rgb`, so the
+proxy and the trained model see the same pixels for every image mode.
 
 `decode_image` never raises on bad input: a broken file becomes `Decoded(error=...)`, a row
 in the scores table (DESIGN.md, "failures are data"). The whole image is squash-resized to
@@ -63,12 +67,37 @@ def decode_image_reference(
     return _decode(data, size, max_pixels, draft=False)
 
 
+class DecodeError(ValueError):
+    """An image that cannot be decoded; the message is one line, "<category>: <reason>"."""
+
+
+def decode_rgb(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """The whole image, upright (EXIF applied) and in RGB, at full resolution: what training
+    crops from. The same conversion as `decode_image`, so scoring and training see the same
+    pixels for every mode (alpha over black, 16-bit rescaled, CMYK, palette). Raises
+    DecodeError on bad input."""
+    image, _, _, error = _upright_rgb(data, max_pixels, draft_size=None)
+    if image is None:
+        raise DecodeError(error)
+    return image
+
+
 def _decode(data: bytes, size: int, max_pixels: int, draft: bool) -> Decoded:
     """Shared body of the fast and reference paths."""
     if size < 1:
         raise ValueError(f"size must be >= 1, got {size}")  # a caller bug, not bad data
+    image, width, height, error = _upright_rgb(data, max_pixels, size if draft else None)
+    if image is None:
+        return Decoded(None, width, height, error)
+    return Decoded(to_tensor(image.resize((size, size), Image.Resampling.BILINEAR)), width, height, "")
+
+
+def _upright_rgb(data: bytes, max_pixels: int, draft_size: int | None
+                 ) -> tuple[Image.Image | None, int, int, str]:
+    """(RGB image or None, width, height after EXIF, error): the one decoder. Never raises on
+    bad input."""
     if not data:
-        return Decoded(None, 0, 0, "empty file")
+        return None, 0, 0, "empty file"
     # PIL warns per image (bomb, palette transparency, EXIF quirks); in DataLoader workers
     # that floods stderr, and every failure that matters is already reported as an error.
     with warnings.catch_warnings():
@@ -76,36 +105,36 @@ def _decode(data: bytes, size: int, max_pixels: int, draft: bool) -> Decoded:
         try:
             im = Image.open(io.BytesIO(data))
         except Exception as exc:
-            return Decoded(None, 0, 0, describe_error(exc, data))
+            return None, 0, 0, describe_error(exc, data)
         header_size = im.size  # draft shrinks im.size, and load failures come after it
         try:
-            return _decode_opened(im, size, max_pixels, draft)
+            return _decode_opened(im, max_pixels, draft_size)
         except Exception as exc:
             width, height = _error_size(im, header_size)
-            return Decoded(None, width, height, describe_error(exc, data))
+            return None, width, height, describe_error(exc, data)
 
 
-def _decode_opened(im: Image.Image, size: int, max_pixels: int, draft: bool) -> Decoded:
-    """Header checks, reduced-scale decode, orientation, RGB, resize."""
+def _decode_opened(im: Image.Image, max_pixels: int, draft_size: int | None
+                   ) -> tuple[Image.Image | None, int, int, str]:
+    """Header checks, reduced-scale decode, orientation, RGB."""
     header_w, header_h = im.size  # before draft: draft shrinks im.size to the decoded scale
     problem = _header_problem(header_w, header_h, max_pixels)
     if problem:
         width, height = _error_size(im, (header_w, header_h))
-        return Decoded(None, width, height, problem)
+        return None, width, height, problem
     # libjpeg's DCT scaling: decode at the smallest 1/1..1/8 scale still >= size on both axes.
     # Measured on a 2000x1500 photo-like JPEG (q90, 626 kB), one CPU core: to size 64,
     # 17.9 -> 5.6 ms (3.2x); to 224, 25.2 -> 13.4 ms (1.9x). Huffman decoding of the whole
     # file remains, so the gain is below 8x. Pixels differ from a full decode by ~0.7/255 on
     # average. A no-op for formats other than JPEG.
-    if draft:
-        im.draft("RGB", (size, size))
+    if draft_size is not None:
+        im.draft("RGB", (draft_size, draft_size))
     im.load()
     orientation = _orientation(im)
     if orientation in range(2, 9):
         im = ImageOps.exif_transpose(im)  # skipped for 1: it would return a needless copy
     width, height = _oriented(header_w, header_h, orientation)
-    image = to_tensor(to_rgb(im).resize((size, size), Image.Resampling.BILINEAR))
-    return Decoded(image, width, height, "")
+    return to_rgb(im), width, height, ""
 
 
 def _header_problem(width: int, height: int, max_pixels: int) -> str:

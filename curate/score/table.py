@@ -1,21 +1,22 @@
-"""The scores table: Parquet part files with an explicit schema, plus `manifest.json`.
+"""The scores table: the one contract between `curate score` and every reader of its output.
 
-One row per input key, errors included. Parts are written under a temporary name and renamed
-when complete, so a part that exists is whole: resume skips it. Read everything with
-`polars.scan_parquet("OUT/*.parquet")`.
+Parquet part files with an explicit schema and `schema_version` in each file's metadata, plus
+`manifest.json`. One row per input key, errors included. Parts are written under a temporary
+name and renamed when complete, so a part that exists is whole: resume skips it. Readers go
+through `parts`/`scan`, which refuse a table of another schema version; users read everything
+with `polars.scan_parquet("OUT/*.parquet")`.
 """
 from __future__ import annotations
 
-import hashlib
-import json
-import os
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping
+from typing import Any, Mapping
 
 import numpy as np
+import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from curate.common.atomic import atomic_path, read_json_object
 
 SCHEMA_VERSION = 1
 PART_GLOB = "part-*.parquet"
@@ -56,7 +57,7 @@ def schema(embed_dim: int, metadata: Mapping[str, str] | None = None) -> pa.Sche
 
     `embedding` is the proxy's pre-logit features (semantic); `thumbnail` keeps the pixels'
     layout, which is what tells a near-copy from another image of the same class when the
-    proxy is small (see curate/embeddings.py).
+    proxy is small (see curate/select/embeddings.py).
     """
     fields = [*BASE_FIELDS, pa.field("embedding", pa.list_(pa.float32(), embed_dim)),
               pa.field("thumbnail", pa.list_(pa.uint8(), 3 * THUMB_SIDE ** 2))]
@@ -72,15 +73,6 @@ def importance_to_bytes(grid: np.ndarray) -> bytes:
 def importance_from_bytes(data: bytes, h: int, w: int) -> np.ndarray:
     """Inverse of `importance_to_bytes`: a float16 [h, w] array."""
     return np.frombuffer(data, dtype="<f2").reshape(h, w)
-
-
-@contextmanager
-def atomic_path(path: Path) -> Iterator[Path]:
-    """Yield `.NAME.tmp` beside `path` to write to; rename it to `path` only if the body succeeds,
-    so a reader (or a resume) never sees a half-written file under the final name."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    yield tmp
-    os.replace(tmp, path)
 
 
 def part_path(out: Path, index: int) -> Path:
@@ -99,27 +91,44 @@ def done_parts(out: Path) -> set[int]:
     return {int(p.stem.split("-")[1]) for p in out.glob(PART_GLOB)}
 
 
-def file_sha256(path: Path) -> str:
-    """sha256 of a file, read in 1 MiB blocks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def read_schema_version(path: Path) -> int:
     meta = pq.read_schema(path).metadata or {}
     return int(meta.get(b"schema_version", b"0"))
 
 
-def write_json(path: Path, obj: Any) -> None:
-    """JSON written atomically, keys sorted so the same content gives the same bytes."""
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+class SchemaError(ValueError):
+    """A scores table this version of curate cannot read; the message says why."""
 
 
-def iter_rows_columns(parts: Iterable[Path], columns: list[str]) -> Iterable[pa.RecordBatch]:
-    """Stream selected columns of the parts batch by batch (bounded memory)."""
-    for part in parts:
-        yield from pq.ParquetFile(part).iter_batches(columns=columns)
+def parts(out: Path) -> list[Path]:
+    """The part files of a scores table, sorted, each checked for the schema version (a footer
+    read, no data)."""
+    found = sorted(Path(out).glob(PART_GLOB))
+    if not found:
+        raise FileNotFoundError(f"no {PART_GLOB} in {out}: run `curate score` first")
+    for part in found:
+        try:
+            version = read_schema_version(part)
+        except (OSError, ValueError, pa.ArrowException) as e:
+            raise SchemaError(f"{part} is not a readable Parquet part: {e}") from e
+        if version != SCHEMA_VERSION:
+            raise SchemaError(f"{part} has scores schema_version {version}; this curate reads version "
+                              f"{SCHEMA_VERSION}: score again with this version, or use the curate that wrote it")
+    return found
+
+
+def scan(out: Path) -> pl.LazyFrame:
+    """The whole table, lazily, after `parts` checked it."""
+    return pl.scan_parquet(parts(out))
+
+
+MANIFEST = "manifest.json"
+
+
+def read_manifest(out: Path) -> dict[str, Any]:
+    """manifest.json of a finished `curate score` run, checked for the schema version."""
+    manifest = read_json_object(Path(out) / MANIFEST, "is it a finished `curate score` output?")
+    if manifest.get("schema_version") != SCHEMA_VERSION:
+        raise SchemaError(f"{out}/{MANIFEST} has schema_version {manifest.get('schema_version')!r}; this curate "
+                          f"reads version {SCHEMA_VERSION}")
+    return manifest

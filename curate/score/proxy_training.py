@@ -18,11 +18,12 @@ from timm.optim import param_groups_weight_decay
 from torch import nn
 from tqdm import tqdm
 
-from curate import scoring
-from curate.loader import DecodedItems, make_loader
-from curate.proxies import Recipe, normalizer, to_model_input
-from curate.table import atomic_path
-from curate.sources import Item
+from curate.common.atomic import atomic_path
+from curate.common.schedule import warmup_cosine
+from curate.ingest.sources import Item
+from curate.score import metrics
+from curate.score.loader import DecodedItems, make_loader
+from curate.score.proxies import Recipe, normalizer, to_model_input
 
 
 @dataclass
@@ -47,7 +48,7 @@ class Dynamics:
         skipped epoch).
         """
         skip = skip if skip < self.correct.shape[0] else 0
-        return {"forgetting": scoring.forgetting_counts(self.correct[skip:]).int(),
+        return {"forgetting": metrics.forgetting_counts(self.correct[skip:]).int(),
                 "el2n_mean": self.el2n[skip:].nanmean(0), "margin_mean": self.margin[skip:].nanmean(0)}
 
 
@@ -59,14 +60,6 @@ class TrainSetup:
     device: torch.device
     seed: int
     state_path: Path  # resumable state, rewritten after each epoch
-
-
-def lr_at(step: int, total: int, warmup: int, peak: float) -> float:
-    """Linear warmup to `peak`, then cosine to zero."""
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return peak * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
 def augment(images: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -104,8 +97,8 @@ def train_proxy(model: nn.Module, items: Sequence[Item], recipe: Recipe, setup: 
                    disable=not progress)
         for step, (idx, images, metas) in enumerate(bar, start=epoch * steps_per_epoch):
             for group in opt.param_groups:
-                group["lr"] = lr_at(step, setup.epochs * steps_per_epoch,
-                                    int(recipe.warmup_epochs * steps_per_epoch), peak)
+                group["lr"] = warmup_cosine(step, setup.epochs * steps_per_epoch,
+                                            int(recipe.warmup_epochs * steps_per_epoch), peak)
             ok = torch.tensor([m.error == "" for m in metas]) & (labels[idx] >= 0)
             if not ok.any():
                 continue
@@ -123,7 +116,7 @@ def train_proxy(model: nn.Module, items: Sequence[Item], recipe: Recipe, setup: 
 
 
 def _record(dyn: Dynamics, epoch: int, idx: torch.Tensor, logits: torch.Tensor, y: torch.Tensor) -> None:
-    s = scoring.example_scores(logits, y)
+    s = metrics.example_scores(logits, y)
     dyn.correct[epoch, idx] = s["pred"] == y
     dyn.el2n[epoch, idx] = s["el2n"]
     dyn.margin[epoch, idx] = s["margin"]

@@ -44,16 +44,6 @@ def forgetting_counts(correct: torch.Tensor) -> torch.Tensor:
     return torch.where(never, torch.full_like(events, correct.shape[0]), events)
 
 
-def cls_attention(q: torch.Tensor, k: torch.Tensor, num_prefix: int) -> torch.Tensor:
-    """Head-averaged attention of the CLS query to every patch key: (B, N - num_prefix).
-
-    q, k: (B, H, N, Dh) after any q/k norm. Only the CLS row is computed: O(N) not O(N^2).
-    """
-    scale = q.shape[-1] ** -0.5
-    logits = (q[:, :, :1] * scale) @ k.transpose(-2, -1)  # (B, H, 1, N)
-    return logits.float().softmax(-1).mean(1)[:, 0, num_prefix:]
-
-
 def attention_rollout(attns: list[torch.Tensor], num_prefix: int) -> torch.Tensor:
     """Attention rollout (Abnar & Zuidema 2020) of the CLS token over patches: (B, N - num_prefix).
 

@@ -6,7 +6,7 @@ the pre-logit embedding and, for ViT-family proxies, the patch-importance map.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -14,8 +14,10 @@ import timm
 import torch
 from torch import nn
 
-from curate import scoring
-from curate.table import file_sha256
+from curate.common.atomic import file_sha256
+from curate.common.registry import Registry
+from curate.common.vit import cls_attention, qkv_heads
+from curate.score import metrics
 
 
 @dataclass(frozen=True)
@@ -32,12 +34,13 @@ class Recipe:
     note: str = ""  # when to use it
 
 
-RECIPES: dict[str, Recipe] = {}
+RECIPES: Registry[Recipe] = Registry("proxy recipe")
 
 
 def register_recipe(name: str) -> Callable[[Callable[[], Recipe]], Callable[[], Recipe]]:
+    """A recipe is registered as the Recipe its function returns (the function documents it)."""
     def wrap(fn: Callable[[], Recipe]) -> Callable[[], Recipe]:
-        RECIPES[name] = fn()
+        RECIPES.add(name, fn())
         return fn
     return wrap
 
@@ -143,13 +146,6 @@ def resolve_blocks(blocks: Sequence[int] | None, depth: int) -> tuple[int, ...]:
     return tuple(sorted({b % depth for b in chosen}))
 
 
-def _qk(attn: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Queries and keys of a timm Attention for its input x (B, N, D): (B, H, N, Dh) each."""
-    B, N, _ = x.shape
-    qkv = attn.qkv(x).reshape(B, N, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4)
-    return attn.q_norm(qkv[0]), attn.k_norm(qkv[1])
-
-
 @dataclass
 class ProxyOutput:
     logits: torch.Tensor  # (B, C)
@@ -175,9 +171,9 @@ class ProxyModel:
     def _capture(self, attn: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
         if not self._capturing:
             return
-        q, k = _qk(attn, args[0])
+        q, k, _ = qkv_heads(attn, args[0])
         if self.importance == "cls":
-            self._captured.append(scoring.cls_attention(q, k, self.model.num_prefix_tokens))
+            self._captured.append(cls_attention(q, k, self.model.num_prefix_tokens))
         else:  # rollout needs the full matrix of every block
             self._captured.append((q * attn.scale @ k.transpose(-2, -1)).float().softmax(-1))
 
@@ -211,16 +207,13 @@ class ProxyModel:
         if self.importance == "none":
             return None
         if self.importance == "rollout":
-            patch = scoring.attention_rollout(self._captured, self.model.num_prefix_tokens)
+            patch = metrics.attention_rollout(self._captured, self.model.num_prefix_tokens)
         else:
             patch = torch.stack(self._captured).mean(0)
-        return scoring.to_grid(patch, self.grid)
+        return metrics.to_grid(patch, self.grid)
 
 
 def _autocast(device: torch.device) -> Any:
     """bf16 autocast on CUDA (scores are computed in fp32 from the logits); nothing on CPU."""
     return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
 
-
-def recipe_dict(recipe: Recipe) -> dict[str, Any]:
-    return asdict(recipe)

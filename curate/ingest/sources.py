@@ -68,6 +68,15 @@ def read_bytes(item: Item) -> bytes:
     return data
 
 
+def index_sha256(items: Sequence[Item]) -> str:
+    """sha256 over (key, source, label) of every item in order: the identity of an input list,
+    recorded by `curate score` and checked by every later stage that reads the same source."""
+    h = hashlib.sha256()
+    for it in items:
+        h.update(f"{it.key}\t{it.source}\t{it.label}\n".encode())
+    return h.hexdigest()
+
+
 # --- keys -------------------------------------------------------------------------------------
 
 

@@ -2,7 +2,7 @@
 
 OUT/selection.parquet holds every input key with kept yes/no and the reason; the shards hold the
 kept samples with their original bytes, label, scores and importance map; `_info.json` lets timm
-read them unchanged and `manifest.json` records what made them (see curate/shards.py).
+read them unchanged and `manifest.json` records what made them (see curate/shard/format.py).
 
 Memory: per input, only columns of scalars and keys (selection, shard plan, item fields) and,
 with --dedup/--prototypes, the one vector matrix faiss searches. Importance maps are copied from
@@ -11,9 +11,7 @@ its own contiguous slice of it, so no map of the whole table is ever held in mem
 """
 from __future__ import annotations
 
-import json
 import os
-import shutil
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -25,15 +23,21 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from curate import shards, table
-from curate.decode import decode_image
-from curate.embeddings import embedding_columns
-from curate.jobs import index_sha256, versions
-from curate.select import SelectConfig, load_scores, select, selection_hash
-from curate.sources import Item, open_source, read_bytes
+from curate.common.atomic import atomic_path, jsonable
+from curate.common.runfolder import RunFolder, mode_of
+from curate.common.runtime import versions
+from curate.ingest.decode import decode_image
+from curate.ingest.sources import Item, index_sha256, open_source, read_bytes
+from curate.score import table
+from curate.select.embeddings import embedding_columns
+from curate.select.policies import SelectConfig, load_scores, select, selection_hash
+from curate.shard import format as fmt
+from curate.shard.plan import ShardPlan, plan_shards
+from curate.shard.writer import write_split
 
-OUTPUTS = ("*.tar", ".*.tmp", "_info.json", "manifest.json", "selection.parquet", "config.json")
+COMMAND = "shard"
 RESUME_FREE = ("resume", "overwrite", "dry_run", "progress", "workers")
+SELECTION = "selection.parquet"
 # Item fields as columns: the shard writers get kept inputs as slices of these, not as objects.
 ITEM_SCHEMA = {"key": pl.String, "source": pl.String, "label": pl.Int64, "class_name": pl.String,
                "path": pl.String, "offset": pl.Int64, "size": pl.Int64}
@@ -46,7 +50,7 @@ class ShardConfig:
     out: Path  # output folder for shards and indexes
     keep: float | int = 0.7  # fraction (0, 1] of the candidates, or a count
     by: tuple[str, ...] = ("el2n",)  # score column(s) to rank by; several are rank-averaged
-    policy: str = "ccs"  # hard | easy | ccs | random (see curate/select.py)
+    policy: str = "ccs"  # hard | easy | ccs | random (see curate/select/policies.py)
     beta: float = 0.1  # ccs: hardest fraction dropped first (mislabelled examples live there)
     strata: int = 50  # ccs: score bins sampled evenly
     class_balanced: bool = False  # apply the keep fraction per class
@@ -69,8 +73,7 @@ class ShardConfig:
     def __post_init__(self) -> None:
         if not self.scores:
             raise ValueError("give at least one --scores folder")
-        if self.resume and self.overwrite:
-            raise ValueError("--resume and --overwrite exclude each other")
+        mode_of(self.resume, self.overwrite)
         if self.samples_per_shard < 1 or self.shard_multiple < 1:
             raise ValueError("--samples-per-shard and --shard-multiple must be >= 1")
         if self.dedup is not None and not 0.0 < self.dedup < 1.0:
@@ -84,8 +87,7 @@ class ShardConfig:
                             min_per_class=self.min_per_class, dedup=self.dedup is not None, seed=self.seed)
 
     def fingerprint(self) -> dict[str, Any]:
-        d = {k: v for k, v in asdict(self).items() if k not in RESUME_FREE}
-        return json.loads(json.dumps(d, default=str))
+        return jsonable({k: v for k, v in asdict(self).items() if k not in RESUME_FREE})
 
 
 @dataclass
@@ -100,7 +102,7 @@ class ShardResult:
 def run_shard(cfg: ShardConfig) -> ShardResult:
     t0 = time.perf_counter()
     sel_cfg = cfg.select_config()
-    manifests = [_scores_manifest(d) for d in cfg.scores]
+    manifests = [table.read_manifest(d) for d in cfg.scores]
     extra = _embedding_extra(cfg) if cfg.dedup is not None or cfg.prototypes else None
     sel = select(load_scores(cfg.scores, sel_cfg.by), sel_cfg, extra)
     if extra is not None and cfg.dedup is not None:  # say which image each dropped one duplicates
@@ -108,17 +110,30 @@ def run_shard(cfg: ShardConfig) -> ShardResult:
     per_class = per_class_counts(sel)
     if cfg.dry_run:
         return ShardResult(cfg.out, sel, per_class, None, time.perf_counter() - t0)
+    # Everything that can fail on the inputs fails before --out is touched.
     items = _check_source(cfg, manifests, sel.filter(pl.col("kept")))
-    _prepare_out(cfg)
-    _write_parquet(cfg.out / "selection.parquet", sel)
-    maps_dir = _maps_dir(cfg.scores)
-    splits = {"train": _write_train(cfg, sel, items, manifests, maps_dir)}
-    if cfg.val is not None:
-        splits["validation"] = _write_validation(cfg)
-    table.write_json(cfg.out / "_info.json", shards.info_json(cfg.name, splits))
-    manifest = _manifest(cfg, sel, manifests, splits, maps_dir is not None, time.perf_counter() - t0)
-    table.write_json(cfg.out / "manifest.json", manifest)
+    plan = _train_plan(cfg, sel)
+    val = _validation(cfg) if cfg.val is not None else None
+    with _open_out(cfg, [plan] + ([val.plan] if val is not None else [])):
+        _write_parquet(cfg.out / SELECTION, sel)
+        maps_dir = _maps_dir(cfg.scores)
+        splits = {"train": _write_train(cfg, plan, sel, items, manifests, maps_dir)}
+        maps = {"train": maps_dir is not None}
+        if val is not None:
+            splits["validation"], maps["validation"] = _write_validation(cfg, val), bool(val.maps)
+        labels = [int(sel["label"].max())] + ([max(it.label for it in val.items.values())] if val else [])
+        manifest = fmt.write_index(cfg.out, cfg.name, splits, maps, num_classes=max(labels) + 1,
+                                   extra=_manifest(cfg, sel, manifests, time.perf_counter() - t0))
     return ShardResult(cfg.out, sel, per_class, manifest, time.perf_counter() - t0)
+
+
+def _open_out(cfg: ShardConfig, plans: Sequence[ShardPlan]) -> RunFolder:
+    """The run folder, with every file this run writes claimed before the first is written."""
+    sources = [Path(p) for p in (cfg.source, cfg.val, *cfg.scores) if p is not None and Path(p).is_dir()]
+    folder = RunFolder.open(cfg.out, COMMAND, mode_of(cfg.resume, cfg.overwrite), config=cfg.fingerprint(),
+                            free=RESUME_FREE, sources=sources)
+    folder.claim(SELECTION, fmt.INFO, fmt.MANIFEST, *(name for p in plans for name in p.filenames))
+    return folder
 
 
 def per_class_counts(sel: pl.DataFrame) -> pl.DataFrame:
@@ -126,13 +141,6 @@ def per_class_counts(sel: pl.DataFrame) -> pl.DataFrame:
             .agg(inputs=pl.len(), kept=pl.col("kept").sum(), errors=(pl.col("reason") == "error").sum(),
                  duplicates=(pl.col("reason") == "duplicate").sum())
             .sort("label"))
-
-
-def _scores_manifest(scores_dir: Path) -> dict[str, Any]:
-    path = scores_dir / "manifest.json"
-    if not path.exists():
-        raise FileNotFoundError(f"{scores_dir} has no manifest.json: is it a finished `curate score` output?")
-    return json.loads(path.read_text())
 
 
 def _embedding_extra(cfg: ShardConfig) -> pl.DataFrame:
@@ -155,34 +163,22 @@ def _check_source(cfg: ShardConfig, manifests: list[dict[str, Any]], kept: pl.Da
     return pl.DataFrame(columns, schema=ITEM_SCHEMA).join(kept.select("key"), on="key", how="semi")
 
 
-def _prepare_out(cfg: ShardConfig) -> None:
-    out, fingerprint = cfg.out, cfg.fingerprint()
-    if out.exists() and any(out.iterdir()):
-        if cfg.overwrite:
-            for pattern in OUTPUTS:
-                for path in out.glob(pattern):
-                    shutil.rmtree(path) if path.is_dir() else path.unlink()
-        elif not cfg.resume:
-            raise FileExistsError(f"{out} is not empty: pass --resume to continue that run or --overwrite")
-        elif not (out / "config.json").exists() or \
-                json.loads((out / "config.json").read_text()) != fingerprint:
-            raise ValueError(f"cannot resume in {out}: it holds a run with other settings; use --overwrite")
-    out.mkdir(parents=True, exist_ok=True)
-    table.write_json(out / "config.json", fingerprint)
-
-
 def _write_parquet(path: Path, df: pl.DataFrame) -> None:
-    with table.atomic_path(path) as tmp:
+    with atomic_path(path) as tmp:
         df.write_parquet(tmp)
 
 
-def _write_train(cfg: ShardConfig, sel: pl.DataFrame, items: pl.DataFrame,
-                 manifests: list[dict[str, Any]], maps_dir: Path | None) -> list[shards.ShardInfo]:
+def _train_plan(cfg: ShardConfig, sel: pl.DataFrame) -> ShardPlan:
     kept = sel.filter(pl.col("kept"))
     if kept.is_empty():
         raise ValueError("the selection keeps no sample: nothing to shard")
-    plan = shards.plan_shards(kept["key"].to_list(), "train", cfg.name, cfg.samples_per_shard,
-                              cfg.shard_multiple, cfg.seed)
+    return plan_shards(kept["key"].to_list(), "train", cfg.name, cfg.samples_per_shard, cfg.shard_multiple,
+                       cfg.seed)
+
+
+def _write_train(cfg: ShardConfig, plan: ShardPlan, sel: pl.DataFrame, items: pl.DataFrame,
+                 manifests: list[dict[str, Any]], maps_dir: Path | None) -> list[fmt.ShardInfo]:
+    kept = sel.filter(pl.col("kept"))
     order = pl.DataFrame({"key": [k for keys in plan.shards for k in keys]}).with_row_index("pos")
     rows, score_cols = _train_rows(cfg, order, kept, items)
     proxies = [{"name": m["proxy"]["name"], "checkpoint_sha256": m["proxy"].get("checkpoint_sha256", "")[:16]}
@@ -192,7 +188,7 @@ def _write_train(cfg: ShardConfig, sel: pl.DataFrame, items: pl.DataFrame,
     with tempfile.TemporaryFile(dir=cfg.out) as scratch:
         maps = _map_store(maps_dir, order, scratch.fileno()) if maps_dir is not None else None
         loader = TrainSamples(plan, rows, score_cols, maps, cfg.by, proxies)
-        return shards.write_split(cfg.out, plan, loader, cfg.resume, cfg.progress, cfg.workers)
+        return write_split(cfg.out, plan, loader, cfg.resume, cfg.progress, cfg.workers)
 
 
 def _train_rows(cfg: ShardConfig, order: pl.DataFrame, kept: pl.DataFrame,
@@ -202,7 +198,7 @@ def _train_rows(cfg: ShardConfig, order: pl.DataFrame, kept: pl.DataFrame,
     rows = order.join(kept.select("key", "score"), on="key", how="left")
     score_cols = ["score"]
     for i, d in enumerate(cfg.scores):
-        scan = pl.scan_parquet(d / table.PART_GLOB)
+        scan = table.scan(d)
         cols = [c for c in cfg.by if c in scan.collect_schema().names()]
         named = {c: f"{c}@{i}" for c in cols}
         rows = rows.join(scan.select("key", *cols).rename(named).collect(), on="key", how="left")
@@ -215,7 +211,7 @@ def _maps_dir(dirs: Sequence[Path]) -> Path | None:
     """The first table whose rows carry importance maps (e.g. the ViT proxy's). The grid size
     is written with every map, so its small int column answers without reading the maps."""
     for d in dirs:
-        has = pl.scan_parquet(d / table.PART_GLOB).select(pl.col("importance_h").is_not_null().any())
+        has = table.scan(d).select(pl.col("importance_h").is_not_null().any())
         if has.collect().item():
             return d
     return None
@@ -251,7 +247,7 @@ def _map_store(maps_dir: Path, order: pl.DataFrame, fd: int) -> MapStore:
     A key join on the small columns first gives every table row its plan position (-1: not
     kept); the maps themselves are then streamed without their keys, in the same row order.
     """
-    parts = sorted(maps_dir.glob(table.PART_GLOB))
+    parts = table.parts(maps_dir)
     index = (pl.scan_parquet(parts).select("key", "importance_h", "importance_w").with_row_index("row")
              .join(order.lazy(), on="key", how="inner").filter(pl.col("importance_h").is_not_null())
              .select("row", "pos", "importance_h", "importance_w").collect())
@@ -286,14 +282,14 @@ class TrainSamples:
     plan-ordered columns and one read of the map store per shard. Columns and the store are
     read-only after fork, so writer processes share them instead of copying per-key objects."""
 
-    def __init__(self, plan: shards.ShardPlan, rows: pa.Table, score_cols: Sequence[str],
+    def __init__(self, plan: ShardPlan, rows: pa.Table, score_cols: Sequence[str],
                  maps: MapStore | None, by: Sequence[str], proxies: list[dict[str, str]]):
         self.plan, self.rows, self.score_cols, self.maps = plan, rows, list(score_cols), maps
         self.by, self.proxies = list(by), proxies
         starts = np.cumsum([0, *(len(keys) for keys in plan.shards)]).tolist()
         self.shard_at = {keys[0]: (i, starts[i]) for i, keys in enumerate(plan.shards) if keys}
 
-    def __call__(self, keys: Sequence[str]) -> Iterator[shards.SampleData]:
+    def __call__(self, keys: Sequence[str]) -> Iterator[fmt.SampleData]:
         start = self._start(keys)
         stop = start + len(keys)
         maps = self.maps.read(start, stop) if self.maps is not None else [None] * len(keys)
@@ -301,7 +297,7 @@ class TrainSamples:
             item = Item(**{name: row[name] for name in ITEM_SCHEMA})
             meta = {"class_name": item.class_name, "source": item.source,
                     "scores": {c: row[c] for c in self.score_cols}, "by": self.by, "proxies": self.proxies}
-            yield shards.SampleData(item.key, read_bytes(item), item.label, meta, grid)
+            yield fmt.SampleData(item.key, read_bytes(item), item.label, meta, grid)
 
     def _start(self, keys: Sequence[str]) -> int:
         """Plan position of the shard whose keys these are (the writer asks for whole shards)."""
@@ -311,28 +307,40 @@ class TrainSamples:
         return start
 
 
-def _write_validation(cfg: ShardConfig) -> list[shards.ShardInfo]:
+@dataclass(frozen=True)
+class Validation:
+    """The validation split, planned (and checked) before anything is written."""
+
+    items: dict[str, Item]  # every input of --val, by key
+    plan: ShardPlan  # the decodable ones, unpruned
+    maps: dict[str, np.ndarray]  # key -> importance map, with --val-scores; else empty
+
+
+def _validation(cfg: ShardConfig) -> Validation:
     """The validation source, unpruned; files that do not decode are left out and counted.
     With `val_scores`, every sample carries its importance map (evaluation with dropped tokens)."""
     assert cfg.val is not None
     items = {it.key: it for it in open_source(cfg.val)}
     good = [k for k, it in items.items() if decode_image(read_bytes(it), 16).ok]
-    plan = shards.plan_shards(good, "validation", cfg.name, cfg.samples_per_shard, 1, cfg.seed)
+    plan = plan_shards(good, "validation", cfg.name, cfg.samples_per_shard, 1, cfg.seed)
     maps = _validation_maps(cfg.val_scores, good) if cfg.val_scores is not None else {}
+    return Validation(items, plan, maps)
 
-    def load(keys: Sequence[str]) -> Iterator[shards.SampleData]:
+
+def _write_validation(cfg: ShardConfig, val: Validation) -> list[fmt.ShardInfo]:
+    def load(keys: Sequence[str]) -> Iterator[fmt.SampleData]:
         for key in keys:
-            it = items[key]
-            yield shards.SampleData(key, read_bytes(it), it.label,
-                                    {"class_name": it.class_name, "source": it.source}, maps.get(key))
+            it = val.items[key]
+            yield fmt.SampleData(key, read_bytes(it), it.label, {"class_name": it.class_name, "source": it.source},
+                                 val.maps.get(key))
 
-    return shards.write_split(cfg.out, plan, load, cfg.resume, cfg.progress, cfg.workers)
+    return write_split(cfg.out, val.plan, load, cfg.resume, cfg.progress, cfg.workers)
 
 
 def _validation_maps(scores: Path, keys: Sequence[str]) -> dict[str, np.ndarray]:
     """key -> importance grid from a score table over the validation source (held in memory:
     validation sets are small). Every decodable key must have one."""
-    rows = (pl.scan_parquet(scores / table.PART_GLOB)
+    rows = (table.scan(scores)
             .filter(pl.col("importance").is_not_null())
             .select("key", "importance", "importance_h", "importance_w").collect())
     maps = {k: table.importance_from_bytes(b, h, w) for k, b, h, w in rows.iter_rows()}
@@ -343,11 +351,11 @@ def _validation_maps(scores: Path, keys: Sequence[str]) -> dict[str, np.ndarray]
     return maps
 
 
-def _manifest(cfg: ShardConfig, sel: pl.DataFrame, manifests: list[dict[str, Any]],
-              splits: dict[str, list[shards.ShardInfo]], has_maps: bool, seconds: float) -> dict[str, Any]:
+def _manifest(cfg: ShardConfig, sel: pl.DataFrame, manifests: list[dict[str, Any]], seconds: float
+              ) -> dict[str, Any]:
+    """What made the shards, beside the format's own fields (`fmt.write_index` adds those)."""
     reasons = dict(sel.group_by("reason").len().iter_rows())
     return {
-        **shards.shard_manifest(splits, {"train": has_maps, "validation": cfg.val_scores is not None}),
         "selection_sha256": selection_hash(sel),
         "counts": {"inputs": len(sel), "kept": int(sel["kept"].sum()), **{str(k): int(v) for k, v in reasons.items()}},
         "scores": [{"dir": str(d), "proxy": m["proxy"]["name"], "index_sha256": m["index_sha256"],

@@ -10,7 +10,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from curate.shard_job import ShardConfig, run_shard
+from curate.common.runfolder import RunFolder
+from curate.shard.job import ShardConfig, run_shard
 from sparsevit.model import SparseConfig
 from sparsevit.train import TrainConfig, run_train
 
@@ -42,21 +43,22 @@ class DemoTrain:
     extra: dict[str, Any] = field(default_factory=dict)  # TrainConfig overrides (tests: smaller)
 
 
-def baseline_shards(out: Path, data: Path, scores: tuple[Path, ...], seed: int, per_shard: int,
+def baseline_shards(folder: RunFolder, data: Path, scores: tuple[Path, ...], seed: int, per_shard: int,
                     progress: bool) -> None:
     """Full data and a random 70% subset, as shards of the same inputs with the same maps."""
-    common = dict(val=str(data / "val"), val_scores=out / "scores-val", samples_per_shard=per_shard, shard_multiple=4, name="demo", seed=seed,
-                  overwrite=True, progress=progress)
-    run_shard(ShardConfig(str(data / "train"), scores, out / "shards-full", keep=1.0, policy="random", **common))
-    run_shard(ShardConfig(str(data / "train"), scores, out / "shards-random", keep=0.7, policy="random", **common))
+    common = dict(val=str(data / "val"), val_scores=folder.root / "scores-val", samples_per_shard=per_shard,
+                  shard_multiple=4, name="demo", seed=seed, overwrite=True, progress=progress)
+    for name, keep in (("shards-full", 1.0), ("shards-random", 0.7)):
+        run_shard(ShardConfig(str(data / "train"), scores, folder.claim_run(name), keep=keep, policy="random",
+                              **common))
 
 
-def train_variants(out: Path, cfg: DemoTrain, progress: bool) -> dict[str, Any]:
-    """Train every variant into out/train/<slug>; returns accuracy, wall-clock and ratios to full."""
+def train_variants(folder: RunFolder, cfg: DemoTrain, progress: bool) -> dict[str, Any]:
+    """Train every variant into OUT/train/<slug>; returns accuracy, wall-clock and ratios to full."""
     results = {}
     for v in cfg.variants:
-        run = out / "train" / slug(v.name)
-        summary = train_one(out / v.shards, run, v, cfg)
+        run = folder.claim_run(f"train/{slug(v.name)}")
+        summary = train_one(folder.root / v.shards, run, v, cfg)
         results[v.name] = {**summary, "curve": _curve(run)}
         if progress:
             print(f"  trained {v.name}: val {summary['val_acc']:.1%} in {summary['wall_s']:.0f}s", flush=True)
@@ -106,7 +108,8 @@ def acc_at(curve: list[tuple[float, float]], seconds: float) -> float | None:
     return inside[-1] if inside else None
 
 
-def render(train: dict[str, Any]) -> list[str]:
+def report_lines(train: dict[str, Any]) -> list[str]:
+    """The training table of the demo report."""
     budget = train["budget"]
     lines = ["", "  training (same ViT and recipe; accuracy on the clean validation split):",
              f"    {'variant':28s}{'epochs':>7s}{'val acc':>9s}{'vs full':>9s}{'as trained':>12s}{'wall s':>8s}"

@@ -26,13 +26,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from curate.table import PART_GLOB
-
-def _parts(scores_dir: Path) -> list[Path]:
-    parts = sorted(Path(scores_dir).glob(PART_GLOB))
-    if not parts:
-        raise FileNotFoundError(f"no {PART_GLOB} in {scores_dir}: run `curate score` first")
-    return parts
+from curate.score.table import parts as table_parts
 
 
 def _embed_dim(part: Path, column: str = "embedding") -> int:
@@ -71,7 +65,7 @@ def load_embeddings(scores_dir: Path, batch_rows: int = 65536,
     Parts are streamed `batch_rows` at a time into one matrix allocated up front (ok rows
     are counted first), so memory is the matrix plus one batch, never a list of rows.
     """
-    parts = _parts(scores_dir)
+    parts = table_parts(scores_dir)
     columns = ["key", "status", column]
     dim = _embed_dim(parts[0], column)
     emb = np.empty((_count_ok(parts), dim), dtype=np.float32)

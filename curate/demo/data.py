@@ -10,6 +10,7 @@ import io
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import polars as pl
@@ -125,7 +126,7 @@ def _background(cfg: DemoConfig, rng: np.random.Generator) -> Image.Image:
     return img
 
 
-def render(cfg: DemoConfig, scene: Scene, variant: int = 0) -> bytes:
+def scene_jpeg(cfg: DemoConfig, scene: Scene, variant: int = 0) -> bytes:
     """JPEG bytes of a scene; variant > 0 is a near-duplicate (shift, brightness, noise, quality)."""
     rng = np.random.default_rng(scene.seed)
     img = _background(cfg, rng)
@@ -164,19 +165,27 @@ def _train_plan(cfg: DemoConfig, rng: np.random.Generator) -> list[dict]:
     return rows
 
 
-def _write(cfg: DemoConfig, split: str, rows: list[dict]) -> list[dict]:
+def _paths(cfg: DemoConfig, split: str, rows: list[dict]) -> list[Path]:
+    """Relative file path of every row: `split/<given class>/<class>_NNNNN.JPEG`."""
     counters = [0] * cfg.classes
+    paths = []
+    for row in rows:
+        name = CLASSES[row["given"]]
+        paths.append(Path(split) / name / f"{name}_{counters[row['given']]:05d}.JPEG")
+        counters[row["given"]] += 1
+    return paths
+
+
+def _write(cfg: DemoConfig, split: str, rows: list[dict], paths: list[Path]) -> list[dict]:
     # Labels in the truth table follow ImageFolder's rule (sorted class-dir order), so they
     # compare directly with the labels `curate score` reads back.
     folder_index = {name: i for i, name in enumerate(sorted(CLASSES[:cfg.classes]))}
     truth = []
-    for row in rows:
+    for row, rel in zip(rows, paths):
         scene, given = row["scene"], row["given"]
         name = CLASSES[given]
-        rel = Path(split) / name / f"{name}_{counters[given]:05d}.JPEG"
-        counters[given] += 1
         (cfg.root / rel).parent.mkdir(parents=True, exist_ok=True)
-        (cfg.root / rel).write_bytes(render(cfg, scene, row["variant"]))
+        (cfg.root / rel).write_bytes(scene_jpeg(cfg, scene, row["variant"]))
         x0, y0, x1, y1 = scene.box
         truth.append(dict(path=str(rel), split=split, class_name=name, true_class=CLASSES[scene.label],
                           given_label=folder_index[name], true_label=folder_index[CLASSES[scene.label]],
@@ -185,14 +194,24 @@ def _write(cfg: DemoConfig, split: str, rows: list[dict]) -> list[dict]:
     return truth
 
 
-def make_demo(cfg: DemoConfig) -> pl.DataFrame:
-    """Write the demo dataset under cfg.root and return its ground truth (also truth.parquet)."""
+TRUTH = "truth.parquet"
+
+
+def make_demo(cfg: DemoConfig, claim: Callable[[list[str]], None] | None = None) -> pl.DataFrame:
+    """Write the demo dataset under cfg.root and return its ground truth (also truth.parquet).
+
+    `claim`, when given, is told every relative path before anything is written (a run folder
+    records them, so a later overwrite deletes exactly these files)."""
     rng = np.random.default_rng(cfg.seed)
     train = _train_plan(cfg, rng)
     order = rng.permutation(len(train))  # so duplicates do not sit next to their originals
+    train = [train[i] for i in order]
     val = [dict(scene=_random_scene(cfg, i % cfg.classes, rng), variant=0, dup_group=-1,
                 given=i % cfg.classes, flipped=False) for i in range(cfg.classes * cfg.val_per_class)]
-    truth = _write(cfg, "train", [train[i] for i in order]) + _write(cfg, "val", val)
+    paths = {"train": _paths(cfg, "train", train), "val": _paths(cfg, "val", val)}
+    if claim is not None:
+        claim([p.as_posix() for split in paths.values() for p in split] + [TRUTH])
+    truth = _write(cfg, "train", train, paths["train"]) + _write(cfg, "val", val, paths["val"])
     df = pl.DataFrame(truth).with_columns(pl.col("dup_group").cast(pl.Int64))
-    df.write_parquet(cfg.root / "truth.parquet")
+    df.write_parquet(cfg.root / TRUTH)
     return df

@@ -21,7 +21,9 @@ from typing import Callable, Sequence
 import numpy as np
 import polars as pl
 
-from curate.table import PART_GLOB
+from curate.common.hashing import unit_hash
+from curate.common.registry import Registry
+from curate.score.table import scan as scan_scores
 
 # Columns describing the input itself: the same in every proxy's table over the same keys.
 IDENTITY_COLUMNS = frozenset(
@@ -76,29 +78,8 @@ def _check_keep(keep: float | int) -> None:
 # Policies: (candidates with key, label, score; config) -> priority per row, lower = kept first.
 
 Policy = Callable[[pl.DataFrame, SelectConfig], pl.Series]
-POLICIES: dict[str, Policy] = {}
-
-
-def register_policy(name: str) -> Callable[[Policy], Policy]:
-    def add(fn: Policy) -> Policy:
-        POLICIES[name] = fn
-        return fn
-
-    return add
-
-
-def unit_hash(keys: Sequence[str], seed: int) -> np.ndarray:
-    """A uniform [0, 1) number per key from blake2b(seed, key): depends on nothing else.
-
-    Not polars' `hash`, which is not promised stable across versions or platforms.
-    """
-    salt = f"{seed}\x00".encode()
-    words = np.fromiter(
-        (int.from_bytes(hashlib.blake2b(salt + k.encode(), digest_size=8).digest(), "little")
-         for k in keys),
-        dtype=np.uint64, count=len(keys),
-    )
-    return (words >> np.uint64(11)).astype(np.float64) / float(1 << 53)  # top 53 bits: exact
+POLICIES: Registry[Policy] = Registry("selection policy")
+register_policy = POLICIES.register
 
 
 @register_policy("hard")
@@ -273,12 +254,6 @@ def score_expr(by: Sequence[str], ok: pl.Expr) -> pl.Expr:
 # Reading tables
 
 
-def _scan(directory: Path) -> pl.LazyFrame:
-    if not any(Path(directory).glob(PART_GLOB)):
-        raise FileNotFoundError(f"no {PART_GLOB} in {directory}: run `curate score` first")
-    return pl.scan_parquet(str(Path(directory) / PART_GLOB))
-
-
 def _check_same_keys(tables: list[pl.LazyFrame], dirs: Sequence[Path]) -> None:
     """Every table has unique keys and the same key set as the first (else joins mislead)."""
     first = tables[0].select("key")
@@ -330,7 +305,7 @@ def load_scores(dirs: Sequence[Path], by: Sequence[str] = ("el2n",)) -> pl.LazyF
     dirs = [Path(d) for d in dirs]
     if not dirs:
         raise ValueError("load_scores needs at least one scores directory")
-    tables = [_scan(d) for d in dirs]
+    tables = [scan_scores(d) for d in dirs]
     if len(tables) == 1:
         return tables[0]
     _check_same_keys(tables, dirs)

@@ -1,24 +1,16 @@
 """`curate inspect`: what a scores table holds, from polars; optional PNG plots."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import polars as pl
 
-from curate import table
-from curate.decode import decode_image
-from curate.sources import Item, read_bytes
+from curate.ingest.decode import decode_image
+from curate.ingest.sources import Item, read_bytes
+from curate.score import table
 
 SCORE_COLUMNS = ("loss", "margin", "el2n", "entropy", "confidence", "forgetting", "el2n_mean", "margin_mean")
-
-
-def scan(scores_dir: Path) -> pl.LazyFrame:
-    parts = sorted(scores_dir.glob(table.PART_GLOB))
-    if not parts:
-        raise FileNotFoundError(f"no {table.PART_GLOB} in {scores_dir}: is it a `curate score` output?")
-    return pl.scan_parquet(parts)
 
 
 def counts(lf: pl.LazyFrame) -> dict[str, int]:
@@ -55,14 +47,13 @@ def distributions(lf: pl.LazyFrame) -> pl.DataFrame:
     return pl.DataFrame(stats)
 
 
-def render(scores_dir: Path) -> str:
-    lf = scan(scores_dir)
+def summary_text(scores_dir: Path) -> str:
+    """What `curate inspect` prints: counts, errors by kind, per-class and score statistics."""
+    lf = table.scan(scores_dir)
     c = counts(lf)
     lines = [f"{scores_dir}: {c['inputs']} inputs, {c['ok']} ok, {c['error']} errors, {c['keys']} unique keys"]
-    manifest = scores_dir / "manifest.json"
-    if manifest.exists():
-        m = json.loads(manifest.read_text())
-        p = m["proxy"]
+    if (scores_dir / table.MANIFEST).exists():
+        p = table.read_manifest(scores_dir)["proxy"]
         lines.append(f"proxy {p['name']} ({p['model']}, {p['weights']}), importance {p['importance']}")
     with pl.Config(tbl_rows=50, tbl_cols=12, float_precision=3, tbl_width_chars=120, fmt_str_lengths=60):
         if c["error"]:
@@ -77,7 +68,7 @@ def plot_histograms(scores_dir: Path, out: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    lf = scan(scores_dir)
+    lf = table.scan(scores_dir)
     names = [c for c in SCORE_COLUMNS if c in lf.collect_schema().names()]
     df = lf.filter(pl.col("status") == "ok").select(names).collect()
     names = [c for c in names if df[c].null_count() < len(df)]
@@ -99,7 +90,7 @@ def plot_importance(scores_dir: Path, out: Path, n: int = 24, size: int = 128) -
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = (scan(scores_dir).filter((pl.col("status") == "ok") & pl.col("importance").is_not_null())
+    rows = (table.scan(scores_dir).filter((pl.col("status") == "ok") & pl.col("importance").is_not_null())
             .sort("el2n", descending=True, nulls_last=True).head(n).collect())
     if rows.is_empty():
         return None

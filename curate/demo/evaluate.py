@@ -7,8 +7,9 @@ import numpy as np
 import polars as pl
 import torch
 
-from curate import table
-from curate.scoring import roc_auc
+from curate.demo.data import TRUTH
+from curate.score import table
+from curate.score.metrics import roc_auc
 
 # Scores where a LOW value means "suspicious"; they are negated before computing the AUC.
 LOW_IS_HARD = ("margin", "margin_mean", "confidence")
@@ -17,7 +18,7 @@ LOW_IS_HARD = ("margin", "margin_mean", "confidence")
 def join_truth(scores: pl.DataFrame, demo_root: Path) -> pl.DataFrame:
     """Scores rows joined with truth.parquet (by source path); rows without truth are dropped."""
     root = demo_root.resolve()
-    truth = pl.read_parquet(root / "truth.parquet").with_columns(
+    truth = pl.read_parquet(root / TRUTH).with_columns(
         source=pl.lit(str(root) + "/") + pl.col("path")).rename({"dup_group": "dup_group_true"})
     return scores.join(truth, on="source", how="inner")
 

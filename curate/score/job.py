@@ -3,18 +3,14 @@
 Work is cut into parts of `chunk_size` inputs in index order. A part file that exists is complete
 (written under a temporary name, then renamed), so a killed job resumes by skipping those parts.
 
-Under torchrun every rank runs `run_score` (see `curate.dist`); parts are the unit of work there
+Under torchrun every rank runs `run_score` (see `curate.common.dist`); parts are the unit of work there
 too. Rank 0 prepares `out`, trains the proxy if asked, lists the missing parts and deals them out
 round-robin; each rank scores and writes its own parts under the same global names a single
 process would use, so the table, resume and `scan_parquet` do not depend on the number of ranks.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import math
-import platform
-import shutil
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -26,18 +22,22 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from curate import __version__, scoring, table
-from curate.decode import DEFAULT_MAX_PIXELS
-from curate.dist import Dist, session
-from curate.loader import DecodedItems, Meta, chunk_batches, make_loader
-from curate.proxies import ProxyModel, Recipe, create_model, load_checkpoint, resolve_recipe
-from curate.sources import Item, open_source
-from curate.training import Dynamics, TrainSetup, train_proxy
+from curate.common.atomic import atomic_path, file_sha256, jsonable, write_json
+from curate.common.dist import Dist, session
+from curate.common.runfolder import RunFolder, mode_of
+from curate.common.runtime import rank_device, versions
+from curate.ingest.decode import DEFAULT_MAX_PIXELS
+from curate.ingest.sources import Item, index_sha256, open_source
+from curate.score import metrics, table
+from curate.score.loader import DecodedItems, Meta, chunk_batches, make_loader
+from curate.score.proxies import ProxyModel, Recipe, create_model, load_checkpoint, resolve_recipe
+from curate.score.proxy_training import Dynamics, TrainSetup, train_proxy
 
-# Outputs of a score job; `--overwrite` removes exactly these and nothing else.
-OUTPUTS = ("part-*.parquet", ".part-*.tmp", "manifest.json", "config.json", "proxy")
+COMMAND = "score"
 # Config fields that may change between a run and its resume without changing any result.
 RESUME_FREE = ("resume", "overwrite", "workers", "progress", "distributed")
+MODEL = "proxy/model.pt"
+TRAIN_STATE = "proxy/train-state.pt"
 
 
 @dataclass(frozen=True)
@@ -59,7 +59,7 @@ class ScoreConfig:
     class_map: Path | None = None  # text file, one class name per line, line = class index
     max_pixels: int = DEFAULT_MAX_PIXELS  # decompression-bomb guard
     resume: bool = False  # continue a killed run in `out`
-    overwrite: bool = False  # delete a previous run's outputs in `out` first
+    overwrite: bool = False  # replace a previous run's outputs in `out` (only files it wrote)
     progress: bool = True  # progress bars on stderr
     distributed: bool = False  # require a torchrun launch (one with WORLD_SIZE > 1 is distributed anyway)
 
@@ -69,8 +69,7 @@ class ScoreConfig:
             raise ValueError("give exactly one of --checkpoint, --pretrained, --train-epochs")
         if self.train_epochs is not None and self.train_epochs < 1:
             raise ValueError(f"--train-epochs must be >= 1, got {self.train_epochs}")
-        if self.resume and self.overwrite:
-            raise ValueError("--resume and --overwrite exclude each other")
+        mode_of(self.resume, self.overwrite)
         if self.importance not in ("cls", "rollout", "none"):
             raise ValueError(f"--importance must be cls, rollout or none, got {self.importance!r}")
         if min(self.batch_size, self.chunk_size) < 1 or self.workers < 0:
@@ -78,8 +77,7 @@ class ScoreConfig:
 
     def fingerprint(self) -> dict[str, Any]:
         """What must be equal for a resume to continue the same run."""
-        d = {k: v for k, v in asdict(self).items() if k not in RESUME_FREE}
-        return json.loads(json.dumps(d, default=str))  # the form it has in config.json
+        return jsonable({k: v for k, v in asdict(self).items() if k not in RESUME_FREE})
 
 
 @dataclass
@@ -99,28 +97,37 @@ def run_score(cfg: ScoreConfig) -> ScoreResult:
 def _run_score(cfg: ScoreConfig, group: Dist) -> ScoreResult:
     t0 = time.perf_counter()
     cfg = cfg if group.is_main else replace(cfg, progress=False)  # one set of bars per job
+    # Everything that can fail on the user's input fails here, before --out is touched.
     items = open_source(cfg.source, cfg.class_map)
     _check_same_index(group, items)
-    group.main_only(lambda: _prepare_out(cfg, items))
     device = rank_device(cfg.device, group)
     recipe = resolve_recipe(cfg.proxy, cfg.image_size)
-    proxy, proxy_info, dyn = _build_proxy(cfg, recipe, items, device, group)
-    t_train = time.perf_counter()
-    parts = group.from_main(lambda: missing_parts(cfg.out, len(items), cfg.chunk_size))
-    work = _score_parts(cfg, items, recipe, proxy, dyn, proxy_info, parts[group.rank::group.world_size])
-    t_end = time.perf_counter()
-    timing = {"index_and_train_s": t_train - t0, "score_s": t_end - t_train, "total_s": t_end - t0}
-    ranks = group.all_gather({"rank": group.rank, **work, "timing": timing})  # also: every part is written
-    timing = merge_timing([r["timing"] for r in ranks])
-    manifest = group.from_main(lambda: _write_manifest(cfg, items, proxy_info, timing, ranks))
+    model, info = _make_model(cfg, recipe, items, group)
+    folder = group.main_only(lambda: open_out(cfg, items))
+    try:
+        proxy, info, dyn = _finish_proxy(cfg, recipe, model, info, items, device, group)
+        t_train = time.perf_counter()
+        parts = group.from_main(lambda: missing_parts(cfg.out, len(items), cfg.chunk_size))
+        work = _score_parts(cfg, items, recipe, proxy, dyn, info, parts[group.rank::group.world_size])
+        t_end = time.perf_counter()
+        timing = {"index_and_train_s": t_train - t0, "score_s": t_end - t_train, "total_s": t_end - t0}
+        ranks = group.all_gather({"rank": group.rank, **work, "timing": timing})  # also: every part is written
+        timing = merge_timing([r["timing"] for r in ranks])
+        manifest = group.from_main(lambda: _write_manifest(cfg, items, info, timing, ranks))
+    finally:
+        if folder is not None:
+            folder.close()
     return ScoreResult(manifest, sum(r["parts_written"] for r in ranks), timing, group.is_main)
 
 
 def missing_parts(out: Path, n_items: int, chunk_size: int) -> list[int]:
     """Indices of the parts not yet on disk, ascending. Listed once, by rank 0, and shared: a rank
     listing `out` itself could already see parts that another rank has just written."""
-    n_parts = -(-n_items // chunk_size)
-    return sorted(set(range(n_parts)) - table.done_parts(out))
+    return sorted(set(range(_num_parts(n_items, chunk_size))) - table.done_parts(out))
+
+
+def _num_parts(n_items: int, chunk_size: int) -> int:
+    return -(-n_items // chunk_size)
 
 
 def merge_timing(per_rank: Sequence[dict[str, float]]) -> dict[str, float]:
@@ -136,62 +143,18 @@ def _check_same_index(group: Dist, items: Sequence[Item]) -> None:
                            "be the same files, on a shared file system, for every rank")
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: CUDA is not available on this machine")
-    return device
-
-
-def rank_device(name: str, group: Dist) -> torch.device:
-    """`resolve_device`, with plain "cuda" meaning this rank's own GPU when there are several ranks."""
-    device = resolve_device(name)
-    if group.enabled and device.type == "cuda" and device.index is None:
-        return torch.device("cuda", group.local_rank)
-    return device
-
-
-def index_sha256(items: Sequence[Item]) -> str:
-    h = hashlib.sha256()
-    for it in items:
-        h.update(f"{it.key}\t{it.source}\t{it.label}\n".encode())
-    return h.hexdigest()
-
-
-def _prepare_out(cfg: ScoreConfig, items: Sequence[Item]) -> None:
-    """Refuse to mix runs: a non-empty `out` needs --resume (same run) or --overwrite."""
-    out = cfg.out
-    fingerprint = {**cfg.fingerprint(), "index_sha256": index_sha256(items)}
-    if out.exists() and any(out.iterdir()):
-        if cfg.overwrite:
-            _remove_outputs(out)
-        elif not cfg.resume:
-            raise FileExistsError(f"{out} is not empty: pass --resume to continue that run "
-                                  "or --overwrite to replace it")
-        else:
-            _check_resumable(out / "config.json", fingerprint)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "proxy").mkdir(exist_ok=True)
-    table.write_json(out / "config.json", fingerprint)
-
-
-def _remove_outputs(out: Path) -> None:
-    for pattern in OUTPUTS:
-        for path in out.glob(pattern):
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
-
-
-def _check_resumable(config_path: Path, fingerprint: dict[str, Any]) -> None:
-    if not config_path.exists():
-        raise FileExistsError(f"{config_path.parent} holds no curate score run to resume "
-                              "(no config.json); use --overwrite or another --out")
-    old = json.loads(config_path.read_text())
-    diff = sorted(k for k in set(old) | set(fingerprint) if old.get(k) != fingerprint.get(k))
-    if diff:
-        raise ValueError(f"cannot resume: settings differ from the run in {config_path.parent}: "
-                         f"{', '.join(diff)}; use the same settings or --overwrite")
+def open_out(cfg: ScoreConfig, items: Sequence[Item]) -> RunFolder:
+    """The run folder, with every file this run may write claimed up front (parts, proxy,
+    manifest): a killed run owns what it left behind, and --overwrite removes exactly that."""
+    source = Path(cfg.source)
+    folder = RunFolder.open(cfg.out, COMMAND, mode_of(cfg.resume, cfg.overwrite),
+                            config={**cfg.fingerprint(), "index_sha256": index_sha256(items)},
+                            free=RESUME_FREE, sources=[source] if source.is_dir() else [])
+    names = [table.part_path(Path(), i).as_posix() for i in range(_num_parts(len(items), cfg.chunk_size))]
+    folder.claim(table.MANIFEST, *names, *((MODEL, TRAIN_STATE) if cfg.train_epochs else ()))
+    if cfg.train_epochs:
+        (cfg.out / MODEL).parent.mkdir(exist_ok=True)
+    return folder
 
 
 def num_classes(items: Sequence[Item]) -> int:
@@ -201,8 +164,10 @@ def num_classes(items: Sequence[Item]) -> int:
     return n
 
 
-def _build_proxy(cfg: ScoreConfig, recipe: Recipe, items: Sequence[Item], device: torch.device,
-                 group: Dist) -> tuple[ProxyModel, dict[str, Any], Dynamics | None]:
+def _make_model(cfg: ScoreConfig, recipe: Recipe, items: Sequence[Item], group: Dist
+                ) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """The proxy model with its given weights (none yet when it is trained here), and what the
+    manifest says about it. Writes nothing: a wrong model name or checkpoint fails here."""
     def create() -> torch.nn.Module:
         torch.manual_seed(cfg.seed)  # same initial weights on every run, resume and rank
         # Hub weights keep their own head (labels must be in its class space); otherwise one per class.
@@ -210,16 +175,23 @@ def _build_proxy(cfg: ScoreConfig, recipe: Recipe, items: Sequence[Item], device
 
     model = group.main_first(create)  # rank 0 fills the hub cache; the others read it, no download race
     info: dict[str, Any] = {"name": cfg.proxy, "model": recipe.model, "recipe": asdict(recipe)}
-    dyn = None
     if cfg.checkpoint is not None:
         info.update(weights="checkpoint", checkpoint=str(cfg.checkpoint),
                     checkpoint_sha256=load_checkpoint(model, cfg.checkpoint))
     elif cfg.pretrained:
         info.update(weights="pretrained", pretrained_tag=model.pretrained_cfg.get("tag", ""))
-    else:
+    return model, info
+
+
+def _finish_proxy(cfg: ScoreConfig, recipe: Recipe, model: torch.nn.Module, info: dict[str, Any],
+                  items: Sequence[Item], device: torch.device, group: Dist
+                  ) -> tuple[ProxyModel, dict[str, Any], Dynamics | None]:
+    """Train the proxy here when asked, then wrap it for scoring."""
+    dyn = None
+    if cfg.train_epochs is not None:
         dyn = _train_on_main(cfg, recipe, model, items, device, group)
-        weights = cfg.out / "proxy" / "model.pt"
-        info.update(weights="trained", checkpoint=str(weights), checkpoint_sha256=table.file_sha256(weights),
+        weights = cfg.out / MODEL
+        info.update(weights="trained", checkpoint=str(weights), checkpoint_sha256=file_sha256(weights),
                     training={"epochs": cfg.train_epochs, "lr": recipe.lr, "batch_size": recipe.batch_size,
                               "weight_decay": recipe.weight_decay, "seed": cfg.seed,
                               "warmup_epochs": recipe.warmup_epochs,
@@ -239,18 +211,24 @@ def _train_on_main(cfg: ScoreConfig, recipe: Recipe, model: torch.nn.Module, ite
     as one process) while the others wait; every epoch then sits in proxy/train-state.pt with the
     per-epoch dynamics, and the other ranks go through `train_proxy`'s own resume path, which finds
     all epochs done and only loads weights and dynamics. Training is not parallelised; scoring is.
-    Rank 0 alone writes proxy/model.pt, and every rank waits for it before hashing it.
+    Rank 0 alone writes proxy/model.pt (temp-then-rename), and every rank waits for it before
+    hashing it.
     """
     dyn = group.main_first(lambda: _train(cfg, recipe, model, items, device))
-    group.main_only(lambda: torch.save(model.state_dict(), cfg.out / "proxy" / "model.pt"))
+    group.main_only(lambda: _save_weights(model, cfg.out / MODEL))
     return dyn
+
+
+def _save_weights(model: torch.nn.Module, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        torch.save(model.state_dict(), tmp)
 
 
 def _train(cfg: ScoreConfig, recipe: Recipe, model: torch.nn.Module, items: Sequence[Item],
            device: torch.device) -> Dynamics:
     assert cfg.train_epochs is not None
     setup = TrainSetup(cfg.train_epochs, recipe.batch_size, cfg.workers, device, cfg.seed,
-                       cfg.out / "proxy" / "train-state.pt")
+                       cfg.out / TRAIN_STATE)
     return train_proxy(model, items, recipe, setup, progress=cfg.progress)
 
 
@@ -320,7 +298,7 @@ def _append(rows: dict[str, list], items: list[Item], metas: list[Meta], ok: tor
             out: Any, idx: torch.Tensor, summary: dict[str, torch.Tensor] | None) -> None:
     """Add one batch's rows: identity and file facts for all, proxy outputs for the decoded ones."""
     labels = torch.tensor([it.label for it in items])[ok]
-    scores = scoring.example_scores(out.logits, labels.to(out.logits.device)) if out is not None else {}
+    scores = metrics.example_scores(out.logits, labels.to(out.logits.device)) if out is not None else {}
     scores = {k: v.cpu().tolist() for k, v in scores.items()}
     emb = out.embedding.cpu().numpy() if out is not None else None
     imp = out.importance.cpu().numpy() if out is not None and out.importance is not None else None
@@ -375,23 +353,15 @@ def _write_manifest(cfg: ScoreConfig, items: Sequence[Item], info: dict[str, Any
         "config": cfg.fingerprint(),
         "versions": versions(),
     }
-    table.write_json(cfg.out / "manifest.json", manifest)
+    write_json(cfg.out / table.MANIFEST, manifest)
     return manifest
 
 
 def _table_counts(out: Path, n_items: int) -> dict[str, int]:
     """Rows per status; checks the table has every input exactly once (no part lost or doubled)."""
-    scan = pl.scan_parquet(out / table.PART_GLOB)
+    scan = table.scan(out)
     rows, keys = scan.select(pl.len(), pl.col("key").n_unique()).collect().row(0)
     if rows != n_items or keys != n_items:
         raise RuntimeError(f"{out}: the table has {rows} rows and {keys} distinct keys for {n_items} inputs")
     counts = scan.group_by("status").len().collect()
     return dict(zip(counts["status"].to_list(), counts["len"].to_list()))
-
-
-def versions() -> dict[str, str]:
-    import pyarrow
-    import timm
-
-    return {"curate": __version__, "python": platform.python_version(), "torch": torch.__version__,
-            "timm": timm.__version__, "polars": pl.__version__, "pyarrow": pyarrow.__version__}

@@ -1,0 +1,61 @@
+"""CUDA smoke tests: the bf16 training step (dense and token-dropped) and scoring on CUDA against
+the CPU. They skip without CUDA; run them with `pytest -m gpu` on a GPU machine."""
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+
+from curate.common.dist import Dist
+from curate.score.proxies import ProxyModel
+from curate.shard.format import Split, read_split
+from sparsevit import data
+from sparsevit.train import TrainConfig, _build, train_step
+
+from .sparse_fixtures import write_shards
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_shards(tmp_path_factory.mktemp("toy"))
+
+
+def _one_batch(cfg: TrainConfig, split: Split | None = None, patch: int = 8) -> dict:
+    split = split or read_split(cfg.shards, "train")
+    plan = data.plan_epoch(split, 0, cfg.seed, 1, 0, cfg.batch_size)
+    aug = data.Augment(data.TrainTransform(data.Geometry(cfg.img_size, patch)), need_maps=True, on_error="raise")
+    return next(iter(data.make_pipeline(plan, aug, cfg.batch_size, 0, cfg.seed, 0)))
+
+
+@pytest.mark.parametrize("keep", [1.0, 0.5])
+def test_bf16_training_step_on_cuda_learns(toy: Path, tmp_path: Path, keep: float):
+    cfg = TrainConfig(shards=toy, out=tmp_path / "run", model="vit_tiny_patch16_224", img_size=64, patch_size=8,
+                      model_kwargs={"depth": 2}, num_classes=4, batch_size=16, keep=keep, workers=0,
+                      warmup_epochs=0.0, progress=False)
+    run = _build(cfg, Dist(), torch.device("cuda"), read_split(toy, "train"))
+    assert next(run.core.parameters()).device.type == run.device.type == "cuda"
+    batch = _one_batch(cfg)
+    before = {k: v.detach().clone() for k, v in run.core.vit.state_dict().items()}
+    stats = [train_step(run, batch, 0.0, 0, 0.1) for _ in range(5)]
+    assert all(torch.isfinite(torch.tensor(s["loss"])) for s in stats)
+    assert stats[-1]["loss"] < stats[0]["loss"]  # the same batch five times: the loss must fall
+    after = run.core.vit.state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    assert stats[0]["tokens"] == 1 + (64 if keep == 1.0 else 32)
+
+
+def test_scoring_on_cuda_agrees_with_the_cpu():
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", img_size=64, patch_size=8, depth=4, num_classes=8).eval()
+    images = torch.randint(0, 256, (6, 3, 64, 64), dtype=torch.uint8)
+    cpu = ProxyModel(model, "cls", blocks=(1,)).score_batch(images)
+    gpu_model = timm.create_model("vit_tiny_patch16_224", img_size=64, patch_size=8, depth=4, num_classes=8).eval()
+    gpu_model.load_state_dict(model.state_dict())
+    gpu = ProxyModel(gpu_model, "cls", blocks=(1,)).to(torch.device("cuda")).score_batch(images)
+    # CUDA scores in bf16 autocast: agreement within bf16 precision, and the same ranking of classes
+    torch.testing.assert_close(gpu.logits.cpu(), cpu.logits, atol=0.1, rtol=0.05)
+    torch.testing.assert_close(gpu.embedding.cpu(), cpu.embedding, atol=0.1, rtol=0.05)
+    torch.testing.assert_close(gpu.importance.cpu().float(), cpu.importance.float(), atol=5e-3, rtol=0.1)
+    assert (gpu.logits.cpu().argmax(-1) == cpu.logits.argmax(-1)).float().mean() >= 5 / 6
