@@ -11,6 +11,8 @@ from pathlib import Path
 
 import click
 
+from curate.ingest.limits import DEFAULT_MAX_CLASSES, DEFAULT_MAX_PIXELS  # no dependencies: --help stays fast
+
 
 def _blocks(value: str | None) -> tuple[int, ...] | None:
     try:
@@ -20,7 +22,8 @@ def _blocks(value: str | None) -> tuple[int, ...] | None:
 
 
 def _fail(exc: Exception) -> None:
-    raise click.ClickException(str(exc)) from exc
+    """One line, no traceback: an OSError names its file (and says "No space left on device")."""
+    raise click.ClickException(str(exc) if not isinstance(exc, KeyError) else str(exc.args[0])) from exc
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -50,6 +53,12 @@ def main() -> None:
                    "[default: the recipe's, else a quarter, half and three quarters of the depth].")
 @click.option("--class-map", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Text file, one class name per line; line number = class index.")
+@click.option("--allow-root", "allow_roots", multiple=True, type=click.Path(file_okay=False, path_type=Path),
+              help="A folder a list file may name files in, besides its own (repeatable).")
+@click.option("--max-classes", default=DEFAULT_MAX_CLASSES, show_default=True,
+              help="Labels must be below this; a larger one is refused as a data error.")
+@click.option("--max-pixels", default=DEFAULT_MAX_PIXELS, show_default=True,
+              help="Decompression-bomb guard: larger images become error rows (Pillow's own limit).")
 @click.option("--resume", is_flag=True, help="Continue a killed run in --out.")
 @click.option("--overwrite", is_flag=True, help="Replace a previous run's outputs in --out.")
 @click.option("--distributed", is_flag=True,
@@ -63,7 +72,7 @@ def score(source: str, out: Path, quiet: bool, **opts: object) -> None:
     try:
         cfg = ScoreConfig(source=source, out=out, progress=not quiet, **opts)  # type: ignore[arg-type]
         result = run_score(cfg)
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
+    except (ValueError, OSError, RuntimeError) as e:
         _fail(e)
     if result.is_main:  # one summary per job, not one per rank
         click.echo(score_summary(result.manifest, out, result.parts_written), err=True)
@@ -91,7 +100,7 @@ def inspect(scores_dir: Path, plots: Path | None) -> None:
 
     try:
         click.echo(inspect_table.summary_text(scores_dir))
-    except (FileNotFoundError, ValueError) as e:
+    except (OSError, ValueError) as e:
         _fail(e)
     if plots is not None:
         plots.mkdir(parents=True, exist_ok=True)
@@ -148,7 +157,7 @@ def shard(source: str, scores: tuple[Path, ...], keep: str, by: tuple[str, ...],
         cfg = ShardConfig(source=source, scores=scores, keep=_keep(keep), by=by, progress=not quiet,
                           **opts)  # type: ignore[arg-type]
         result = run_shard(cfg)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError) as e:
         _fail(e)
     with pl.Config(tbl_rows=100, tbl_hide_dataframe_shape=True, tbl_hide_column_data_types=True):
         click.echo(str(result.per_class))
@@ -230,7 +239,7 @@ def train(shards: Path, out: Path, model_arg: tuple[str, ...], drop_by: str, pac
         cfg = TrainConfig(shards=shards, out=out, model_kwargs=_model_args(model_arg), sparse=sparse,
                           progress=not quiet, **opts)  # type: ignore[arg-type]
         summary = run_train(cfg)
-    except (ValueError, TypeError, FileNotFoundError, KeyError, RuntimeError) as e:
+    except (ValueError, TypeError, OSError, KeyError, RuntimeError) as e:
         _fail(e)
     click.echo(json.dumps(summary), err=True)
 
@@ -274,7 +283,7 @@ def demo(out: Path, seed: int, workers: int, quiet: bool) -> None:
     t0 = time.perf_counter()
     try:
         text = run_demo(out, seed=seed, workers=workers, progress=not quiet)
-    except (ValueError, RuntimeError) as e:
+    except (ValueError, OSError, RuntimeError) as e:
         _fail(e)
     click.echo(text)
     click.echo(f"demo finished in {time.perf_counter() - t0:.0f}s; report in {out / 'report.txt'}", err=True)

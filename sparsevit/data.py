@@ -28,6 +28,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.data.mixup import Mixup, cutmix_bbox_and_lam, mixup_target
 from torchvision.transforms import functional as TF
 
+from curate.common.runtime import die_with_parent
 from curate.shard.format import Split, decode_sample
 
 @dataclass(frozen=True)
@@ -236,6 +237,7 @@ def make_loader(pipeline: wds.DataPipeline, workers: int) -> torch.utils.data.Da
 
 
 def _seed_worker(worker_id: int) -> None:
+    die_with_parent()  # a killed run leaves no loader worker behind
     # torch seeds each worker from the base seed; python's random drives the crops.
     random.seed(torch.initial_seed() % 2**32)
     np.random.seed(torch.initial_seed() % 2**32)

@@ -28,6 +28,7 @@ from timm.utils import ModelEmaV3
 from curate.common import dist
 from curate.common.atomic import atomic_path, write_json
 from curate.common.runfolder import RunFolder, mode_of
+from curate.common.runtime import load_weights, save_weights
 from curate.common.schedule import warmup_cosine
 from curate.shard import format as shard_format
 from sparsevit import data, prune, schedule
@@ -125,6 +126,7 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
         # Everything that can fail on the shards or the settings fails before --out is touched.
         train_split = shard_format.read_split(cfg.shards, "train")
         val_split = _validation(cfg.shards)
+        _check_trainable(cfg, train_split, ctx.world_size)
         run = _build(cfg, ctx, device, train_split)
         folder = ctx.main_only(lambda: open_out(cfg, ctx.world_size))
         if folder is not None:
@@ -180,6 +182,15 @@ def _validation(root: Path) -> shard_format.Split | None:
         return shard_format.read_split(root, "validation")
     except KeyError:
         return None
+
+
+def _check_trainable(cfg: TrainConfig, split: shard_format.Split, world_size: int) -> None:
+    """An epoch must hold at least one full batch on every rank, or the run would train nothing."""
+    plan = data.plan_epoch(split, 0, cfg.seed, world_size, cfg.workers, cfg.batch_size)
+    if plan.steps == 0:
+        raise ValueError(f"{cfg.shards}: {split.num_samples} training samples give no full batch of "
+                         f"{cfg.batch_size} per rank ({world_size} rank(s), {max(1, cfg.workers)} loader "
+                         "worker(s) each): lower --batch-size or --workers")
 
 
 def open_out(cfg: TrainConfig, world_size: int) -> RunFolder:
@@ -452,8 +463,7 @@ def _save_checkpoint(run: Run) -> None:
              "ema": run.ema.module.state_dict() if run.ema is not None else None,
              "pruner": run.pruner.state_dict(), "epoch": run.epoch, "step": run.step, "wall": run.wall,
              "config": run.cfg.to_json()}
-    with atomic_path(run.cfg.out / CHECKPOINT) as tmp:
-        torch.save(state, tmp)
+    save_weights(state, run.cfg.out / CHECKPOINT)
 
 
 def _load_checkpoint(run: Run) -> None:
@@ -462,7 +472,7 @@ def _load_checkpoint(run: Run) -> None:
     path = run.cfg.out / CHECKPOINT
     if not path.is_file():
         return  # --resume on an empty run folder starts from scratch
-    state = torch.load(path, map_location=run.device, weights_only=True)
+    state = load_weights(path, run.device)
     run.core.vit.load_state_dict(state["model"])
     run.opt.load_state_dict(state["opt"])
     if run.ema is not None and state["ema"] is not None:

@@ -68,8 +68,8 @@ def test_timm_and_webdataset_read_the_shards(scored, small_demo: Path, tmp_path:
         seen[s["__key__"]] = s["cls"]
     assert seen == kept
     raw = next(read_samples(Path(urls[0])))
-    source = json.loads(raw["json"])["source"]
-    assert raw["jpg"] == Path(source).read_bytes()  # original bytes, never re-encoded
+    source = json.loads(raw["json"])["source"]  # relative to SOURCE: no path of the building machine
+    assert not source.startswith("/") and raw["jpg"] == (src / source).read_bytes()  # original bytes
     val = timm.data.create_dataset("wds/demo", root=str(out), split="validation", is_training=False)
     assert sum(1 for _ in val) == 16
 
@@ -109,7 +109,7 @@ def test_streamed_maps_and_scores_equal_the_tables(scored, tmp_path: Path):
         assert s["importance.npy"].dtype == np.float16 and np.array_equal(s["importance.npy"], expected)
         scores = {"score": score[key]} | {f"{c}@{i}": t[key][c] for i, t in enumerate(by_table)
                                           for c in ("el2n", "margin")}
-        assert s["json"]["scores"] == scores and s["json"]["source"] == row["source"]
+        assert s["json"]["scores"] == scores and str(src / s["json"]["source"]) == row["source"]
         assert s["cls"] == row["label"] and s["jpg"] == Path(row["source"]).read_bytes()
         seen.add(key)
     assert seen == set(one.selection.filter(pl.col("kept"))["key"])

@@ -5,6 +5,7 @@ import io
 import pickle
 import re
 import tarfile
+from dataclasses import replace
 from pathlib import Path
 
 import polars as pl
@@ -228,7 +229,8 @@ def test_webdataset_partial_samples_and_class_map(tmp_path: Path) -> None:
     assert (by_key["a"].label, by_key["a"].class_name, by_key["a"].size) == (1, "dog", 0)
     assert read_bytes(by_key["a"]) == b""  # no image: decodes as an empty-file error row
     assert (by_key["b"].label, by_key["b"].class_name) == (-1, "")
-    assert read_bytes(by_key["b"]) == b"bb"  # plain jpg preferred over the seg.png extra
+    assert by_key["b"].problem.startswith("no label")  # an error row: never scored as "ok"
+    assert read_bytes(replace(by_key["b"], problem="")) == b"bb"  # plain jpg preferred over the seg.png extra
     assert by_key["c"].size == 0
 
 

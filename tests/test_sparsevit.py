@@ -149,6 +149,24 @@ def test_load_npy_refuses_what_is_not_a_map_before_allocating_it():
         fmt.load_npy(_npy(np.zeros((4, 4), np.float16))[:-2])
 
 
+def test_the_loader_skips_a_sample_whose_map_is_damaged_and_says_why():
+    rng = random.Random(0)
+    jpg, grid, _ = object_image(rng, 1)
+    augment = data.Augment(data.TrainTransform(data.Geometry(SIZE, SIZE // GRID)), need_maps=True)
+    good = {"__key__": "k", "jpg": jpg, "cls": b"1", "importance.npy": _npy(grid.astype(np.float16))}
+    assert augment(good)["importance"].shape == (GRID, GRID)
+    damaged = {
+        "NaN": _npy(np.full((GRID, GRID), np.nan, np.float16)),
+        "sides": _npy(np.zeros((2, 2), np.float16)).replace(b"(2, 2)", b"(100000, 100000)"),
+        "float16 2-D": _npy(np.zeros((2, 3, 4), np.float16)),
+    }
+    for why, raw in damaged.items():
+        out = augment({**good, "importance.npy": raw})
+        assert out["key"] == "k" and why in out["error"], out
+    with pytest.raises(ValueError, match="NaN"):  # the error policy is a parameter
+        data.Augment(augment.transform, True, on_error="raise")({**good, "importance.npy": damaged["NaN"]})
+
+
 def test_random_resized_box_draws_torchvisions_distribution_inside_the_image():
     random.seed(0)
     torch.manual_seed(0)

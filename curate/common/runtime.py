@@ -1,11 +1,20 @@
-"""Run-time facts jobs record or decide once: package versions and the device to use."""
+"""Run-time facts and process hygiene: package versions, the device, safe weight loading, and
+workers that do not outlive their run."""
 from __future__ import annotations
 
+import ctypes
+import os
+import pickle
 import platform
+import signal
+import sys
+from pathlib import Path
+from typing import Any
 
 import torch
 
 from curate import __version__
+from curate.common.atomic import atomic_path
 from curate.common.dist import Dist
 
 
@@ -41,3 +50,38 @@ def rank_device(name: str, group: Dist) -> torch.device:
     if group.enabled and device.type == "cuda" and device.index is None:
         return torch.device("cuda", group.local_rank)
     return device
+
+
+def load_weights(path: Path, map_location: Any = "cpu") -> Any:
+    """`torch.load(path, weights_only=True)`: tensors and plain containers only, never code. A file
+    that holds other Python objects, or is not a torch file at all, is a ValueError naming it."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"{path}: refused: not a weights-only checkpoint (it holds Python objects "
+                         f"that loading would run): {first}") from e
+    except (RuntimeError, EOFError) as e:
+        raise ValueError(f"{path}: not a readable torch checkpoint ({type(e).__name__}: {e})") from e
+
+
+def save_weights(obj: Any, path: Path) -> None:
+    """torch.save, temp-then-rename (a full disk never leaves half a checkpoint under its name),
+    through a file object: torch then names its zip folder "archive", not after the file, so the
+    bytes (and the sha256 a manifest records) do not depend on the temporary name."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        torch.save(obj, f)
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent() -> None:
+    """In a worker process (DataLoader, shard writer): ask Linux to kill it when its parent dies,
+    so a run killed with SIGKILL leaves no worker behind that still reads, writes or holds files."""
+    if not sys.platform.startswith("linux"):
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() == 1:  # the parent died before the request took effect
+        os._exit(1)

@@ -24,9 +24,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-# PIL's own refusal threshold (2 * Image.MAX_IMAGE_PIXELS): it raises DecompressionBombError
-# above this at open, whatever we ask, so a larger max_pixels cannot admit more than this.
-DEFAULT_MAX_PIXELS: int = 178_956_970
+from curate.ingest.limits import DEFAULT_MAX_PIXELS
+
 
 _ORIENTATION_TAG = 0x0112
 # Orientations 5..8 rotate by 90 degrees, so the displayed width and height swap.

@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import re
+import stat
 import tarfile
 import unicodedata
 from collections import Counter
@@ -24,6 +25,8 @@ from typing import Iterator, NamedTuple, Sequence
 
 import braceexpand
 import polars as pl
+
+from curate.ingest.limits import DEFAULT_MAX_CLASSES, MAX_INPUT_BYTES
 
 MAX_KEY_LEN = 80  # tar USTAR names are <= 100 chars; members are `KEY.importance.npy`
 HASH_HEX = 8  # hex chars of blake2b used to keep truncated or colliding keys unique
@@ -55,17 +58,36 @@ class Item:
     path: str  # file that holds the bytes
     offset: int = 0  # byte offset of the data inside `path` (tar members: TarInfo.offset_data)
     size: int = -1  # number of bytes to read; -1 = the whole file
+    problem: str = ""  # why this input is an error row before anything is read ("" = none)
 
 
 def read_bytes(item: Item) -> bytes:
-    """The item's bytes; raises OSError if the file is missing or shorter than promised."""
-    with open(item.path, "rb") as f:
+    """The item's bytes; raises OSError if the file is missing, not a regular file (a device, a
+    FIFO, a socket: never read, never waited on), too large, or shorter than promised."""
+    if item.problem:
+        raise OSError(item.problem)
+    fd = os.open(item.path, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO opens without waiting for a writer
+    with os.fdopen(fd, "rb") as f:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise OSError(f"{item.source}: not a regular file (a device, FIFO or socket): not read")
+        want = item.size if item.size >= 0 else info.st_size - item.offset
+        if want > MAX_INPUT_BYTES:
+            raise OSError(f"{item.source}: {want} bytes is more than the {MAX_INPUT_BYTES} an input may have")
         f.seek(item.offset)
-        data = f.read(item.size if item.size >= 0 else -1)
+        data = f.read(item.size if item.size >= 0 else MAX_INPUT_BYTES + 1)
+    if item.size < 0 and len(data) > MAX_INPUT_BYTES:  # the file grew while it was read
+        raise OSError(f"{item.source}: more than the {MAX_INPUT_BYTES} bytes an input may have")
     # A short read means a truncated shard; say so rather than hand on a cut-off image.
     if item.size >= 0 and len(data) != item.size:
         raise OSError(f"{item.source}: expected {item.size} bytes, read {len(data)}")
     return data
+
+
+def display_path(path: str) -> str:
+    """A file name as text that every writer accepts: bytes that are not UTF-8 (POSIX names may
+    hold any) are shown as backslash escapes. The real name stays in `Item.path`."""
+    return path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def index_sha256(items: Sequence[Item]) -> str:
@@ -171,6 +193,7 @@ class _Draft(NamedTuple):
     path: str
     offset: int = 0
     size: int = -1
+    problem: str = ""
 
 
 def _to_items(drafts: Sequence[_Draft], where: str) -> list[Item]:
@@ -178,9 +201,14 @@ def _to_items(drafts: Sequence[_Draft], where: str) -> list[Item]:
         raise SourceError(f"no samples found in {where}")
     keys = assign_keys([d.raw_key for d in drafts], [d.source for d in drafts])
     return [
-        Item(k, d.source, d.label, d.class_name, d.path, d.offset, d.size)
+        Item(k, display_path(d.source), d.label, d.class_name, d.path, d.offset, d.size,
+             d.problem or _label_problem(d.label))
         for k, d in zip(keys, drafts)
     ]
+
+
+def _label_problem(label: int) -> str:
+    return "no label: the class is missing, empty or negative" if label < 0 else ""
 
 
 def _raw_key(parent: str, rel: str) -> str:
@@ -196,7 +224,14 @@ def _raw_key(parent: str, rel: str) -> str:
 def _class_dirs(root: Path) -> list[str]:
     """Non-hidden subdirectories (symlinked ones included), sorted."""
     with os.scandir(root) as entries:
-        return sorted(e.name for e in entries if e.is_dir() and not e.name.startswith("."))
+        return sorted(e.name for e in entries if not e.name.startswith(".") and _is_dir(e))
+
+
+def _is_dir(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_dir()
+    except OSError:  # a symlink loop (ELOOP) or a dead mount: not a class folder
+        return False
 
 
 def _folder_labels(classes: Sequence[str], class_map: Path | None) -> dict[str, int]:
@@ -228,14 +263,9 @@ def _class_files(class_dir: Path) -> list[str]:
                 rel = prefix + entry.name
                 if entry.is_dir(follow_symlinks=False):  # symlinked dirs are not entered: loops
                     stack.append((rel + "/", entry.path))
-                elif _is_input_file(entry):
-                    found.append(rel)
+                elif not _is_dir(entry):  # a symlinked folder is neither entered (loops) nor an input
+                    found.append(rel)  # files and whatever else sits here (FIFOs, devices): rows
     return sorted(found)
-
-
-def _is_input_file(entry: os.DirEntry) -> bool:
-    # Broken symlinks count (they become "cannot read" rows); FIFOs and sockets would block.
-    return entry.is_file() or (entry.is_symlink() and not os.path.exists(entry.path))
 
 
 def from_image_folder(root: Path, class_map: Path | None = None) -> list[Item]:
@@ -288,6 +318,7 @@ class _Sample:
     label: int = -1
     class_name: str | None = None  # from the `json` member, when it has one
     exts: set[str] = field(default_factory=set)
+    problem: str = ""  # why this sample is an error row (a bad cls, the unreadable rest of a tar)
 
 
 def _split_member(info: tarfile.TarInfo) -> tuple[str, str] | None:
@@ -306,12 +337,12 @@ def _read_small(tf: tarfile.TarFile, info: tarfile.TarInfo, where: str) -> bytes
     return handle.read()
 
 
-def _parse_cls(data: bytes, where: str) -> int:
+def _parse_cls(data: bytes) -> tuple[int, str]:
+    """(label, problem): a negative label means "unknown" (an error row, like a missing one)."""
     try:
-        label = int(data.decode("ascii").strip())
-    except ValueError as e:  # UnicodeDecodeError is a ValueError too
-        raise SourceError(f"{where}: cls member is not an ASCII integer: {data[:32]!r}") from e
-    return max(label, -1)  # any negative label means "unknown"
+        return max(int(data.decode("ascii").strip()), -1), ""
+    except ValueError:  # UnicodeDecodeError is a ValueError too
+        return -1, f"cls member is not an ASCII integer: {data[:32]!r}"
 
 
 def _json_class_name(data: bytes) -> str | None:
@@ -337,18 +368,24 @@ def _add_member(
         if rank < sample.image_rank:
             sample.image, sample.image_rank = info, rank
     elif ext == "cls":
-        sample.label = _parse_cls(_read_small(tf, info, where), f"{where}#{info.name}")
+        sample.label, sample.problem = _parse_cls(_read_small(tf, info, where))
     elif ext == "json":
         sample.class_name = _json_class_name(_read_small(tf, info, where))
 
 
 def _scan_tar(tar_path: Path) -> Iterator[_Sample]:
-    """Samples of one shard, grouping CONSECUTIVE members by key as webdataset does."""
+    """Samples of one shard, grouping CONSECUTIVE members by key as webdataset does. A tar that
+    is cut or corrupt part-way ends with one more sample: an error row for the rest of the file
+    (tarfile itself stops silently at a cut header)."""
     where = str(tar_path)
     try:
         # "r:" (uncompressed) so offset_data is a real file offset and big members are seeked past.
-        with tarfile.open(tar_path, "r:") as tf:
-            current: _Sample | None = None
+        tf = tarfile.open(tar_path, "r:")
+    except tarfile.TarError as e:
+        raise SourceError(f"{where}: not a readable uncompressed tar file: {e}") from e
+    with tf:
+        current: _Sample | None = None
+        try:
             for info in tf:
                 split = _split_member(info)
                 if split is None:
@@ -358,10 +395,26 @@ def _scan_tar(tar_path: Path) -> Iterator[_Sample]:
                         yield current
                     current = _Sample(split[0], info.name)
                 _add_member(current, split[1], info, tf, where)
-            if current is not None:
-                yield current
-    except tarfile.TarError as e:
-        raise SourceError(f"{where}: not a readable uncompressed tar file: {e}") from e
+            problem = _unread_rest(tar_path, tf.offset)
+        except tarfile.TarError as e:
+            problem = f"tar cut or corrupt after byte {tf.offset}: {e}; the rest of the file could not be read"
+        if current is not None:
+            yield current
+        if problem:
+            yield _Sample(f"{tar_path.stem}-unreadable-from-{tf.offset}", f"@{tf.offset}", problem=problem)
+
+
+def _unread_rest(tar_path: Path, offset: int) -> str:
+    """Why the bytes after the last member tarfile could read are not the end-of-archive zeros
+    ("" when they are)."""
+    size = tar_path.stat().st_size
+    with open(tar_path, "rb") as f:
+        f.seek(offset)
+        rest = f.read(min(size - offset, 2 * tarfile.RECORDSIZE))
+    if not rest.strip(b"\0"):
+        return ""
+    return (f"tar cut or corrupt at byte {offset} of {size}: a member header there does not read; "
+            f"the samples in the last {size - offset} bytes are lost")
 
 
 def _sample_draft(sample: _Sample, tar_path: str, names: Sequence[str] | None) -> _Draft:
@@ -372,10 +425,10 @@ def _sample_draft(sample: _Sample, tar_path: str, names: Sequence[str] | None) -
     raw_key = sample.key.replace("/", "_")
     if sample.image is None:
         # size=0 reads as an empty file, so the decoder records the sample instead of losing it.
-        return _Draft(raw_key, where, sample.label, class_name, tar_path, 0, 0)
+        return _Draft(raw_key, where, sample.label, class_name, tar_path, 0, 0, sample.problem)
     img = sample.image
     source = f"{tar_path}#{img.name}"
-    return _Draft(raw_key, source, sample.label, class_name, tar_path, img.offset_data, img.size)
+    return _Draft(raw_key, source, sample.label, class_name, tar_path, img.offset_data, img.size, sample.problem)
 
 
 def from_webdataset(spec: str, class_map: Path | None = None) -> list[Item]:
@@ -408,6 +461,9 @@ def _text_column(df: pl.DataFrame, name: str) -> list[str | None] | None:
 
 
 def _label_column(df: pl.DataFrame, path: Path) -> list[int]:
+    dtype = df["label"].dtype
+    if dtype.is_float() or dtype == pl.Boolean:  # 1.5 or True would pass a cast, wrongly
+        raise SourceError(f"{path}: column 'label' holds {dtype} values; labels are integer class indices")
     try:
         values = df["label"].cast(pl.Int64, strict=True).to_list()
     except pl.exceptions.PolarsError as e:
@@ -447,8 +503,12 @@ def _labels_and_names(
     return labels, [g if g is not None else d for g, d in zip(given, derived)]
 
 
-def from_list_file(path: Path, class_map: Path | None = None) -> list[Item]:
-    """Rows of a CSV/Parquet with `path`, `label` and/or `class_name`, in file order."""
+def from_list_file(path: Path, class_map: Path | None = None, allow_roots: Sequence[Path] = ()) -> list[Item]:
+    """Rows of a CSV/Parquet with `path`, `label` and/or `class_name`, in file order.
+
+    A list file may name only files inside its own folder or one of `allow_roots` (after
+    following symlinks): any other path (`/etc/shadow`, `/proc/self/environ`) becomes an error
+    row that is never read."""
     path = Path(path)
     df = _read_table(path)
     if "path" not in df.columns or not {"label", "class_name"} & set(df.columns):
@@ -461,14 +521,45 @@ def from_list_file(path: Path, class_map: Path | None = None) -> list[Item]:
         raise SourceError(f"{path}: column 'path' has empty values")
     labels, class_names = _labels_and_names(df, path, class_map)
     base = path.parent.resolve()
+    roots = [str(base), *(str(Path(r).resolve()) for r in allow_roots)]
     drafts: list[_Draft] = []
     for rel, label, class_name in zip(rel_paths, labels, class_names):
         # join() keeps absolute paths as they are; normpath folds `..` without following links.
         full = os.path.normpath(os.path.join(base, str(rel)))
         pure = PurePosixPath(full)
         raw = _raw_key(pure.parent.name, pure.name)
-        drafts.append(_Draft(raw, full, label, class_name, full))
+        drafts.append(_Draft(raw, full, label, class_name, full, problem=_outside(full, roots)))
     return _to_items(drafts, f"list file {path}")
+
+
+def _outside(path: str, roots: Sequence[str]) -> str:
+    """Why a list file may not read `path` (its real location is in none of `roots`), or ""."""
+    real = os.path.realpath(path)
+    if any(real == r or real.startswith(r.rstrip(os.sep) + os.sep) for r in roots):
+        return ""
+    return (f"outside the list file's folder {roots[0]} and every --allow-root: not read "
+            "(pass --allow-root DIR to score files there)")
+
+
+# --- sources relative to the input ----------------------------------------------------------
+
+
+def source_root(spec: str | Path) -> str:
+    """The folder an input's sources are told relative to: the folder itself, or the folder of
+    a list file, a .tar or a shard pattern."""
+    text = str(spec)
+    if os.path.isdir(text):
+        return os.path.realpath(text)
+    return os.path.realpath(os.path.dirname(text) or ".")
+
+
+def relative_source(source: str, root: str) -> str:
+    """`source` ("PATH" or "TAR#member") with PATH relative to `root`: what a shard records, so
+    it says where the image came from without the building machine's absolute paths."""
+    tar, sep, member = source.partition(".tar#")
+    if sep:
+        return f"{os.path.relpath(tar + '.tar', root)}#{member}"
+    return os.path.relpath(source, root)
 
 
 # --- dispatch ---------------------------------------------------------------------------------
@@ -499,12 +590,28 @@ def _source_kind(text: str) -> str:
     raise SourceError(f"input {text!r} does not exist ({expected})")
 
 
-def open_source(spec: str | Path, class_map: Path | None = None) -> list[Item]:
-    """Items of any supported input, picked by what `spec` looks like on disk."""
+def open_source(spec: str | Path, class_map: Path | None = None, allow_roots: Sequence[Path] = (),
+                max_classes: int = DEFAULT_MAX_CLASSES) -> list[Item]:
+    """Items of any supported input, picked by what `spec` looks like on disk. `allow_roots`:
+    folders a list file may name files in besides its own; `max_classes`: labels must be below it."""
     text = str(spec)
     kind = _source_kind(text)
     if kind == "folder":
-        return from_image_folder(Path(text), class_map)
-    if kind == "webdataset":
-        return from_webdataset(text, class_map)
-    return from_list_file(Path(text), class_map)
+        items = from_image_folder(Path(text), class_map)
+    elif kind == "webdataset":
+        items = from_webdataset(text, class_map)
+    else:
+        items = from_list_file(Path(text), class_map, allow_roots)
+    _check_labels(items, max_classes)
+    return items
+
+
+def _check_labels(items: Sequence[Item], max_classes: int) -> None:
+    """Labels are class indices; one far above the rest is a data error, and a proxy head sized
+    by it would not fit in memory."""
+    too_big = [it for it in items if it.label >= max_classes]
+    if too_big:
+        first = too_big[0]
+        raise SourceError(f"{len(too_big)} input(s) have a label >= --max-classes {max_classes}, e.g. "
+                          f"{first.label} for {first.source}: labels are class indices 0..C-1; raise "
+                          "--max-classes only if there really are that many classes")

@@ -22,12 +22,12 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from curate.common.atomic import atomic_path, file_sha256, jsonable, write_json
+from curate.common.atomic import file_sha256, jsonable, write_json
 from curate.common.dist import Dist, session
 from curate.common.runfolder import RunFolder, mode_of
-from curate.common.runtime import rank_device, versions
+from curate.common.runtime import rank_device, save_weights, versions
 from curate.ingest.decode import DEFAULT_MAX_PIXELS
-from curate.ingest.sources import Item, index_sha256, open_source
+from curate.ingest.sources import DEFAULT_MAX_CLASSES, Item, index_sha256, open_source
 from curate.score import metrics, table
 from curate.score.loader import DecodedItems, Meta, chunk_batches, make_loader
 from curate.score.proxies import ProxyModel, Recipe, create_model, load_checkpoint, resolve_recipe
@@ -57,6 +57,8 @@ class ScoreConfig:
     importance: str = "cls"  # cls: CLS->patch attention of the last blocks | rollout | none
     importance_blocks: tuple[int, ...] | None = None  # blocks averaged for `cls`; default: the recipe's
     class_map: Path | None = None  # text file, one class name per line, line = class index
+    allow_roots: tuple[Path, ...] = ()  # folders a list file may name files in, besides its own
+    max_classes: int = DEFAULT_MAX_CLASSES  # labels must be below this (a bigger one is a data error)
     max_pixels: int = DEFAULT_MAX_PIXELS  # decompression-bomb guard
     resume: bool = False  # continue a killed run in `out`
     overwrite: bool = False  # replace a previous run's outputs in `out` (only files it wrote)
@@ -74,6 +76,9 @@ class ScoreConfig:
             raise ValueError(f"--importance must be cls, rollout or none, got {self.importance!r}")
         if min(self.batch_size, self.chunk_size) < 1 or self.workers < 0:
             raise ValueError("batch size and chunk size must be >= 1, workers >= 0")
+        if self.max_classes < 2 or self.max_pixels < 1:
+            raise ValueError("--max-classes must be >= 2 and --max-pixels >= 1")
+        object.__setattr__(self, "allow_roots", tuple(Path(r) for r in self.allow_roots))
 
     def fingerprint(self) -> dict[str, Any]:
         """What must be equal for a resume to continue the same run."""
@@ -98,7 +103,7 @@ def _run_score(cfg: ScoreConfig, group: Dist) -> ScoreResult:
     t0 = time.perf_counter()
     cfg = cfg if group.is_main else replace(cfg, progress=False)  # one set of bars per job
     # Everything that can fail on the user's input fails here, before --out is touched.
-    items = open_source(cfg.source, cfg.class_map)
+    items = open_source(cfg.source, cfg.class_map, cfg.allow_roots, cfg.max_classes)
     _check_same_index(group, items)
     device = rank_device(cfg.device, group)
     recipe = resolve_recipe(cfg.proxy, cfg.image_size)
@@ -215,13 +220,8 @@ def _train_on_main(cfg: ScoreConfig, recipe: Recipe, model: torch.nn.Module, ite
     hashing it.
     """
     dyn = group.main_first(lambda: _train(cfg, recipe, model, items, device))
-    group.main_only(lambda: _save_weights(model, cfg.out / MODEL))
+    group.main_only(lambda: save_weights(model.state_dict(), cfg.out / MODEL))
     return dyn
-
-
-def _save_weights(model: torch.nn.Module, path: Path) -> None:
-    with atomic_path(path) as tmp:
-        torch.save(model.state_dict(), tmp)
 
 
 def _train(cfg: ScoreConfig, recipe: Recipe, model: torch.nn.Module, items: Sequence[Item],

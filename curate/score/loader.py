@@ -11,6 +11,7 @@ from typing import Any, Sequence
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from curate.common.runtime import die_with_parent
 from curate.ingest.decode import DEFAULT_MAX_PIXELS, content_hash, decode_image
 from curate.ingest.sources import Item, read_bytes
 
@@ -36,6 +37,8 @@ class DecodedItems(Dataset):
         return len(self.items)
 
     def __getitem__(self, i: int) -> tuple[int, torch.Tensor, Meta]:
+        if self.items[i].problem:  # known before reading (no label, a refused path, a cut tar)
+            return i, self._blank(), Meta(self.items[i].problem, 0, 0, 0, "")
         try:
             data = read_bytes(self.items[i])
         except OSError as e:  # vanished or unreadable file: a row, not a crash
@@ -65,4 +68,8 @@ def make_loader(dataset: Dataset, batches: Sequence[Sequence[int]], workers: int
     if workers > 0:  # keep a few batches in flight per worker so the model never waits
         kwargs.update(prefetch_factor=4, persistent_workers=False)
     return DataLoader(dataset, batch_sampler=batches, num_workers=workers, collate_fn=collate,
-                      pin_memory=pin_memory, **kwargs)
+                      pin_memory=pin_memory, worker_init_fn=_worker_init if workers > 0 else None, **kwargs)
+
+
+def _worker_init(_: int) -> None:
+    die_with_parent()  # a killed job leaves no decode worker behind

@@ -16,6 +16,7 @@ from torch import nn
 
 from curate.common.atomic import file_sha256
 from curate.common.registry import Registry
+from curate.common.runtime import load_weights
 from curate.common.vit import cls_attention, qkv_heads
 from curate.score import metrics
 
@@ -99,7 +100,7 @@ def create_model(recipe: Recipe, num_classes: int | None, pretrained: bool = Fal
 
 def load_checkpoint(model: nn.Module, path: Path) -> str:
     """Load a state dict saved with torch.save (weights only); returns the file's sha256."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = load_weights(path)
     if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
         state = state["model"]  # a training checkpoint of ours or timm's
     model.load_state_dict(state)

@@ -18,7 +18,7 @@ from timm.optim import param_groups_weight_decay
 from torch import nn
 from tqdm import tqdm
 
-from curate.common.atomic import atomic_path
+from curate.common.runtime import load_weights, save_weights
 from curate.common.schedule import warmup_cosine
 from curate.ingest.sources import Item
 from curate.score import metrics
@@ -123,13 +123,12 @@ def _record(dyn: Dynamics, epoch: int, idx: torch.Tensor, logits: torch.Tensor, 
 
 
 def _save_state(path: Path, model: nn.Module, opt: torch.optim.Optimizer, dyn: Dynamics, epoch: int) -> None:
-    with atomic_path(path) as tmp:
-        torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch,
-                    "correct": dyn.correct, "el2n": dyn.el2n, "margin": dyn.margin}, tmp)
+    save_weights({"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch,
+                  "correct": dyn.correct, "el2n": dyn.el2n, "margin": dyn.margin}, path)
 
 
 def _load_state(path: Path, model: nn.Module, opt: torch.optim.Optimizer, dyn: Dynamics) -> int:
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = load_weights(path)
     if state["correct"].shape != dyn.correct.shape:
         raise RuntimeError(f"{path} was saved for a different run (epochs x items "
                            f"{tuple(state['correct'].shape)} != {tuple(dyn.correct.shape)}); use --overwrite")

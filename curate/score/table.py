@@ -70,9 +70,28 @@ def importance_to_bytes(grid: np.ndarray) -> bytes:
     return np.ascontiguousarray(grid, dtype="<f2").tobytes()
 
 
+MAX_MAP_SIDE = 1024  # a map is a patch grid: a larger importance_h/w is a damaged table
+
+
 def importance_from_bytes(data: bytes, h: int, w: int) -> np.ndarray:
-    """Inverse of `importance_to_bytes`: a float16 [h, w] array."""
-    return np.frombuffer(data, dtype="<f2").reshape(h, w)
+    """Inverse of `importance_to_bytes`: a float16 [h, w] array. Raises ValueError when the
+    bytes and the grid size disagree or the map is not finite (a damaged or edited table)."""
+    problem = map_problem(len(data), h, w)
+    if problem:
+        raise ValueError(problem)
+    grid = np.frombuffer(data, dtype="<f2").reshape(h, w)
+    if not np.isfinite(grid).all():
+        raise ValueError("importance map holds NaN or infinite values")
+    return grid
+
+
+def map_problem(num_bytes: int, h: int, w: int) -> str:
+    """Why `num_bytes` of map data cannot be a float16 [h, w] grid, or ""."""
+    if not (0 < h <= MAX_MAP_SIDE and 0 < w <= MAX_MAP_SIDE):
+        return f"importance_h x importance_w = {h} x {w} is not a patch grid (sides 1..{MAX_MAP_SIDE})"
+    if num_bytes != 2 * h * w:
+        return f"importance map has {num_bytes} bytes, but importance_h x importance_w = {h} x {w} needs {2 * h * w}"
+    return ""
 
 
 def part_path(out: Path, index: int) -> Path:

@@ -272,13 +272,26 @@ def read_split(root: Path, split: str) -> Split:
     splits = read_manifest(root).get("splits", {})
     if split not in splits:
         raise KeyError(f"{root / MANIFEST}: no split {split!r} (has {sorted(splits)})")
-    entries = splits[split]["shards"]
+    part = splits[split]
+    entries = part.get("shards") if isinstance(part, dict) else None
+    if not isinstance(entries, list) or not isinstance(part.get("importance"), bool):
+        raise FormatError(f"{root / MANIFEST}: split {split!r} needs a list of shards and an importance flag")
     for entry in entries:
-        fault = filename_fault(entry.get("filename"))
+        fault = _entry_fault(entry)
         if fault:
-            raise FormatError(f"{root / MANIFEST}: {fault}")
-    return Split(split, [str(root / e["filename"]) for e in entries], [int(e["count"]) for e in entries],
-                 bool(splits[split]["importance"]))
+            raise FormatError(f"{root / MANIFEST}: split {split!r}: {fault}")
+    return Split(split, [str(root / e["filename"]) for e in entries], [e["count"] for e in entries],
+                 part["importance"])
+
+
+def _entry_fault(entry: Any) -> str:
+    """Why a manifest shard entry cannot be read as one, or ""."""
+    if not isinstance(entry, dict):
+        return f"shard entry {entry!r:.60} is not an object"
+    count = entry.get("count")
+    if not isinstance(count, int) or isinstance(count, bool) or count < 0:
+        return f"shard {entry.get('filename')!r} has count {count!r}, not a sample count"
+    return filename_fault(entry.get("filename"))
 
 
 def num_classes(root: Path) -> int:
@@ -305,6 +318,8 @@ def decode_sample(sample: Mapping[str, Any], max_pixels: int = DEFAULT_MAX_PIXEL
         raise ValueError(f"{key}: cls is missing or not an integer") from e
     raw = sample.get(MAP_FIELD)
     importance = None if raw is None else load_npy(raw).astype(np.float32)
+    if importance is not None and not np.isfinite(importance).all():
+        raise ValueError(f"{key}: importance.npy holds NaN or infinite values")
     return {"key": key, "image": image, "label": label, "importance": importance}
 
 

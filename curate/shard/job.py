@@ -26,8 +26,10 @@ import pyarrow.parquet as pq
 from curate.common.atomic import atomic_path, jsonable
 from curate.common.runfolder import RunFolder, mode_of
 from curate.common.runtime import versions
-from curate.ingest.decode import decode_image
-from curate.ingest.sources import Item, index_sha256, open_source, read_bytes
+from curate.ingest.decode import content_hash, decode_image
+from curate.ingest.limits import DEFAULT_MAX_CLASSES
+from curate.ingest.sources import (Item, index_sha256, open_source, read_bytes, relative_source, sanitize_key,
+                                   source_root)
 from curate.score import table
 from curate.select.embeddings import embedding_columns
 from curate.select.policies import SelectConfig, load_scores, select, selection_hash
@@ -39,8 +41,9 @@ COMMAND = "shard"
 RESUME_FREE = ("resume", "overwrite", "dry_run", "progress", "workers")
 SELECTION = "selection.parquet"
 # Item fields as columns: the shard writers get kept inputs as slices of these, not as objects.
+# `path` as bytes: a POSIX file name need not be UTF-8, and polars strings must be.
 ITEM_SCHEMA = {"key": pl.String, "source": pl.String, "label": pl.Int64, "class_name": pl.String,
-               "path": pl.String, "offset": pl.Int64, "size": pl.Int64}
+               "path": pl.Binary, "offset": pl.Int64, "size": pl.Int64}
 
 
 @dataclass(frozen=True)
@@ -152,14 +155,17 @@ def _check_source(cfg: ShardConfig, manifests: list[dict[str, Any]], kept: pl.Da
     """The source must be the one that was scored: same keys, sources and labels (read with the
     class map the scoring used). Returns the kept inputs as columns (ITEM_SCHEMA): an Item
     object costs ~320 B, and forked shard writers that touch one copy its memory page."""
-    class_map = manifests[0]["config"].get("class_map")
-    items = open_source(cfg.source, Path(class_map) if class_map else None)
+    scored = manifests[0]["config"]
+    class_map = scored.get("class_map")
+    items = open_source(cfg.source, Path(class_map) if class_map else None, scored.get("allow_roots", ()),
+                        scored.get("max_classes", DEFAULT_MAX_CLASSES))
     digest = index_sha256(items)
     for scores_dir, m in zip(cfg.scores, manifests):
         if m["index_sha256"] != digest:
             raise ValueError(f"{cfg.source} is not the input {scores_dir} was scored on "
                              f"({m['source']}): keys, sources or labels differ")
     columns = {name: [getattr(it, name) for it in items] for name in ITEM_SCHEMA}
+    columns["path"] = [os.fsencode(p) for p in columns["path"]]
     return pl.DataFrame(columns, schema=ITEM_SCHEMA).join(kept.select("key"), on="key", how="semi")
 
 
@@ -187,7 +193,7 @@ def _write_train(cfg: ShardConfig, plan: ShardPlan, sel: pl.DataFrame, items: pl
     # leaves nothing behind, and forked writers share the descriptor.
     with tempfile.TemporaryFile(dir=cfg.out) as scratch:
         maps = _map_store(maps_dir, order, scratch.fileno()) if maps_dir is not None else None
-        loader = TrainSamples(plan, rows, score_cols, maps, cfg.by, proxies)
+        loader = TrainSamples(plan, rows, score_cols, maps, cfg.by, proxies, source_root(cfg.source))
         return write_split(cfg.out, plan, loader, cfg.resume, cfg.progress, cfg.workers)
 
 
@@ -196,6 +202,7 @@ def _train_rows(cfg: ShardConfig, order: pl.DataFrame, kept: pl.DataFrame,
     """One row per kept key in plan order: its item columns, combined score and the `by`
     columns of every table (`{column}@{table}`); and the names of the score columns."""
     rows = order.join(kept.select("key", "score"), on="key", how="left")
+    rows = rows.join(table.scan(cfg.scores[0]).select("key", "content_hash").collect(), on="key", how="left")
     score_cols = ["score"]
     for i, d in enumerate(cfg.scores):
         scan = table.scan(d)
@@ -250,7 +257,8 @@ def _map_store(maps_dir: Path, order: pl.DataFrame, fd: int) -> MapStore:
     parts = table.parts(maps_dir)
     index = (pl.scan_parquet(parts).select("key", "importance_h", "importance_w").with_row_index("row")
              .join(order.lazy(), on="key", how="inner").filter(pl.col("importance_h").is_not_null())
-             .select("row", "pos", "importance_h", "importance_w").collect())
+             .select("key", "row", "pos", "importance_h", "importance_w").collect())
+    _check_grids(maps_dir, index)
     n_rows = sum(pq.ParquetFile(p).metadata.num_rows for p in parts)
     pos_of_row = np.full(n_rows, -1, dtype=np.int64)
     pos_of_row[index["row"].to_numpy()] = index["pos"].to_numpy()
@@ -259,19 +267,35 @@ def _map_store(maps_dir: Path, order: pl.DataFrame, fd: int) -> MapStore:
     w[index["pos"].to_numpy()] = index["importance_w"].to_numpy()
     slot = 2 * int((h.astype(np.int64) * w).max(initial=0))
     os.ftruncate(fd, slot * len(order))
-    _copy_maps(parts, pos_of_row, slot, fd)
-    return MapStore(fd, slot, h, w)
+    store = MapStore(fd, slot, h, w)
+    _copy_maps(parts, pos_of_row, store, order["key"])
+    return store
 
 
-def _copy_maps(parts: Sequence[Path], pos_of_row: np.ndarray, slot: int, fd: int) -> None:
-    """Write each kept row's map bytes at its slot, reading the parts in `pos_of_row`'s order."""
+def _check_grids(maps_dir: Path, index: pl.DataFrame) -> None:
+    """Grid sizes a map can have, before any space is set aside for them."""
+    bad = index.filter(~pl.col("importance_h").is_between(1, table.MAX_MAP_SIDE)
+                       | ~pl.col("importance_w").is_between(1, table.MAX_MAP_SIDE))
+    if not bad.is_empty():
+        key, h, w = bad.select("key", "importance_h", "importance_w").row(0)
+        raise ValueError(f"{maps_dir}: {len(bad)} row(s) have a damaged map size, e.g. {key}: "
+                         f"{table.map_problem(2 * h * w, h, w)}; score again")
+
+
+def _copy_maps(parts: Sequence[Path], pos_of_row: np.ndarray, store: MapStore, keys: pl.Series) -> None:
+    """Write each kept row's map bytes at its slot, reading the parts in `pos_of_row`'s order;
+    a map whose bytes disagree with its grid size, or that is not finite, stops the job."""
     row = 0
     for part in parts:
         for batch in pq.ParquetFile(part).iter_batches(columns=["importance"]):
             pos = pos_of_row[row:row + len(batch)]
             take = np.flatnonzero(pos >= 0)
             for p, data in zip(pos[take].tolist(), batch.column(0).take(take).to_pylist()):
-                os.pwrite(fd, data, p * slot)
+                try:
+                    table.importance_from_bytes(data, int(store.h[p]), int(store.w[p]))
+                except ValueError as e:
+                    raise ValueError(f"{part}: {keys[p]}: {e}; score again") from e
+                os.pwrite(store.fd, data, p * store.slot)
             row += len(batch)
     if row != len(pos_of_row):
         raise RuntimeError(f"{parts[0].parent} changed while being read: {row} rows, {len(pos_of_row)} counted")
@@ -283,9 +307,9 @@ class TrainSamples:
     read-only after fork, so writer processes share them instead of copying per-key objects."""
 
     def __init__(self, plan: ShardPlan, rows: pa.Table, score_cols: Sequence[str],
-                 maps: MapStore | None, by: Sequence[str], proxies: list[dict[str, str]]):
+                 maps: MapStore | None, by: Sequence[str], proxies: list[dict[str, str]], source_root: str):
         self.plan, self.rows, self.score_cols, self.maps = plan, rows, list(score_cols), maps
-        self.by, self.proxies = list(by), proxies
+        self.by, self.proxies, self.source_root = list(by), proxies, source_root
         starts = np.cumsum([0, *(len(keys) for keys in plan.shards)]).tolist()
         self.shard_at = {keys[0]: (i, starts[i]) for i, keys in enumerate(plan.shards) if keys}
 
@@ -294,10 +318,14 @@ class TrainSamples:
         stop = start + len(keys)
         maps = self.maps.read(start, stop) if self.maps is not None else [None] * len(keys)
         for row, grid in zip(self.rows.slice(start, len(keys)).to_pylist(), maps):
-            item = Item(**{name: row[name] for name in ITEM_SCHEMA})
-            meta = {"class_name": item.class_name, "source": item.source,
+            item = Item(**{name: row[name] for name in ITEM_SCHEMA} | {"path": os.fsdecode(row["path"])})
+            data = read_bytes(item)
+            if content_hash(data) != row["content_hash"]:
+                raise ValueError(f"{item.source} has changed since it was scored (its content hash differs): "
+                                 "score the source again before sharding it")
+            meta = {"class_name": item.class_name, "source": relative_source(item.source, self.source_root),
                     "scores": {c: row[c] for c in self.score_cols}, "by": self.by, "proxies": self.proxies}
-            yield fmt.SampleData(item.key, read_bytes(item), item.label, meta, grid)
+            yield fmt.SampleData(item.key, data, item.label, meta, grid)
 
     def _start(self, keys: Sequence[str]) -> int:
         """Plan position of the shard whose keys these are (the writer asks for whole shards)."""
@@ -321,20 +349,30 @@ def _validation(cfg: ShardConfig) -> Validation:
     With `val_scores`, every sample carries its importance map (evaluation with dropped tokens)."""
     assert cfg.val is not None
     items = {it.key: it for it in open_source(cfg.val)}
-    good = [k for k, it in items.items() if decode_image(read_bytes(it), 16).ok]
-    plan = plan_shards(good, "validation", cfg.name, cfg.samples_per_shard, 1, cfg.seed)
+    good = [k for k, it in items.items() if not it.problem and decode_image(read_bytes(it), 16).ok]
+    plan = plan_shards([validation_key(k) for k in good], "validation", cfg.name, cfg.samples_per_shard, 1, cfg.seed)
     maps = _validation_maps(cfg.val_scores, good) if cfg.val_scores is not None else {}
     return Validation(items, plan, maps)
 
 
 def _write_validation(cfg: ShardConfig, val: Validation) -> list[fmt.ShardInfo]:
+    root = source_root(cfg.val or "")
+    by_shard_key = {validation_key(k): k for k in val.items}
+
     def load(keys: Sequence[str]) -> Iterator[fmt.SampleData]:
-        for key in keys:
+        for shard_key in keys:
+            key = by_shard_key[shard_key]
             it = val.items[key]
-            yield fmt.SampleData(key, read_bytes(it), it.label, {"class_name": it.class_name, "source": it.source},
-                                 val.maps.get(key))
+            meta = {"class_name": it.class_name, "source": relative_source(it.source, root), "source_key": key}
+            yield fmt.SampleData(shard_key, read_bytes(it), it.label, meta, val.maps.get(key))
 
     return write_split(cfg.out, val.plan, load, cfg.resume, cfg.progress, cfg.workers)
+
+
+def validation_key(key: str) -> str:
+    """The validation split's sample key: `val-` + the source's key, so that no key is in both
+    splits (train/ring/ring_00085.JPEG and val/ring/ring_00085.JPEG share a source key)."""
+    return sanitize_key(f"val-{key}")
 
 
 def _validation_maps(scores: Path, keys: Sequence[str]) -> dict[str, np.ndarray]:

@@ -99,6 +99,8 @@ def _check_info_split(split: str, part: Any, entries: list[dict]) -> list[str]:
         return [f"{where}: missing field {exc} "
                 "(timm needs name, num_samples, filenames, shard_lengths)"]
     faults = [] if part.get("name") == split else [f"{where}: name is {part.get('name')!r}"]
+    if not all(isinstance(n, int) and not isinstance(n, bool) for n in [*lengths, total]):
+        return faults + [f"{where}: num_samples and shard_lengths must be integers, got {total!r}, {lengths!r:.80}"]
     if total != sum(lengths):
         faults.append(f"{where}: num_samples {total} != sum(shard_lengths) {sum(lengths)}")
     if names != [e.get("filename") for e in entries]:

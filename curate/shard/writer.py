@@ -25,6 +25,7 @@ from tqdm import tqdm
 from webdataset import TarWriter
 
 from curate.common.atomic import file_sha256, fsync_dir, tmp_path
+from curate.common.runtime import die_with_parent
 from curate.shard.format import ENCODERS, SampleData, ShardInfo, read_samples, sample_fields
 from curate.shard.plan import ShardPlan
 
@@ -109,6 +110,7 @@ _LOAD: Load | None = None  # set in forked workers
 
 def _worker_init(load: Load) -> None:
     global _LOAD
+    die_with_parent()  # a killed job leaves no writer behind
     _LOAD = load
 
 

@@ -1,0 +1,9 @@
+"""The bounds inputs are held to, in one dependency-free module (the CLI shows them in --help)."""
+
+# PIL's own refusal threshold (2 * Image.MAX_IMAGE_PIXELS): it raises DecompressionBombError
+# above this at open, whatever we ask, so a larger max_pixels cannot admit more than this.
+DEFAULT_MAX_PIXELS = 178_956_970
+# A label above this is a data error, not a class: the proxy gets one output per class.
+DEFAULT_MAX_CLASSES = 100_000
+# One image file; anything larger is not an image this tool should read into memory.
+MAX_INPUT_BYTES = 1 << 30
