@@ -26,7 +26,7 @@ from timm.optim import create_optimizer_v2
 from timm.utils import ModelEmaV3
 
 from curate.common import dist
-from curate.common.atomic import atomic_path, write_json
+from curate.common.atomic import atomic_path, write_bytes, write_json
 from curate.common.runfolder import RunFolder, mode_of
 from curate.common.runtime import load_weights, save_weights
 from curate.common.schedule import warmup_cosine
@@ -256,7 +256,7 @@ def train_epoch(run: Run, split: shard_format.Split, epoch: int) -> dict[str, An
     totals = {"loss": 0.0, "correct": 0, "seen": 0, "trained": 0, "gflops": 0.0, "skipped": 0}
     skipped: list[tuple[str, str]] = []  # (key, error) of samples that could not be decoded
     records: list[prune.Record] = []
-    keys_file = _keys_file(run, epoch)
+    keys: list[str] = []  # what this rank trained on, for --record-keys
     t_epoch = t_log = time.perf_counter()
     for i, batch in enumerate(batches):
         progress = epoch + i / plan.steps
@@ -265,8 +265,8 @@ def train_epoch(run: Run, split: shard_format.Split, epoch: int) -> dict[str, An
         records += stats.pop("records")
         for k in totals:
             totals[k] += stats[k]
-        if keys_file is not None:
-            keys_file.write("".join(f"{k}\n" for k in batch["key"]))
+        if cfg.record_keys:
+            keys += batch["key"]
         if ctx.is_main and (run.step % cfg.log_every == 0):
             now = time.perf_counter()
             _append_metrics(run, {"kind": "step", "epoch": epoch, "step": run.step, "lr": stats["lr"],
@@ -274,8 +274,8 @@ def train_epoch(run: Run, split: shard_format.Split, epoch: int) -> dict[str, An
                                   "tokens": stats["tokens"], "images_per_s": stats["seen"] * cfg.log_every /
                                   max(1e-9, now - t_log) if i else None})
             t_log = now
-    if keys_file is not None:
-        keys_file.close()
+    if cfg.record_keys:  # one file per epoch and rank: a resumed epoch replaces it, whole
+        write_bytes(cfg.out / keys_name(ctx.rank, epoch), "".join(f"{k}\n" for k in keys).encode())
     seconds = time.perf_counter() - t_epoch
     run.wall += seconds
     if run.pruner.tracks:  # every rank gets every rank's records, applied in the same order
@@ -396,13 +396,6 @@ def _patch(run: Run) -> int:
 def _sum_over_ranks(run: Run, totals: dict[str, float]) -> dict[str, float]:
     parts = run.ctx.all_gather(totals)
     return {k: sum(p[k] for p in parts) for k in totals}
-
-
-def _keys_file(run: Run, epoch: int) -> Any:
-    if not run.cfg.record_keys:
-        return None
-    # one file per epoch and rank: a resumed epoch rewrites its file instead of appending twice
-    return open(run.cfg.out / keys_name(run.ctx.rank, epoch), "w")
 
 
 # --- evaluation ---------------------------------------------------------------------------

@@ -31,6 +31,19 @@ def atomic_path(path: Path) -> Iterator[Path]:
     os.replace(tmp, path)
 
 
+def write_bytes(path: Path, data: bytes) -> None:
+    """`data` under `path`, whole or not at all."""
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def save_figure(fig: Any, path: Path, dpi: int = 90) -> Path:
+    """A matplotlib figure as PNG under `path`, whole or not at all."""
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=dpi, format="png")
+    return path
+
+
 def write_json(path: Path, obj: Any) -> None:
     """JSON written atomically, keys sorted so the same content gives the same bytes."""
     with atomic_path(path) as tmp:

@@ -16,6 +16,8 @@ import numpy as np
 import polars as pl
 from PIL import Image, ImageDraw, ImageFilter
 
+from curate.common.atomic import atomic_path, write_bytes
+
 CLASSES = ("circle", "square", "triangle", "cross", "ring", "star", "diamond", "bar")
 # Base hue per class, spread round the colour wheel; `hue_jitter` makes neighbours overlap.
 _HUES = np.linspace(0.0, 1.0, len(CLASSES), endpoint=False)
@@ -185,7 +187,7 @@ def _write(cfg: DemoConfig, split: str, rows: list[dict], paths: list[Path]) -> 
         scene, given = row["scene"], row["given"]
         name = CLASSES[given]
         (cfg.root / rel).parent.mkdir(parents=True, exist_ok=True)
-        (cfg.root / rel).write_bytes(scene_jpeg(cfg, scene, row["variant"]))
+        write_bytes(cfg.root / rel, scene_jpeg(cfg, scene, row["variant"]))
         x0, y0, x1, y1 = scene.box
         truth.append(dict(path=str(rel), split=split, class_name=name, true_class=CLASSES[scene.label],
                           given_label=folder_index[name], true_label=folder_index[CLASSES[scene.label]],
@@ -213,5 +215,6 @@ def make_demo(cfg: DemoConfig, claim: Callable[[list[str]], None] | None = None)
         claim([p.as_posix() for split in paths.values() for p in split] + [TRUTH])
     truth = _write(cfg, "train", train, paths["train"]) + _write(cfg, "val", val, paths["val"])
     df = pl.DataFrame(truth).with_columns(pl.col("dup_group").cast(pl.Int64))
-    df.write_parquet(cfg.root / TRUTH)
+    with atomic_path(cfg.root / TRUTH) as tmp:
+        df.write_parquet(tmp)
     return df

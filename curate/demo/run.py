@@ -7,7 +7,7 @@ from typing import Any
 
 import polars as pl
 
-from curate.common.atomic import write_json
+from curate.common.atomic import write_bytes, write_json
 from curate.common.runfolder import RunFolder
 from curate.demo import evaluate
 from curate.demo.data import DemoConfig, make_demo
@@ -73,7 +73,7 @@ def _run(folder: RunFolder, seed: int, workers: int, progress: bool, per_class: 
     _plots(folder, metrics)
     text = render_report(metrics, timings, out)
     folder.claim(REPORT_TEXT, REPORT_JSON)
-    (out / REPORT_TEXT).write_text(text + "\n")
+    write_bytes(out / REPORT_TEXT, (text + "\n").encode())
     write_json(out / REPORT_JSON, {"metrics": metrics, "timing": timings})
     return text
 

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from curate.common.atomic import save_figure
 from curate.common.runfolder import RunFolder
 from curate.shard.job import ShardConfig, run_shard
 from sparsevit.model import SparseConfig
@@ -149,6 +150,6 @@ def plot(train: dict[str, Any], out: Path) -> Path:
     ax.grid(alpha=0.3)
     fig.tight_layout()
     path = out / "time_to_accuracy.png"
-    fig.savefig(path, dpi=90)
+    save_figure(fig, path)
     plt.close(fig)
     return path

@@ -6,6 +6,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
+from curate.common.atomic import save_figure
 from curate.ingest.decode import decode_image
 from curate.ingest.sources import Item, read_bytes
 from curate.score import table
@@ -78,7 +79,7 @@ def plot_histograms(scores_dir: Path, out: Path) -> Path:
         ax.set_title(name)
     fig.tight_layout()
     path = out / "score_histograms.png"
-    fig.savefig(path, dpi=90)
+    save_figure(fig, path)
     plt.close(fig)
     return path
 
@@ -106,7 +107,7 @@ def plot_importance(scores_dir: Path, out: Path, n: int = 24, size: int = 128) -
         ax.set_title(f"{r['class_name'][:10]} el2n {r['el2n']:.2f}", fontsize=7)
     fig.tight_layout()
     path = out / "importance_overlay.png"
-    fig.savefig(path, dpi=90)
+    save_figure(fig, path)
     plt.close(fig)
     return path
 
