@@ -200,7 +200,7 @@ def thumbnail_matrix_mib(n: int) -> float:
 def measure_imports(work: Path, sample_s: float) -> Peak:
     """A process that only imports what both stages import (torch, timm, polars, faiss...): the
     floor under every peak, so growth with N can be told apart from it."""
-    cmd = [sys.executable, "-c", "import cli, curate.jobs, curate.shard_job"]
+    cmd = [sys.executable, "-c", "import cli, curate.score.job, curate.shard.job"]
     return run_measured("imports only", 0, cmd, work / "imports.log", sample_s)
 
 

@@ -1,4 +1,4 @@
-"""curate.decode: real files encoded here, decoded, and checked pixel by pixel."""
+"""curate.ingest.decode: real files encoded here, decoded, and checked pixel by pixel."""
 from __future__ import annotations
 
 import hashlib

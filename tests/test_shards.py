@@ -304,6 +304,7 @@ def test_sample_faults() -> None:
         "json": {"json": b"[1]"},
         "float16 2-D": {"importance.npy": _npy(np.zeros((2, 3), np.float32))},
         "shape": {"importance.npy": _npy(np.zeros((3, 2), np.float16))},
+        "NaN": {"importance.npy": _npy(np.full((2, 3), np.nan, np.float16))},
     }
     for expected, change in cases.items():
         faults = sample_faults({**good, **change}, require_importance=True)

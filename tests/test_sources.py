@@ -1,4 +1,4 @@
-"""curate.sources: items from ImageFolder, WebDataset shards and list files, with stable keys."""
+"""curate.ingest.sources: items from ImageFolder, WebDataset shards and list files, with stable keys."""
 from __future__ import annotations
 
 import io

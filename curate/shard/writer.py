@@ -15,11 +15,12 @@ differ from the plan. What goes into a sample is the shard format's (curate.shar
 """
 from __future__ import annotations
 
+import hashlib
 import multiprocessing
 import os
 import tarfile
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import BinaryIO, Callable, Iterable, Iterator, Sequence
 
 from tqdm import tqdm
 from webdataset import TarWriter
@@ -41,19 +42,33 @@ def write_shard(path: Path, samples: Iterable[SampleData]) -> ShardInfo:
     path = Path(path)
     tmp = tmp_path(path)
     try:
-        count = _write_tar(tmp, samples)
+        count, sha256 = _write_tar(tmp, samples)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)  # a SIGKILL still leaves it: the next run overwrites it
         raise
     fsync_dir(path.parent)  # make the rename itself durable
-    return ShardInfo(path.name, count, file_sha256(path), path.stat().st_size)
+    return ShardInfo(path.name, count, sha256, path.stat().st_size)
 
 
-def _write_tar(tmp: Path, samples: Iterable[SampleData]) -> int:
+class _HashingFile:
+    """A write-only stream that hashes what goes through it: the shard's sha256 without reading
+    the file back (tarfile's "w|" stream mode only ever calls write)."""
+
+    def __init__(self, f: BinaryIO) -> None:
+        self.f, self.sha256 = f, hashlib.sha256()
+
+    def write(self, data: bytes) -> int:
+        self.sha256.update(data)
+        return self.f.write(data)
+
+
+def _write_tar(tmp: Path, samples: Iterable[SampleData]) -> tuple[int, str]:
+    """(samples written, sha256 of the file)."""
     seen: set[str] = set()
     with open(tmp, "wb") as f:  # "wb" truncates a tmp left by a killed run
-        with TarWriter(f, user=TAR_OWNER, group=TAR_OWNER, mode=TAR_MODE,
+        stream = _HashingFile(f)
+        with TarWriter(stream, user=TAR_OWNER, group=TAR_OWNER, mode=TAR_MODE,
                        encoder=ENCODERS, mtime=FIXED_MTIME) as writer:
             # TarWriter ignores its `format` argument; set it on the stream. For our ASCII names
             # under 100 chars the bytes equal PAX's, and tarfile skips its per-member PAX checks.
@@ -65,7 +80,7 @@ def _write_tar(tmp: Path, samples: Iterable[SampleData]) -> int:
                 writer.write(sample_fields(sample))  # one call: members stay contiguous
         f.flush()
         os.fsync(f.fileno())
-    return len(seen)
+    return len(seen), stream.sha256.hexdigest()
 
 
 def write_split(
