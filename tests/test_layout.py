@@ -70,3 +70,29 @@ def test_the_check_sees_a_backward_import(tmp_path: Path):
     bad.write_text("def f():\n    from curate.shard.job import run_shard\n    import sparsevit.train\n")
     assert _imports(bad) == {"curate.shard.job", "curate.shard.job.run_shard", "sparsevit.train"}
     assert _stage("curate.shard.job") > _stage("curate.score.table") and _stage("curate.demo.run") == 6
+
+
+def _readme_tree() -> dict[str, set[str]]:
+    """The README's Layout block as {package folder: module files listed under it}."""
+    text = (ROOT / "README.md").read_text()
+    block = text.split("## Layout", 1)[1].split("```", 2)[1]
+    tree: dict[str, set[str]] = {}
+    package = ""
+    for line in block.splitlines():
+        name = line.split()[0] if line.strip() else ""
+        if name.endswith("/") and not line.startswith(" "):
+            package = name.rstrip("/")
+            tree[package] = set()
+        elif name.endswith(".py") and line.startswith("  ") and package:
+            tree[package].add(name)
+    return tree
+
+
+def test_the_readme_layout_lists_every_module():
+    tree = {package: files for package, files in _readme_tree().items() if files}  # bench/, tests/: no list
+    on_disk = {str(p.parent.relative_to(ROOT)): set() for p in _modules().values()}
+    for p in _modules().values():
+        if p.name != "__init__.py":
+            on_disk[str(p.parent.relative_to(ROOT))].add(p.name)
+    on_disk = {k: v for k, v in on_disk.items() if v}
+    assert tree == on_disk
