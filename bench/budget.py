@@ -1,0 +1,56 @@
+"""Equal-budget comparison on shard sets made by `curate demo` (or the same layout built from
+other data: `shards-full`, `shards-random`, `shards` under one root). Every variant trains for
+budgets given as shares of full data's complete schedule, each with a schedule fitted to the
+budget; the table gives mean ± sd over seeds of the last epoch's accuracy (all tokens), the
+epochs that fit and the wall-clock actually used.
+
+    curate demo --out demo-run; curate demo --seed 1 --out demo-s1; curate demo --seed 2 --out demo-s2
+    python bench/budget.py --out budget-demo --data 0:demo-run --data 1:demo-s1 --data 2:demo-s2 \\
+        [--budgets 0.35,0.5,0.7,1.0] [--variants full,"random 70%",...] [--resume]
+
+A seed may name the same root as another (training seeds on one dataset): --data 0:c10 --data 1:c10.
+"""
+from __future__ import annotations
+
+import argparse
+import platform
+import subprocess
+from pathlib import Path
+
+import torch
+
+from curate.demo.budget import BUDGET_VARIANTS, BudgetConfig, run_budget, table_lines
+
+
+def _dataset(text: str) -> tuple[int, Path]:
+    seed, _, root = text.partition(":")
+    return int(seed), Path(root)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--data", type=_dataset, action="append", required=True, help="SEED:ROOT, repeatable")
+    ap.add_argument("--budgets", default="0.35,0.5,0.7,1.0")
+    ap.add_argument("--variants", default=",".join(v.name for v in BUDGET_VARIANTS),
+                    help="comma-separated names; the first must be 'full'")
+    ap.add_argument("--resume", action="store_true")
+    args = ap.parse_args()
+    by_name = {v.name: v for v in BUDGET_VARIANTS}
+    names = [n.strip() for n in args.variants.split(",")]
+    unknown = [n for n in names if n not in by_name]
+    if unknown:
+        ap.error(f"unknown variants {unknown}; known: {list(by_name)}")
+    cfg = BudgetConfig(out=args.out, datasets=tuple(args.data), budgets=tuple(float(b) for b in args.budgets.split(",")),
+                       variants=tuple(by_name[n] for n in names), resume=args.resume)
+    results = run_budget(cfg)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    ref = results["reference"]
+    print(f"\n# {platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}, commit "
+          f"{commit}; reference: {ref['variant']} for {ref['epochs']} epochs = {ref['seconds']:.0f}s; seeds "
+          f"{[s for s, _ in cfg.datasets]}; epoch seconds {({k: round(v, 2) for k, v in results['epoch_seconds'].items()})}")
+    print("\n".join(table_lines(results)))
+
+
+if __name__ == "__main__":
+    main()

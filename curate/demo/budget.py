@@ -1,0 +1,214 @@
+"""Equal-budget comparison: every variant trained for the same wall-clock, each with a complete
+schedule fitted to that budget (warmup and cosine decay end inside it), against full data
+trained for the same budget, the strongest cheap baseline ("Budgeted Training", ICLR 2020).
+
+A dataset root holds the shard sets the variants read: `shards-full` (every input), `shards-random`
+(a random 70%) and `shards` (the curated 70%), as `curate demo` writes them. Each variant's epoch
+time is measured once per dataset (a short calibration run); a budget of f means f times full
+data's complete schedule (`ref_epochs` epochs), and each variant then trains for as many whole
+epochs as fit. What every cell reports is measured: accuracy after the last epoch and the
+training wall-clock it actually took.
+"""
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Sequence
+
+from curate.common.atomic import atomic_path, save_figure, write_json
+from curate.common.runfolder import RunFolder, mode_of
+from curate.demo.train import DEMO_MODEL, slug
+from sparsevit.model import SparseConfig
+from sparsevit.train import TrainConfig, run_train
+
+
+@dataclass(frozen=True)
+class BudgetVariant:
+    name: str
+    shards: str  # shard set under the dataset root
+    keep: float = 1.0  # input token keep ratio
+    drop_by: str = "importance"
+    token_scale: float = 1.0  # train and evaluate at a lower resolution with ~this share of the tokens
+    example_pruning: str = "none"
+
+
+BUDGET_VARIANTS = (
+    BudgetVariant("full", "shards-full"),
+    BudgetVariant("random 70%", "shards-random"),
+    BudgetVariant("curated 70%", "shards"),
+    BudgetVariant("curated 70% + keep 0.7", "shards", keep=0.7),
+    BudgetVariant("curated 70% + keep 0.7 random", "shards", keep=0.7, drop_by="random"),
+    BudgetVariant("full, low res (tokens ~0.7)", "shards-full", token_scale=0.7),
+    BudgetVariant("curated 70% + keep 0.5", "shards", keep=0.5),
+    BudgetVariant("full + InfoBatch", "shards-full", example_pruning="infobatch"),
+)
+
+
+@dataclass(frozen=True)
+class BudgetConfig:
+    out: Path
+    datasets: tuple[tuple[int, Path], ...]  # (seed, dataset root); a seed may reuse a root
+    budgets: tuple[float, ...] = (0.35, 0.5, 0.7, 1.0)  # fractions of full data's complete schedule
+    variants: tuple[BudgetVariant, ...] = BUDGET_VARIANTS
+    model: dict[str, Any] = field(default_factory=lambda: dict(DEMO_MODEL))
+    ref_epochs: int = 15  # full data's complete schedule
+    warmup_share: float = 1 / 15  # warmup as a share of every schedule (the demo: 1 of 15 epochs)
+    calibration_epochs: int = 2
+    batch_size: int = 64
+    lr: float = 4e-3
+    workers: int = 2
+    extra: dict[str, Any] = field(default_factory=dict)  # TrainConfig overrides (tests: smaller)
+    resume: bool = False  # keep the cells already trained (more seeds or budgets may be added)
+    overwrite: bool = False
+    progress: bool = True
+
+
+def low_res_size(img_size: int, patch: int, token_scale: float) -> int:
+    """The image size whose patch grid holds the nearest whole square to `token_scale` of the
+    full grid's tokens: 64 px / patch 8 at 0.7 -> 56 px (49 of 64 tokens); 224 / 16 -> 192."""
+    side = max(1, round(math.sqrt(token_scale * (img_size // patch) ** 2)))
+    return side * patch
+
+
+def fit_epochs(budget_s: float, epoch_s: float) -> int:
+    """Whole epochs of `epoch_s` that fit in `budget_s` (at least one: a run must exist)."""
+    return max(1, int(budget_s / epoch_s + 1e-9))
+
+
+def train_config(cfg: BudgetConfig, v: BudgetVariant, root: Path, out: Path, seed: int, epochs: int) -> TrainConfig:
+    """The variant's `curate train` settings for a complete schedule of `epochs`."""
+    model = dict(cfg.model)
+    if v.token_scale < 1:
+        model["img_size"] = low_res_size(model["img_size"], model["patch_size"], v.token_scale)
+    tc = TrainConfig(shards=root / v.shards, out=out, epochs=epochs, batch_size=cfg.batch_size, lr=cfg.lr,
+                     warmup_epochs=cfg.warmup_share * epochs, keep=v.keep,
+                     sparse=SparseConfig(drop_by=v.drop_by), example_pruning=v.example_pruning,
+                     workers=cfg.workers, seed=seed, eval_every=epochs, overwrite=True, progress=False, **model)
+    return replace(tc, **cfg.extra)
+
+
+def epoch_seconds(run: Path) -> list[float]:
+    """Training seconds of each epoch of a finished run (loader included, evaluation excluded)."""
+    recs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [r["seconds"] for r in recs if r["kind"] == "epoch"]
+
+
+def run_budget(cfg: BudgetConfig) -> dict[str, Any]:
+    """Calibrate, then train every (budget, variant, seed) cell; resumable cell by cell.
+    Returns (and writes to OUT/results.json) the cells and the per-budget summary."""
+    free = ("progress", "budgets", "variants", "datasets", "resume", "overwrite")  # cells may be added
+    if not cfg.variants or cfg.variants[0].name != "full":
+        raise ValueError("the first variant must be 'full': budgets are shares of its complete schedule")
+    with RunFolder.open(cfg.out, "budget", mode_of(cfg.resume, cfg.overwrite), config=_config_json(cfg),
+                        free=free, sources=[root for _, root in cfg.datasets]) as folder:
+        epoch_s = {v.name: _calibrate(folder, cfg, v) for v in cfg.variants}
+        full_s = cfg.ref_epochs * epoch_s[cfg.variants[0].name]
+        cells = [_cell(folder, cfg, v, seed, root, f, f * full_s, epoch_s[v.name])
+                 for f in cfg.budgets for v in cfg.variants for seed, root in cfg.datasets]
+        results = {"reference": {"variant": cfg.variants[0].name, "epochs": cfg.ref_epochs, "seconds": full_s},
+                   "epoch_seconds": epoch_s, "cells": cells, "summary": summarise(cells)}
+        write_json(folder.claim("results.json"), results)
+        with atomic_path(folder.claim("table.md")) as tmp:
+            tmp.write_text("\n".join(table_lines(results)) + "\n")
+        plot(results, folder.claim("budget.png"))
+        return results
+
+
+def _config_json(cfg: BudgetConfig) -> dict[str, Any]:
+    d = asdict(cfg)
+    d["out"] = str(cfg.out)
+    d["datasets"] = [[seed, str(root)] for seed, root in cfg.datasets]
+    return json.loads(json.dumps(d, default=str))
+
+
+def _calibrate(folder: RunFolder, cfg: BudgetConfig, v: BudgetVariant) -> float:
+    """Mean epoch seconds of a short run of the variant on the first dataset (reused if done)."""
+    run = folder.root / "calibration" / slug(v.name)
+    if not (run / "summary.json").is_file():
+        seed, root = cfg.datasets[0]
+        run_train(train_config(cfg, v, root, folder.claim_run(f"calibration/{slug(v.name)}"), seed,
+                               cfg.calibration_epochs))
+    return statistics.fmean(epoch_seconds(run))
+
+
+def _cell(folder: RunFolder, cfg: BudgetConfig, v: BudgetVariant, seed: int, root: Path, fraction: float,
+          budget_s: float, epoch_s: float) -> dict[str, Any]:
+    """One trained cell: the variant on one dataset and seed, for `fit_epochs` epochs."""
+    epochs = fit_epochs(budget_s, epoch_s)
+    name = f"runs/{fraction:g}/{slug(v.name)}/seed-{seed}"
+    run = folder.root / name
+    done = run / "summary.json"
+    if not (done.is_file() and json.loads((run / "config.json").read_text())["epochs"] == epochs):
+        run_train(train_config(cfg, v, root, folder.claim_run(name), seed, epochs))
+    summary = json.loads(done.read_text())
+    cell = {"budget": fraction, "budget_s": budget_s, "variant": v.name, "seed": seed, "epochs": epochs,
+            "wall_s": summary["wall_s"], "val_acc": summary["val_acc"], "val_acc_dropped": summary["val_acc_dropped"]}
+    if cfg.progress:
+        print(f"  budget {fraction:g}x ({budget_s:.0f}s) {v.name:30s} seed {seed}: {epochs:2d} epochs, "
+              f"{summary['wall_s']:.0f}s, val {summary['val_acc']:.1%}", flush=True)
+    return cell
+
+
+def summarise(cells: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Mean and spread over seeds for every (budget, variant)."""
+    groups: dict[tuple[float, str], list[dict[str, Any]]] = {}
+    for c in cells:
+        groups.setdefault((c["budget"], c["variant"]), []).append(c)
+    rows = []
+    for (fraction, variant), cs in groups.items():
+        acc = [c["val_acc"] for c in cs]
+        dropped = [c["val_acc_dropped"] for c in cs if c["val_acc_dropped"] is not None]
+        rows.append({"budget": fraction, "variant": variant, "seeds": len(cs), "epochs": cs[0]["epochs"],
+                     "acc_mean": statistics.fmean(acc), "acc_sd": statistics.stdev(acc) if len(acc) > 1 else 0.0,
+                     "acc_as_trained_mean": statistics.fmean(dropped) if dropped else None,
+                     "wall_ratio_mean": statistics.fmean(c["wall_s"] / (c["budget_s"] / c["budget"]) for c in cs)})
+    return rows
+
+
+def table_lines(results: dict[str, Any]) -> list[str]:
+    """Markdown: one row per variant, one column per budget; each cell mean ± sd of accuracy,
+    epochs, and the wall-clock used as a share of full data's complete schedule."""
+    rows = results["summary"]
+    budgets = sorted({r["budget"] for r in rows})
+    variants = list(dict.fromkeys(r["variant"] for r in rows))
+    at = {(r["budget"], r["variant"]): r for r in rows}
+    lines = ["| variant | " + " | ".join(f"budget {b:g}x" for b in budgets) + " |",
+             "|---|" + "---|" * len(budgets)]
+    for v in variants:
+        cells = []
+        for b in budgets:
+            r = at.get((b, v))
+            if r is None:
+                cells.append("")
+                continue
+            trained = "" if r["acc_as_trained_mean"] is None else f"; as trained {100 * r['acc_as_trained_mean']:.1f}"
+            cells.append(f"{100 * r['acc_mean']:.1f} ± {100 * r['acc_sd']:.1f} ({r['epochs']} ep, "
+                         f"{r['wall_ratio_mean']:.2f}x{trained})")
+        lines.append(f"| {v} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def plot(results: dict[str, Any], path: Path) -> None:
+    """Accuracy against the wall-clock actually used (share of full's complete schedule), one
+    line per variant, error bars = sd over seeds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.2, 4.6))
+    variants = list(dict.fromkeys(r["variant"] for r in results["summary"]))
+    for v in variants:
+        rows = sorted((r for r in results["summary"] if r["variant"] == v), key=lambda r: r["budget"])
+        ax.errorbar([r["wall_ratio_mean"] for r in rows], [100 * r["acc_mean"] for r in rows],
+                    yerr=[100 * r["acc_sd"] for r in rows], marker="o", markersize=3, capsize=3, label=v)
+    ax.set_xlabel("training wall-clock used (x full data's complete schedule)")
+    ax.set_ylabel("validation accuracy, last epoch, all tokens (%)")
+    ax.legend(fontsize=7, loc="lower right")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    save_figure(fig, path)
+    plt.close(fig)

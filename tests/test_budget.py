@@ -1,0 +1,89 @@
+"""The equal-budget comparison: epochs fitted to each budget, measured cells, resumable."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from curate.common.runfolder import RunFolderError
+from curate.demo.budget import BUDGET_VARIANTS, BudgetConfig, fit_epochs, low_res_size, run_budget
+from curate.demo.train import slug
+
+from .sparse_fixtures import write_shards
+
+TINY_MODEL = {"model": "vit_tiny_patch16_224", "img_size": 64, "patch_size": 8, "model_kwargs": {"depth": 1}}
+BY_NAME = {v.name: v for v in BUDGET_VARIANTS}
+
+
+def test_fit_epochs_fills_the_budget_with_whole_epochs():
+    assert fit_epochs(100.0, 10.0) == 10
+    assert fit_epochs(35.0, 10.0) == 3
+    assert fit_epochs(5.0, 10.0) == 1  # a run always exists; its wall-clock says it overran
+
+
+def test_low_res_keeps_the_nearest_square_share_of_tokens():
+    assert low_res_size(64, 8, 0.7) == 56  # 49 of 64 tokens
+    assert low_res_size(224, 16, 0.7) == 192  # 144 of 196: DeiT-III's 192 px
+    assert low_res_size(64, 8, 0.5) == 48  # 36 of 64
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("budget-data")
+    for name, seed in (("shards-full", 0), ("shards-random", 1), ("shards", 2)):
+        write_shards(root / name, per_class=8, seed=seed)
+    return root
+
+
+def _config(out: Path, root: Path, **kw: object) -> BudgetConfig:
+    variants = tuple(BY_NAME[n] for n in ("full", "curated 70% + keep 0.7", "full, low res (tokens ~0.7)"))
+    base = dict(out=out, datasets=((0, root), (1, root)), budgets=(0.5, 1.0), variants=variants,
+                model=TINY_MODEL, ref_epochs=4, calibration_epochs=1, batch_size=8, lr=0.05, workers=0,
+                extra={"num_classes": 4}, progress=False)
+    return BudgetConfig(**(base | kw))
+
+
+def test_every_cell_is_trained_for_the_epochs_its_budget_fits_and_resume_reuses_them(dataset: Path, tmp_path: Path):
+    out = tmp_path / "budget"
+    res = run_budget(_config(out, dataset))
+    epoch_s = res["epoch_seconds"]
+    assert res["reference"]["seconds"] == pytest.approx(4 * epoch_s["full"])
+    assert len(res["cells"]) == 2 * 3 * 2  # budgets x variants x seeds
+    for cell in res["cells"]:
+        assert cell["epochs"] == fit_epochs(cell["budget_s"], epoch_s[cell["variant"]])
+        run = out / "runs" / f"{cell['budget']:g}" / slug(cell["variant"]) / f"seed-{cell['seed']}"
+        config = json.loads((run / "config.json").read_text())
+        assert config["epochs"] == cell["epochs"] and config["seed"] == cell["seed"]
+        assert config["warmup_epochs"] == pytest.approx(cell["epochs"] / 15)  # the schedule scales with the budget
+        assert 0 <= cell["val_acc"] <= 1 and cell["wall_s"] > 0
+    full_at_1 = [c for c in res["cells"] if c["variant"] == "full" and c["budget"] == 1.0]
+    assert all(c["epochs"] == 4 for c in full_at_1)  # full's own complete schedule
+    low = json.loads((out / "runs/0.5/full-low-res-tokens-0.7/seed-0/config.json").read_text())
+    assert low["img_size"] == 56
+    keep = [c for c in res["cells"] if c["variant"] == "curated 70% + keep 0.7"]
+    assert all(c["val_acc_dropped"] is not None for c in keep)
+    rows = {(r["budget"], r["variant"]): r for r in res["summary"]}
+    assert len(rows) == 6 and all(r["seeds"] == 2 for r in rows.values())
+    table = (out / "table.md").read_text()
+    assert table.count("\n") == 2 + 3 and "budget 0.5x" in table and "±" in table
+    with Image.open(out / "budget.png") as png:
+        assert png.size[0] > 300 and np.unique(np.asarray(png.convert("L"))).size > 10  # drawn, not blank
+
+    summaries = sorted(out.glob("runs/*/*/*/summary.json"))
+    before = {p: p.stat().st_mtime_ns for p in summaries}
+    again = run_budget(_config(out, dataset, budgets=(0.5, 1.0, 0.25), resume=True))
+    assert {p: p.stat().st_mtime_ns for p in summaries} == before  # nothing trained twice
+    assert len(again["cells"]) == 3 * 3 * 2
+    with pytest.raises(RunFolderError, match="not empty|differ"):
+        run_budget(_config(out, dataset, lr=0.01))  # a finished run is never silently replaced
+    with pytest.raises(Exception, match="differ"):
+        run_budget(_config(out, dataset, lr=0.01, resume=True))
+
+
+def test_the_reference_must_be_full_data(dataset: Path, tmp_path: Path):
+    with pytest.raises(ValueError, match="first variant must be 'full'"):
+        run_budget(_config(tmp_path / "b", dataset, variants=(BY_NAME["random 70%"],)))
+    assert not (tmp_path / "b").exists()
