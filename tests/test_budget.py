@@ -39,7 +39,7 @@ def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _config(out: Path, root: Path, **kw: object) -> BudgetConfig:
-    variants = tuple(BY_NAME[n] for n in ("full", "curated 70% + keep 0.7", "full, low res (tokens ~0.7)"))
+    variants = tuple(BY_NAME[n] for n in ("full", "curated 70% + keep 0.7", "full at low res (~0.7 tokens)"))
     base = dict(out=out, datasets=((0, root), (1, root)), budgets=(0.5, 1.0), variants=variants,
                 model=TINY_MODEL, ref_epochs=4, calibration_epochs=1, batch_size=8, lr=0.05, workers=0,
                 extra={"num_classes": 4}, progress=False)
@@ -61,7 +61,7 @@ def test_every_cell_is_trained_for_the_epochs_its_budget_fits_and_resume_reuses_
         assert 0 <= cell["val_acc"] <= 1 and cell["wall_s"] > 0
     full_at_1 = [c for c in res["cells"] if c["variant"] == "full" and c["budget"] == 1.0]
     assert all(c["epochs"] == 4 for c in full_at_1)  # full's own complete schedule
-    low = json.loads((out / "runs/0.5/full-low-res-tokens-0.7/seed-0/config.json").read_text())
+    low = json.loads((out / "runs/0.5/full-at-low-res-0.7-tokens/seed-0/config.json").read_text())
     assert low["img_size"] == 56
     keep = [c for c in res["cells"] if c["variant"] == "curated 70% + keep 0.7"]
     assert all(c["val_acc_dropped"] is not None for c in keep)

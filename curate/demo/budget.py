@@ -41,7 +41,7 @@ BUDGET_VARIANTS = (
     BudgetVariant("curated 70%", "shards"),
     BudgetVariant("curated 70% + keep 0.7", "shards", keep=0.7),
     BudgetVariant("curated 70% + keep 0.7 random", "shards", keep=0.7, drop_by="random"),
-    BudgetVariant("full, low res (tokens ~0.7)", "shards-full", token_scale=0.7),
+    BudgetVariant("full at low res (~0.7 tokens)", "shards-full", token_scale=0.7),
     BudgetVariant("curated 70% + keep 0.5", "shards", keep=0.5),
     BudgetVariant("full + InfoBatch", "shards-full", example_pruning="infobatch"),
 )
