@@ -164,6 +164,7 @@ def shard(source: str, scores: tuple[Path, ...], keep: str, by: tuple[str, ...],
     sel = result.selection
     reasons = ", ".join(f"{r} {n}" for r, n in sel.group_by("reason").len().sort("reason").iter_rows())
     click.echo(f"{len(sel)} inputs: {reasons}", err=True)
+    click.echo(epoch_cost_line(sel), err=True)
     if result.manifest is None:
         click.echo("dry run: nothing written", err=True)
         return
@@ -171,6 +172,19 @@ def shard(source: str, scores: tuple[Path, ...], keep: str, by: tuple[str, ...],
     size = sum(s["bytes"] for s in train["shards"]) / 1e6
     click.echo(f"wrote {train['num_samples']} samples in {len(train['shards'])} shards ({size:.1f} MB) "
                f"to {cfg.out} in {result.seconds:.1f}s; check with: curate verify {cfg.out}", err=True)
+
+
+def epoch_cost_line(selection: "pl.DataFrame") -> str:
+    """What an epoch over the kept set should cost against one over every readable input: the
+    share of samples (the training step's cost is per sample; the loader's too)."""
+    import polars as pl
+
+    readable = selection.filter(pl.col("reason") != "error").height
+    kept = int(selection["kept"].sum())
+    share = kept / readable if readable else 0.0
+    return (f"an epoch over the kept set costs ~{share:.2f}x one over all {readable} readable inputs "
+            f"({kept} samples); --keep in curate train multiplies the step's share further "
+            "(measured: docs/benchmarks.md)")
 
 
 def _model_args(values: tuple[str, ...]) -> dict[str, object]:

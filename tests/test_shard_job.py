@@ -16,7 +16,7 @@ import timm.data
 import webdataset as wds
 from click.testing import CliRunner
 
-from cli import main
+from cli import epoch_cost_line, main
 from curate.score.job import ScoreConfig, run_score
 from curate.shard.job import ShardConfig, run_shard
 from curate.common.atomic import file_sha256
@@ -160,6 +160,7 @@ def test_cli_shard_dry_run_and_verify_fault(scored, tmp_path: Path):
                                str(tmp_path / "o"), "--keep", "0.75", "--dry-run"])
     assert res.exit_code == 0, res.output
     assert "96 inputs: kept 72, pruned 24" in res.output and "dry run" in res.output
+    assert "an epoch over the kept set costs ~0.75x one over all 96 readable inputs (72 samples)" in res.output
     res = runner.invoke(main, ["shard", str(src), "--scores", str(vit), "--out", str(tmp_path / "o"),
                                "--quiet", "--samples-per-shard", "20"])
     assert res.exit_code == 0, res.output
@@ -193,3 +194,8 @@ def test_shard_uses_the_class_map_the_scoring_used(small_demo: Path, tmp_path: P
     first = names[0]
     assert res.selection.filter(pl.col("class_name") == first)["label"].unique().to_list() == [0]
     assert verify(tmp_path / "o") == []
+
+
+def test_epoch_cost_counts_only_readable_inputs():
+    sel = pl.DataFrame({"kept": [True, True, False, False], "reason": ["kept", "kept", "pruned", "error"]})
+    assert "~0.67x one over all 3 readable inputs (2 samples)" in epoch_cost_line(sel)

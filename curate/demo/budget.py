@@ -4,7 +4,7 @@ trained for the same budget, the strongest cheap baseline ("Budgeted Training", 
 
 A dataset root holds the shard sets the variants read: `shards-full` (every input), `shards-random`
 (a random 70%) and `shards` (the curated 70%), as `curate demo` writes them. Each variant's epoch
-time is measured once per dataset (a short calibration run); a budget of f means f times full
+time is measured once per dataset (the median epoch of a short calibration run); a budget of f means f times full
 data's complete schedule (`ref_epochs` epochs), and each variant then trains for as many whole
 epochs as fit. What every cell reports is measured: accuracy after the last epoch and the
 training wall-clock it actually took.
@@ -56,7 +56,7 @@ class BudgetConfig:
     model: dict[str, Any] = field(default_factory=lambda: dict(DEMO_MODEL))
     ref_epochs: int = 15  # full data's complete schedule
     warmup_share: float = 1 / 15  # warmup as a share of every schedule (the demo: 1 of 15 epochs)
-    calibration_epochs: int = 2
+    calibration_epochs: int = 3  # the median epoch is kept: one disturbed epoch does not move it
     batch_size: int = 64
     lr: float = 4e-3
     workers: int = 2
@@ -125,13 +125,15 @@ def _config_json(cfg: BudgetConfig) -> dict[str, Any]:
 
 
 def _calibrate(folder: RunFolder, cfg: BudgetConfig, v: BudgetVariant) -> float:
-    """Mean epoch seconds of a short run of the variant on the first dataset (reused if done)."""
+    """Median epoch seconds of a short run of the variant on the first dataset (reused if done).
+    The median, not the mean: on a shared machine one epoch slowed by another process would
+    otherwise shorten every schedule planned from it."""
     run = folder.root / "calibration" / slug(v.name)
     if not (run / "summary.json").is_file():
         seed, root = cfg.datasets[0]
         run_train(train_config(cfg, v, root, folder.claim_run(f"calibration/{slug(v.name)}"), seed,
                                cfg.calibration_epochs))
-    return statistics.fmean(epoch_seconds(run))
+    return statistics.median(epoch_seconds(run))
 
 
 def _cell(folder: RunFolder, cfg: BudgetConfig, v: BudgetVariant, seed: int, root: Path, fraction: float,
