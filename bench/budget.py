@@ -35,6 +35,7 @@ def main() -> None:
     ap.add_argument("--variants", default=",".join(v.name for v in BUDGET_VARIANTS),
                     help="comma-separated names; the first must be 'full'")
     ap.add_argument("--resume", action="store_true")
+    ap.add_argument("--report-only", action="store_true", help="train nothing: report the cells already trained")
     args = ap.parse_args()
     by_name = {v.name: v for v in BUDGET_VARIANTS}
     names = [n.strip() for n in args.variants.split(",")]
@@ -42,7 +43,8 @@ def main() -> None:
     if unknown:
         ap.error(f"unknown variants {unknown}; known: {list(by_name)}")
     cfg = BudgetConfig(out=args.out, datasets=tuple(args.data), budgets=tuple(float(b) for b in args.budgets.split(",")),
-                       variants=tuple(by_name[n] for n in names), resume=args.resume)
+                       variants=tuple(by_name[n] for n in names), resume=args.resume,
+                       report_only=args.report_only)
     results = run_budget(cfg)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     ref = results["reference"]
@@ -50,6 +52,9 @@ def main() -> None:
           f"{commit}; reference: {ref['variant']} for {ref['epochs']} epochs = {ref['seconds']:.0f}s; seeds "
           f"{[s for s, _ in cfg.datasets]}; epoch seconds {({k: round(v, 2) for k, v in results['epoch_seconds'].items()})}")
     print("\n".join(table_lines(results)))
+    if results["missing"]:
+        print(f"not trained ({len(results['missing'])} cells): "
+              + "; ".join(f"{b:g}x {v} seed {s}" for b, v, s in results["missing"]))
 
 
 if __name__ == "__main__":

@@ -77,6 +77,10 @@ def test_every_cell_is_trained_for_the_epochs_its_budget_fits_and_resume_reuses_
     again = run_budget(_config(out, dataset, budgets=(0.5, 1.0, 0.25), resume=True))
     assert {p: p.stat().st_mtime_ns for p in summaries} == before  # nothing trained twice
     assert len(again["cells"]) == 3 * 3 * 2
+    report = run_budget(_config(out, dataset, budgets=(0.5, 0.1), report_only=True))
+    assert {p: p.stat().st_mtime_ns for p in summaries} == before and not (out / "runs/0.1").exists()
+    assert len(report["cells"]) == 3 * 2 and len(report["missing"]) == 3 * 2  # 0.1x: never trained
+    assert "budget 0.1x" not in (out / "table.md").read_text()
     with pytest.raises(RunFolderError, match="not empty|differ"):
         run_budget(_config(out, dataset, lr=0.01))  # a finished run is never silently replaced
     with pytest.raises(Exception, match="differ"):

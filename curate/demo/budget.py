@@ -62,6 +62,7 @@ class BudgetConfig:
     workers: int = 2
     extra: dict[str, Any] = field(default_factory=dict)  # TrainConfig overrides (tests: smaller)
     resume: bool = False  # keep the cells already trained (more seeds or budgets may be added)
+    report_only: bool = False  # train nothing: table and plot from the cells already trained
     overwrite: bool = False
     progress: bool = True
 
@@ -97,19 +98,23 @@ def epoch_seconds(run: Path) -> list[float]:
 
 
 def run_budget(cfg: BudgetConfig) -> dict[str, Any]:
-    """Calibrate, then train every (budget, variant, seed) cell; resumable cell by cell.
+    """Calibrate, then train every (budget, variant, seed) cell; resumable cell by cell. With
+    `report_only`, train nothing and report the cells already trained (the rest as `missing`).
     Returns (and writes to OUT/results.json) the cells and the per-budget summary."""
-    free = ("progress", "budgets", "variants", "datasets", "resume", "overwrite")  # cells may be added
+    free = ("progress", "budgets", "variants", "datasets", "resume", "overwrite", "report_only")
     if not cfg.variants or cfg.variants[0].name != "full":
         raise ValueError("the first variant must be 'full': budgets are shares of its complete schedule")
-    with RunFolder.open(cfg.out, "budget", mode_of(cfg.resume, cfg.overwrite), config=_config_json(cfg),
+    mode = "resume" if cfg.report_only else mode_of(cfg.resume, cfg.overwrite)
+    with RunFolder.open(cfg.out, "budget", mode, config=_config_json(cfg),
                         free=free, sources=[root for _, root in cfg.datasets]) as folder:
         epoch_s = {v.name: _calibrate(folder, cfg, v) for v in cfg.variants}
         full_s = cfg.ref_epochs * epoch_s[cfg.variants[0].name]
         cells = [_cell(folder, cfg, v, seed, root, f, f * full_s, epoch_s[v.name])
                  for f in cfg.budgets for v in cfg.variants for seed, root in cfg.datasets]
+        missing = [(c["budget"], c["variant"], c["seed"]) for c in cells if not c["trained"]]
+        cells = [c for c in cells if c["trained"]]
         results = {"reference": {"variant": cfg.variants[0].name, "epochs": cfg.ref_epochs, "seconds": full_s},
-                   "epoch_seconds": epoch_s, "cells": cells, "summary": summarise(cells)}
+                   "epoch_seconds": epoch_s, "cells": cells, "missing": missing, "summary": summarise(cells)}
         write_json(folder.claim("results.json"), results)
         with atomic_path(folder.claim("table.md")) as tmp:
             tmp.write_text("\n".join(table_lines(results)) + "\n")
@@ -130,6 +135,8 @@ def _calibrate(folder: RunFolder, cfg: BudgetConfig, v: BudgetVariant) -> float:
     otherwise shorten every schedule planned from it."""
     run = folder.root / "calibration" / slug(v.name)
     if not (run / "summary.json").is_file():
+        if cfg.report_only:
+            raise ValueError(f"{run} has not been calibrated: run without --report-only first")
         seed, root = cfg.datasets[0]
         run_train(train_config(cfg, v, root, folder.claim_run(f"calibration/{slug(v.name)}"), seed,
                                cfg.calibration_epochs))
@@ -144,10 +151,13 @@ def _cell(folder: RunFolder, cfg: BudgetConfig, v: BudgetVariant, seed: int, roo
     run = folder.root / name
     done = run / "summary.json"
     if not (done.is_file() and json.loads((run / "config.json").read_text())["epochs"] == epochs):
+        if cfg.report_only:
+            return {"budget": fraction, "variant": v.name, "seed": seed, "trained": False}
         run_train(train_config(cfg, v, root, folder.claim_run(name), seed, epochs))
     summary = json.loads(done.read_text())
-    cell = {"budget": fraction, "budget_s": budget_s, "variant": v.name, "seed": seed, "epochs": epochs,
-            "wall_s": summary["wall_s"], "val_acc": summary["val_acc"], "val_acc_dropped": summary["val_acc_dropped"]}
+    cell = {"trained": True, "budget": fraction, "budget_s": budget_s, "variant": v.name, "seed": seed,
+            "epochs": epochs, "wall_s": summary["wall_s"], "val_acc": summary["val_acc"],
+            "val_acc_dropped": summary["val_acc_dropped"]}
     if cfg.progress:
         print(f"  budget {fraction:g}x ({budget_s:.0f}s) {v.name:30s} seed {seed}: {epochs:2d} epochs, "
               f"{summary['wall_s']:.0f}s, val {summary['val_acc']:.1%}", flush=True)
