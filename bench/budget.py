@@ -6,7 +6,7 @@ epochs that fit and the wall-clock actually used.
 
     curate demo --out demo-run; curate demo --seed 1 --out demo-s1; curate demo --seed 2 --out demo-s2
     python bench/budget.py --out budget-demo --data 0:demo-run --data 1:demo-s1 --data 2:demo-s2 \\
-        [--budgets 0.35,0.5,0.7,1.0] [--variants full,"random 70%",...] [--resume]
+        [--budgets 0.35,0.5,0.7,1.0] [--variants full,"random 70%",...] [--resume] [--report-only]
 
 A seed may name the same root as another (training seeds on one dataset): --data 0:c10 --data 1:c10.
 """
@@ -42,7 +42,8 @@ def main() -> None:
     unknown = [n for n in names if n not in by_name]
     if unknown:
         ap.error(f"unknown variants {unknown}; known: {list(by_name)}")
-    cfg = BudgetConfig(out=args.out, datasets=tuple(args.data), budgets=tuple(float(b) for b in args.budgets.split(",")),
+    budgets = tuple(float(b) for b in args.budgets.split(","))
+    cfg = BudgetConfig(out=args.out, datasets=tuple(args.data), budgets=budgets,
                        variants=tuple(by_name[n] for n in names), resume=args.resume,
                        report_only=args.report_only)
     results = run_budget(cfg)

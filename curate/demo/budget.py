@@ -2,12 +2,12 @@
 schedule fitted to that budget (warmup and cosine decay end inside it), against full data
 trained for the same budget, the strongest cheap baseline ("Budgeted Training", ICLR 2020).
 
-A dataset root holds the shard sets the variants read: `shards-full` (every input), `shards-random`
-(a random 70%) and `shards` (the curated 70%), as `curate demo` writes them. Each variant's epoch
-time is measured once per dataset (the median epoch of a short calibration run); a budget of f means f times full
-data's complete schedule (`ref_epochs` epochs), and each variant then trains for as many whole
-epochs as fit. What every cell reports is measured: accuracy after the last epoch and the
-training wall-clock it actually took.
+A dataset root holds the shard sets the variants read: `shards-full` (every input),
+`shards-random` (a random 70%) and `shards` (the curated 70%), as `curate demo` writes them. Each
+variant's epoch time is measured once per dataset (the median epoch of a short calibration run);
+a budget of f means f times full data's complete schedule (`ref_epochs` epochs), and each variant
+then trains for as many whole epochs as fit. What every cell reports is measured: accuracy after
+the last epoch and the training wall-clock it actually took.
 """
 from __future__ import annotations
 
