@@ -28,12 +28,11 @@ from curate.common.atomic import atomic_path, write_bytes
 from curate.common.runfolder import RunFolder
 from curate.demo import evaluate
 from curate.demo.data import TRUTH
-from curate.demo.run import DEDUP, PROXIES, score_validation
+from curate.demo.run import PROXIES, score_validation, shard_curated
 from curate.demo.train import baseline_shards
 from curate.score import table
 from curate.score.job import ScoreConfig, run_score
 from curate.score.proxies import RECIPES
-from curate.shard.job import ShardConfig, run_shard
 
 TARBALL = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10.tar.gz"
 
@@ -115,11 +114,7 @@ def main() -> None:
                   f"{evaluate.label_noise_auc(joined, 'forgetting'):.3f}", flush=True)
         score_validation(folder, data, args.workers)
         scores = tuple(folder.root / f for f in PROXIES)
-        shard = run_shard(ShardConfig(str(data / "train"), scores, folder.claim_run("shards"), keep=0.7,
-                                      by=("el2n",), policy="ccs", dedup=DEDUP, val=str(data / "val"),
-                                      val_scores=folder.root / "scores-val", samples_per_shard=per_shard,
-                                      shard_multiple=4, name="cifar10", seed=args.seed, overwrite=True,
-                                      progress=False))
+        shard = shard_curated(folder, data, args.seed, per_shard, "cifar10", progress=False)
         sel = shard.selection.join(table.scan(scores[0]).select("key", "source").collect(), on="key")
         sel = evaluate.join_truth(sel, data)
         removed = sel.group_by("flipped").agg((~pl.col("kept")).mean().alias("removed")).sort("flipped")

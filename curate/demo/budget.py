@@ -20,7 +20,7 @@ from typing import Any, Sequence
 
 from curate.common.atomic import atomic_path, save_figure, write_json
 from curate.common.runfolder import RunFolder, mode_of
-from curate.demo.train import DEMO_MODEL, slug
+from curate.demo.train import DEMO_MODEL, epoch_records, slug
 from sparsevit.model import SparseConfig
 from sparsevit.train import TrainConfig, run_train
 
@@ -91,12 +91,6 @@ def train_config(cfg: BudgetConfig, v: BudgetVariant, root: Path, out: Path, see
     return replace(tc, **cfg.extra)
 
 
-def epoch_seconds(run: Path) -> list[float]:
-    """Training seconds of each epoch of a finished run (loader included, evaluation excluded)."""
-    recs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return [r["seconds"] for r in recs if r["kind"] == "epoch"]
-
-
 def run_budget(cfg: BudgetConfig) -> dict[str, Any]:
     """Calibrate, then train every (budget, variant, seed) cell; resumable cell by cell. With
     `report_only`, train nothing and report the cells already trained (the rest as `missing`).
@@ -114,7 +108,7 @@ def run_budget(cfg: BudgetConfig) -> dict[str, Any]:
         missing = [(c["budget"], c["variant"], c["seed"]) for c in cells if not c["trained"]]
         cells = [c for c in cells if c["trained"]]
         results = {"reference": {"variant": cfg.variants[0].name, "epochs": cfg.ref_epochs, "seconds": full_s},
-                   "epoch_seconds": epoch_s, "cells": cells, "missing": missing, "summary": summarise(cells)}
+                   "epoch_seconds": epoch_s, "cells": cells, "missing": missing, "summary": summarise(cells, full_s)}
         write_json(folder.claim("results.json"), results)
         with atomic_path(folder.claim("table.md")) as tmp:
             tmp.write_text("\n".join(table_lines(results)) + "\n")
@@ -140,7 +134,7 @@ def _calibrate(folder: RunFolder, cfg: BudgetConfig, v: BudgetVariant) -> float:
         seed, root = cfg.datasets[0]
         run_train(train_config(cfg, v, root, folder.claim_run(f"calibration/{slug(v.name)}"), seed,
                                cfg.calibration_epochs))
-    return statistics.median(epoch_seconds(run))
+    return statistics.median(r["seconds"] for r in epoch_records(run))  # loader in, evaluation out
 
 
 def _cell(folder: RunFolder, cfg: BudgetConfig, v: BudgetVariant, seed: int, root: Path, fraction: float,
@@ -164,8 +158,9 @@ def _cell(folder: RunFolder, cfg: BudgetConfig, v: BudgetVariant, seed: int, roo
     return cell
 
 
-def summarise(cells: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Mean and spread over seeds for every (budget, variant)."""
+def summarise(cells: Sequence[dict[str, Any]], full_s: float) -> list[dict[str, Any]]:
+    """Mean and spread over seeds for every (budget, variant); wall-clock as a share of `full_s`,
+    full data's complete schedule."""
     groups: dict[tuple[float, str], list[dict[str, Any]]] = {}
     for c in cells:
         groups.setdefault((c["budget"], c["variant"]), []).append(c)
@@ -176,7 +171,7 @@ def summarise(cells: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         rows.append({"budget": fraction, "variant": variant, "seeds": len(cs), "epochs": cs[0]["epochs"],
                      "acc_mean": statistics.fmean(acc), "acc_sd": statistics.stdev(acc) if len(acc) > 1 else 0.0,
                      "acc_as_trained_mean": statistics.fmean(dropped) if dropped else None,
-                     "wall_ratio_mean": statistics.fmean(c["wall_s"] / (c["budget_s"] / c["budget"]) for c in cs)})
+                     "wall_ratio_mean": statistics.fmean(c["wall_s"] / full_s for c in cs)})
     return rows
 
 

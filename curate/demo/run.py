@@ -59,10 +59,7 @@ def _run(folder: RunFolder, seed: int, workers: int, progress: bool, per_class: 
         metrics["proxies"][proxy] = proxy_metrics(out / name, data)
     t1 = time.perf_counter()
     score_validation(folder, data, workers)
-    shard = run_shard(ShardConfig(str(data / "train"), tuple(out / f for f in PROXIES), folder.claim_run("shards"),
-                                  keep=0.7, by=("el2n",), policy="ccs", dedup=DEDUP, val=str(data / "val"),
-                                  val_scores=out / "scores-val", samples_per_shard=max(1, per_class // 2),
-                                  shard_multiple=4, name="demo", seed=seed, overwrite=True, progress=progress))
+    shard = shard_curated(folder, data, seed, max(1, per_class // 2), "demo", progress)
     timings["shard_s"] = time.perf_counter() - t1
     metrics["shard"] = shard_metrics(shard, out / "scores-cnn", data)
     t1 = time.perf_counter()
@@ -89,6 +86,17 @@ def _plots(folder: RunFolder, metrics: dict[str, Any]) -> None:
     inspect.plot_histograms(folder.root / "scores-cnn", plots)
     inspect.plot_importance(folder.root / "scores-vit", plots)
     plot_training(metrics["train"], plots)
+
+
+def shard_curated(folder: RunFolder, data: Path, seed: int, per_shard: int, name: str,
+                  progress: bool) -> ShardResult:
+    """OUT/shards: CCS 70% by EL2N over both proxies' tables after near-duplicate removal, with
+    the validation split and its maps."""
+    return run_shard(ShardConfig(str(data / "train"), tuple(folder.root / f for f in PROXIES),
+                                 folder.claim_run("shards"), keep=0.7, by=("el2n",), policy="ccs", dedup=DEDUP,
+                                 val=str(data / "val"), val_scores=folder.root / "scores-val",
+                                 samples_per_shard=per_shard, shard_multiple=4, name=name, seed=seed,
+                                 overwrite=True, progress=progress))
 
 
 def score_validation(folder: RunFolder, data: Path, workers: int) -> None:

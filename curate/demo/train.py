@@ -79,10 +79,15 @@ def slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9.]+", "-", name).strip("-")
 
 
+def epoch_records(run: Path) -> list[dict[str, Any]]:
+    """The per-epoch records of a `curate train` run's metrics.jsonl."""
+    recs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in recs if r["kind"] == "epoch"]
+
+
 def _curve(run: Path) -> list[tuple[float, float]]:
     """(training seconds so far, validation accuracy) after each epoch."""
-    recs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return [(r["wall"], r["val_acc"]) for r in recs if r["kind"] == "epoch" and r.get("val_acc") is not None]
+    return [(r["wall"], r["val_acc"]) for r in epoch_records(run) if r.get("val_acc") is not None]
 
 
 def compare(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
