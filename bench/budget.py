@@ -9,6 +9,8 @@ epochs that fit and the wall-clock actually used.
         [--budgets 0.35,0.5,0.7,1.0] [--variants full,"random 70%",...] [--resume] [--report-only]
 
 A seed may name the same root as another (training seeds on one dataset): --data 0:c10 --data 1:c10.
+The student defaults to the demo's ViT (64 px, patch 8, depth 4, dim 128); --img-size, --patch-size,
+--depth, --dim and --heads change it (CIFAR-10: --img-size 32 --patch-size 4, the same 8x8 grid).
 """
 from __future__ import annotations
 
@@ -20,11 +22,17 @@ from pathlib import Path
 import torch
 
 from curate.demo.budget import BUDGET_VARIANTS, BudgetConfig, run_budget, table_lines
+from curate.demo.train import DEMO_MODEL
 
 
 def _dataset(text: str) -> tuple[int, Path]:
     seed, _, root = text.partition(":")
     return int(seed), Path(root)
+
+
+def _model(args: argparse.Namespace) -> dict:
+    return DEMO_MODEL | {"img_size": args.img_size, "patch_size": args.patch_size,
+                         "model_kwargs": {"depth": args.depth, "embed_dim": args.dim, "num_heads": args.heads}}
 
 
 def main() -> None:
@@ -34,6 +42,13 @@ def main() -> None:
     ap.add_argument("--budgets", default="0.35,0.5,0.7,1.0")
     ap.add_argument("--variants", default=",".join(v.name for v in BUDGET_VARIANTS),
                     help="comma-separated names; the first must be 'full'")
+    ap.add_argument("--img-size", type=int, default=DEMO_MODEL["img_size"])
+    ap.add_argument("--patch-size", type=int, default=DEMO_MODEL["patch_size"])
+    ap.add_argument("--depth", type=int, default=DEMO_MODEL["model_kwargs"]["depth"])
+    ap.add_argument("--dim", type=int, default=DEMO_MODEL["model_kwargs"]["embed_dim"])
+    ap.add_argument("--heads", type=int, default=DEMO_MODEL["model_kwargs"]["num_heads"])
+    ap.add_argument("--ref-epochs", type=int, default=15, help="full data's complete schedule")
+    ap.add_argument("--in-process", action="store_true", help="train every run in this process")
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--report-only", action="store_true", help="train nothing: report the cells already trained")
     args = ap.parse_args()
@@ -44,8 +59,9 @@ def main() -> None:
         ap.error(f"unknown variants {unknown}; known: {list(by_name)}")
     budgets = tuple(float(b) for b in args.budgets.split(","))
     cfg = BudgetConfig(out=args.out, datasets=tuple(args.data), budgets=budgets,
-                       variants=tuple(by_name[n] for n in names), resume=args.resume,
-                       report_only=args.report_only)
+                       variants=tuple(by_name[n] for n in names), model=_model(args),
+                       ref_epochs=args.ref_epochs, warmup_share=1 / args.ref_epochs,
+                       fresh_process=not args.in_process, resume=args.resume, report_only=args.report_only)
     results = run_budget(cfg)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     ref = results["reference"]

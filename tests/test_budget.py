@@ -42,7 +42,7 @@ def _config(out: Path, root: Path, **kw: object) -> BudgetConfig:
     variants = tuple(BY_NAME[n] for n in ("full", "curated 70% + keep 0.7", "full at low res (~0.7 tokens)"))
     base = dict(out=out, datasets=((0, root), (1, root)), budgets=(0.5, 1.0), variants=variants,
                 model=TINY_MODEL, ref_epochs=4, calibration_epochs=1, batch_size=8, lr=0.05, workers=0,
-                extra={"num_classes": 4}, progress=False)
+                extra={"num_classes": 4}, fresh_process=False, progress=False)
     return BudgetConfig(**(base | kw))
 
 
@@ -91,3 +91,13 @@ def test_the_reference_must_be_full_data(dataset: Path, tmp_path: Path):
     with pytest.raises(ValueError, match="first variant must be 'full'"):
         run_budget(_config(tmp_path / "b", dataset, variants=(BY_NAME["random 70%"],)))
     assert not (tmp_path / "b").exists()
+
+
+def test_a_fresh_process_trains_each_run_and_its_failure_is_raised_here(dataset: Path, tmp_path: Path):
+    one = dict(budgets=(1.0,), datasets=((0, dataset),), variants=(BY_NAME["full"],), fresh_process=True)
+    res = run_budget(_config(tmp_path / "budget", dataset, **one))
+    (cell,) = res["cells"]
+    assert cell["epochs"] == 4 and 0.0 <= cell["val_acc"] <= 1.0
+    missing = dataset.parent / "no-such-dataset"
+    with pytest.raises(RuntimeError, match="failed in its process"):
+        run_budget(_config(tmp_path / "broken", missing, **(one | {"datasets": ((0, missing),)})))

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import multiprocessing
 import statistics
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -61,6 +62,8 @@ class BudgetConfig:
     lr: float = 4e-3
     workers: int = 2
     extra: dict[str, Any] = field(default_factory=dict)  # TrainConfig overrides (tests: smaller)
+    fresh_process: bool = True  # every run in its own process: one run's allocator, threads and
+    # worker pools cannot slow the next (in one process, epochs drifted up to 35% over an hour)
     resume: bool = False  # keep the cells already trained (more seeds or budgets may be added)
     report_only: bool = False  # train nothing: table and plot from the cells already trained
     overwrite: bool = False
@@ -95,7 +98,7 @@ def run_budget(cfg: BudgetConfig) -> dict[str, Any]:
     """Calibrate, then train every (budget, variant, seed) cell; resumable cell by cell. With
     `report_only`, train nothing and report the cells already trained (the rest as `missing`).
     Returns (and writes to OUT/results.json) the cells and the per-budget summary."""
-    free = ("progress", "budgets", "variants", "datasets", "resume", "overwrite", "report_only")
+    free = ("progress", "budgets", "variants", "datasets", "resume", "overwrite", "report_only", "fresh_process")
     if not cfg.variants or cfg.variants[0].name != "full":
         raise ValueError("the first variant must be 'full': budgets are shares of its complete schedule")
     mode = "resume" if cfg.report_only else mode_of(cfg.resume, cfg.overwrite)
@@ -123,6 +126,18 @@ def _config_json(cfg: BudgetConfig) -> dict[str, Any]:
     return json.loads(json.dumps(d, default=str))
 
 
+def _train(cfg: BudgetConfig, tc: TrainConfig) -> None:
+    """`run_train(tc)`, in a fresh spawned process when `cfg.fresh_process`."""
+    if not cfg.fresh_process:
+        run_train(tc)
+        return
+    proc = multiprocessing.get_context("spawn").Process(target=run_train, args=(tc,))
+    proc.start()
+    proc.join()
+    if proc.exitcode != 0:
+        raise RuntimeError(f"training {tc.out} failed in its process (exit code {proc.exitcode})")
+
+
 def _calibrate(folder: RunFolder, cfg: BudgetConfig, v: BudgetVariant) -> float:
     """Median epoch seconds of a short run of the variant on the first dataset (reused if done).
     The median, not the mean: on a shared machine one epoch slowed by another process would
@@ -132,8 +147,8 @@ def _calibrate(folder: RunFolder, cfg: BudgetConfig, v: BudgetVariant) -> float:
         if cfg.report_only:
             raise ValueError(f"{run} has not been calibrated: run without --report-only first")
         seed, root = cfg.datasets[0]
-        run_train(train_config(cfg, v, root, folder.claim_run(f"calibration/{slug(v.name)}"), seed,
-                               cfg.calibration_epochs))
+        _train(cfg, train_config(cfg, v, root, folder.claim_run(f"calibration/{slug(v.name)}"), seed,
+                                 cfg.calibration_epochs))
     return statistics.median(r["seconds"] for r in epoch_records(run))  # loader in, evaluation out
 
 
@@ -147,7 +162,7 @@ def _cell(folder: RunFolder, cfg: BudgetConfig, v: BudgetVariant, seed: int, roo
     if not (done.is_file() and json.loads((run / "config.json").read_text())["epochs"] == epochs):
         if cfg.report_only:
             return {"budget": fraction, "variant": v.name, "seed": seed, "trained": False}
-        run_train(train_config(cfg, v, root, folder.claim_run(name), seed, epochs))
+        _train(cfg, train_config(cfg, v, root, folder.claim_run(name), seed, epochs))
     summary = json.loads(done.read_text())
     cell = {"trained": True, "budget": fraction, "budget_s": budget_s, "variant": v.name, "seed": seed,
             "epochs": epochs, "wall_s": summary["wall_s"], "val_acc": summary["val_acc"],
