@@ -137,6 +137,11 @@ def _keep(value: str) -> float | int:
 @click.option("--val", help="Validation source, written unpruned as the `validation` split.")
 @click.option("--val-scores", type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="A `curate score` output over --val: its importance maps go into the validation shards.")
+@click.option("--max-side", type=click.IntRange(min=8),
+              help="Ship images re-encoded as JPEG with the longer side at most this (e.g. 256): "
+                   "a lighter loader. Default: the original bytes.")
+@click.option("--quality", default=90, show_default=True, type=click.IntRange(1, 95),
+              help="JPEG quality of images re-encoded for --max-side.")
 @click.option("--samples-per-shard", default=1000, show_default=True)
 @click.option("--shard-multiple", default=1, show_default=True, help="Shard count multiple (ranks x workers).")
 @click.option("--name", default="curated", show_default=True, help="Dataset name in _info.json.")
@@ -234,6 +239,8 @@ def _model_args(values: tuple[str, ...]) -> dict[str, object]:
 @click.option("--example-pruning", type=click.Choice(["none", "infobatch", "trilevel"]), default="none",
               show_default=True)
 @click.option("--workers", default=2, show_default=True, help="Loader processes per rank.")
+@click.option("--decode", type=click.Choice(["cpu", "gpu"]), default="cpu", show_default=True,
+              help="gpu: loader workers only read bytes and draw crops; JPEGs decode with nvJPEG on the GPU.")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--log-every", default=10, show_default=True, help="Steps between metrics.jsonl step records.")
 @click.option("--record-keys", is_flag=True, help="Write the keys each rank trained on (keys-rankR-epochE.txt).")

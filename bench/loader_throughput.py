@@ -1,11 +1,13 @@
 """images/s of the sparsevit shard loader (decode + RandomResizedCrop + flip + normalise, with the
 importance map re-projected through the same crop and pooled to the patch grid) vs torchvision's
-ImageFolder loader with the same transforms on the same JPEG files, as a ratio in one run.
+ImageFolder loader with the same transforms on the same JPEG files, as a ratio in one run; and
+the same shards written with `curate shard --max-side` (images re-encoded with the longer side at
+most that, so the loader decodes fewer pixels), as a ratio to the original bytes.
 
-Both use a DataLoader with the same batch size and worker count; rounds are interleaved and the
-best kept. Ratio = shards / ImageFolder.
+All use a DataLoader with the same batch size and worker count; rounds are interleaved and the
+best kept.
 
-    python bench/loader_throughput.py [--images 2000] [--workers 2]
+    python bench/loader_throughput.py [--images 2000] [--workers 2] [--max-side 256]
 """
 from __future__ import annotations
 
@@ -60,23 +62,33 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--max-side", type=int, default=256)
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(dir=".") as tmp_name:
         tmp = Path(tmp_name)
         make_photos(tmp / "photos", args.images)
         write_bench_shards(tmp / "photos", tmp / "shards", per_shard=250)
-        best = {"ImageFolder (torchvision)": 0.0, "shards + maps (sparsevit)": 0.0}
+        write_bench_shards(tmp / "photos", tmp / "reduced", per_shard=250, max_side=args.max_side)
+        mb = {name: sum(p.stat().st_size for p in (tmp / name).glob("*.tar")) / 1e6 for name in ("shards", "reduced")}
+        runs = {"ImageFolder (torchvision)": lambda: imagefolder_ips(tmp / "photos", args.size, args.batch,
+                                                                     args.workers),
+                "shards + maps (sparsevit)": lambda: shards_ips(tmp / "shards", args.size, args.patch, args.batch,
+                                                                args.workers),
+                f"shards --max-side {args.max_side} + maps": lambda: shards_ips(tmp / "reduced", args.size,
+                                                                               args.patch, args.batch, args.workers)}
+        best = dict.fromkeys(runs, 0.0)
         for _ in range(args.rounds):
-            best["ImageFolder (torchvision)"] = max(best["ImageFolder (torchvision)"], imagefolder_ips(
-                tmp / "photos", args.size, args.batch, args.workers))
-            best["shards + maps (sparsevit)"] = max(best["shards + maps (sparsevit)"], shards_ips(
-                tmp / "shards", args.size, args.patch, args.batch, args.workers))
+            for name, run in runs.items():
+                best[name] = max(best[name], run())
     print(f"# {platform.machine()}, torch {torch.__version__}, {args.images} JPEGs 500x375, {args.size}px, "
-          f"batch {args.batch}, {args.workers} workers, best of {args.rounds}")
+          f"batch {args.batch}, {args.workers} workers, best of {args.rounds}; shards {mb['shards']:.0f} MB, "
+          f"--max-side {args.max_side} shards {mb['reduced']:.0f} MB")
     print("| loader | img/s |\n|---|---|")
     for name, ips in best.items():
         print(f"| {name} | {ips:.0f} |")
-    print(f"ratio shards/ImageFolder = {best['shards + maps (sparsevit)'] / best['ImageFolder (torchvision)']:.2f}")
+    folder, shards, reduced = best.values()
+    print(f"ratio shards/ImageFolder = {shards / folder:.2f}; --max-side {args.max_side}/original bytes = "
+          f"{reduced / shards:.2f}")
 
 
 if __name__ == "__main__":

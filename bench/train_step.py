@@ -46,8 +46,10 @@ SETTINGS: dict[str, dict[str, Any]] = {
 }
 
 
-def write_bench_shards(src: Path, out: Path, grid: int = 14, per_shard: int = 64) -> Path:
-    """The photos as `curate shard` output, each with a smooth random importance map."""
+def write_bench_shards(src: Path, out: Path, grid: int = 14, per_shard: int = 64, max_side: int | None = None,
+                       quality: int = 90) -> Path:
+    """The photos as `curate shard` output, each with a smooth random importance map; with
+    `max_side`, images shipped as `curate shard --max-side` ships them."""
     files = sorted(src.rglob("*.JPEG"))
     rng = np.random.default_rng(0)
     maps = {f.stem: rng.random((grid, grid)).astype(np.float32) for f in files}
@@ -57,7 +59,10 @@ def write_bench_shards(src: Path, out: Path, grid: int = 14, per_shard: int = 64
 
     def load(keys: Sequence[str]) -> Iterator[fmt.SampleData]:
         for k in keys:
-            yield fmt.SampleData(k, paths[k].read_bytes(), labels[k], {}, maps[k])
+            data, meta = paths[k].read_bytes(), {}
+            if max_side is not None:
+                data, meta = fmt.reduce_image(k, data, max_side, quality)
+            yield fmt.SampleData(k, data, labels[k], meta, maps[k])
 
     infos = {"train": write_split(out, plan, load, resume=False, progress=False, workers=2)}
     fmt.write_index(out, "bench", infos, {"train": True}, num_classes=max(labels.values()) + 1)

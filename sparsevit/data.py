@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -135,10 +135,15 @@ class TrainTransform:
     ratio: tuple[float, float] = (3 / 4, 4 / 3)
     hflip: float = 0.5
 
+    def draw(self, height: int, width: int) -> tuple[tuple[int, int, int, int], bool]:
+        """The random crop box (top, left, h, w) and flip for an image of this size: the only
+        random draws, so a loader that knows the size from the header draws the same ones."""
+        box = random_resized_box(height, width, self.scale, self.ratio)
+        return box, random.random() < self.hflip
+
     def __call__(self, image: Image.Image, importance: np.ndarray | None
                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        top, left, h, w = random_resized_box(image.height, image.width, self.scale, self.ratio)
-        flip = random.random() < self.hflip
+        (top, left, h, w), flip = self.draw(image.height, image.width)
         size = self.geometry.img_size
         img = TF.resized_crop(image, top, left, h, w, [size, size], antialias=True)
         if flip:
@@ -206,18 +211,26 @@ class Augment:
 
 def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
     """A batch of the decoded samples; those that failed are listed under "skipped" as
-    (key, error). "image" is None when every sample of the batch failed."""
+    (key, error). "image" is None when every sample of the batch failed. Samples left for the
+    device to decode (`sparsevit.device_decode`) go under "pending"; "image" then holds only
+    the others, at the positions listed in "ready", until `device_decode.finish_batch`."""
     good = [s for s in samples if "error" not in s]
     maps = [s["importance"] for s in good]
-    return {"key": [s["key"] for s in good],
-            "image": torch.stack([s["image"] for s in good]) if good else None,
-            "label": torch.tensor([s["label"] for s in good], dtype=torch.long),
-            "importance": torch.stack(maps).flatten(1) if good and all(m is not None for m in maps) else None,
-            "skipped": [(s["key"], s["error"]) for s in samples if "error" in s]}
+    ready = [i for i, s in enumerate(good) if "image" in s]
+    batch = {"key": [s["key"] for s in good],
+             "image": torch.stack([good[i]["image"] for i in ready]) if ready else None,
+             "label": torch.tensor([s["label"] for s in good], dtype=torch.long),
+             "importance": torch.stack(maps).flatten(1) if good and all(m is not None for m in maps) else None,
+             "skipped": [(s["key"], s["error"]) for s in samples if "error" in s]}
+    if len(ready) < len(good):
+        batch["ready"] = ready
+        batch["pending"] = [(i, s["jpeg"], s["box"], s["flip"]) for i, s in enumerate(good) if "jpeg" in s]
+    return batch
 
 
-def make_pipeline(plan: EpochPlan, augment: Augment, batch_size: int, shuffle_buffer: int,
-                  seed: int, epoch: int, partial: bool = False, split_nodes: bool = True) -> wds.DataPipeline:
+def make_pipeline(plan: EpochPlan, augment: Callable[[dict[str, Any]], dict[str, Any]], batch_size: int,
+                  shuffle_buffer: int, seed: int, epoch: int, partial: bool = False, split_nodes: bool = True
+                  ) -> wds.DataPipeline:
     """Per rank and worker: its shards, samples shuffled in a buffer, decoded, batched.
     split_nodes=False: the caller already chose this rank's shards (evaluation)."""
     stages: list[Any] = [wds.SimpleShardList(plan.urls), *([wds.split_by_node] if split_nodes else []),

@@ -31,7 +31,7 @@ from curate.common.runfolder import RunFolder, mode_of
 from curate.common.runtime import load_weights, save_weights
 from curate.common.schedule import warmup_cosine
 from curate.shard import format as shard_format
-from sparsevit import data, prune, schedule
+from sparsevit import data, device_decode, prune, schedule
 from sparsevit.model import SparseConfig, SparseViT, create_sparse
 
 COMMAND = "train"
@@ -70,6 +70,7 @@ class TrainConfig:
     online_keep: float = 1.0  # keep ratio at each of sparse.online_blocks
     example_pruning: str = "none"  # none | infobatch | trilevel
     workers: int = 2  # loader processes per rank
+    decode: str = "cpu"  # cpu: loader workers decode (PIL) | gpu: nvJPEG in the main process (device_decode)
     shuffle_buffer: int = 1000
     amp: bool = True  # bf16 autocast on CUDA; ignored on CPU
     seed: int = 0
@@ -87,6 +88,8 @@ class TrainConfig:
             raise ValueError(f"keep schedule must be one of {sorted(schedule.KEEP_SCHEDULES)}")
         if self.example_pruning not in prune.PRUNERS:
             raise ValueError(f"example pruning must be one of {sorted(prune.PRUNERS)}")
+        if self.decode not in ("cpu", "gpu"):
+            raise ValueError(f"decode must be cpu or gpu, got {self.decode!r}")
         if self.epochs < 1 or self.batch_size < 1:
             raise ValueError("epochs and batch size must be >= 1")
         object.__setattr__(self, "crop_scale", tuple(self.crop_scale))  # a list from JSON or click
@@ -124,6 +127,8 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
         ctx = stack.enter_context(_process_group())
         device = _device(ctx)
         # Everything that can fail on the shards or the settings fails before --out is touched.
+        if cfg.decode == "gpu" and device.type != "cuda":
+            raise ValueError("--decode gpu decodes JPEGs with nvJPEG on a CUDA device; none is available here")
         train_split = shard_format.read_split(cfg.shards, "train")
         val_split = _validation(cfg.shards)
         _check_trainable(cfg, train_split, ctx.world_size)
@@ -244,8 +249,13 @@ def train_loader(run: Run, split: shard_format.Split, epoch: int) -> tuple[Itera
     plan = data.plan_epoch(split, epoch, cfg.seed, run.ctx.world_size, cfg.workers, cfg.batch_size)
     geo = data.Geometry(cfg.img_size, run.core.vit.patch_embed.patch_size[0])
     aug = data.Augment(data.TrainTransform(geo, scale=cfg.crop_scale), need_maps=split.has_maps)
+    if cfg.decode == "gpu":
+        aug = device_decode.DeferredAugment(aug)
     pipe = data.make_pipeline(plan, aug, cfg.batch_size, cfg.shuffle_buffer, cfg.seed, epoch)
-    return data.iterate(data.make_loader(pipe, cfg.workers), plan.steps), plan
+    batches = data.iterate(data.make_loader(pipe, cfg.workers), plan.steps)
+    if cfg.decode == "gpu":
+        batches = (device_decode.finish_batch(b, cfg.img_size, run.device) for b in batches)
+    return batches, plan
 
 
 def train_epoch(run: Run, split: shard_format.Split, epoch: int) -> dict[str, Any]:

@@ -59,3 +59,33 @@ def test_scoring_on_cuda_agrees_with_the_cpu():
     torch.testing.assert_close(gpu.embedding.cpu(), cpu.embedding, atol=0.1, rtol=0.05)
     torch.testing.assert_close(gpu.importance.cpu().float(), cpu.importance.float(), atol=5e-3, rtol=0.1)
     assert (gpu.logits.cpu().argmax(-1) == cpu.logits.argmax(-1)).float().mean() >= 5 / 6
+
+
+def test_decode_gpu_pixels_agree_with_the_pil_path(toy: Path):
+    import random
+
+    from curate.shard.format import read_samples
+    from sparsevit import device_decode
+
+    geo = data.Geometry(64, 8)
+    samples = [s for url in read_split(toy, "train").urls[:2] for s in read_samples(Path(url))]
+    pil, deferred = [], []
+    for i, s in enumerate(samples):
+        random.seed(i)
+        pil.append(data.Augment(data.TrainTransform(geo), need_maps=True)(s))
+        random.seed(i)
+        deferred.append(device_decode.DeferredAugment(data.Augment(data.TrainTransform(geo), need_maps=True))(s))
+    batch = device_decode.finish_batch(data.collate(deferred), 64, torch.device("cuda"))
+    assert batch["image"].device.type == "cuda"
+    levels = (batch["image"].cpu() - torch.stack([p["image"] for p in pil])).abs() * data._STD.view(1, 3, 1, 1) * 255
+    assert levels.mean() < 2.0 and levels.max() < 40  # nvJPEG against libjpeg, antialiased resizes
+
+
+def test_curate_train_with_decode_gpu(toy: Path, tmp_path: Path):
+    from sparsevit.train import run_train
+
+    cfg = TrainConfig(shards=toy, out=tmp_path / "run", model="vit_tiny_patch16_224", img_size=64, patch_size=8,
+                      model_kwargs={"depth": 2}, num_classes=4, batch_size=16, keep=0.5, epochs=2, workers=2,
+                      decode="gpu", progress=False)
+    summary = run_train(cfg)
+    assert summary["epochs"] == 2 and 0.0 <= summary["val_acc"] <= 1.0

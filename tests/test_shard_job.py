@@ -199,3 +199,31 @@ def test_shard_uses_the_class_map_the_scoring_used(small_demo: Path, tmp_path: P
 def test_epoch_cost_counts_only_readable_inputs():
     sel = pl.DataFrame({"kept": [True, True, False, False], "reason": ["kept", "kept", "pruned", "error"]})
     assert "~0.67x one over all 3 readable inputs (2 samples)" in epoch_cost_line(sel)
+
+
+def test_max_side_ships_smaller_images_that_train_and_verify(scored, small_demo: Path, tmp_path: Path):
+    """--max-side below the demo's 64 px re-encodes every image; above it keeps the original bytes."""
+    src, cnn, vit = scored
+    common = dict(keep=0.5, val=str(small_demo / "val"), samples_per_shard=16, progress=False)
+    small = run_shard(ShardConfig(str(src), (cnn, vit), tmp_path / "small", max_side=48, quality=85, **common))
+    same = run_shard(ShardConfig(str(src), (cnn, vit), tmp_path / "same", max_side=128, **common))
+    assert small.manifest["images"] == {"max_side": 48, "quality": 85}
+    for out in (tmp_path / "small", tmp_path / "same"):
+        assert verify(out) == []
+    urls = sorted(str(p) for p in (tmp_path / "small").glob("*.tar"))
+    n = 0
+    for s in wds.WebDataset(urls, shardshuffle=False, empty_check=False).decode("pil"):
+        assert s["jpg"].size == (48, 48) and s["json"]["original_size"] == [64, 64]
+        assert s["json"]["stored"] == "reduced"
+        assert s.get("importance.npy") is None or s["importance.npy"].shape == (8, 8)  # maps unchanged
+        n += 1
+    assert n == 48 + 16  # train and validation
+    for path in (tmp_path / "same").glob("train-*.tar"):
+        for raw in read_samples(path):
+            meta = json.loads(raw["json"])
+            assert meta["stored"] == "original" and raw["jpg"] == (src / meta["source"]).read_bytes()
+    sizes = {name: sum(p.stat().st_size for p in (tmp_path / name).glob("train-*.tar")) for name in ("small", "same")}
+    assert sizes["small"] < sizes["same"]
+    res = CliRunner().invoke(main, ["shard", str(src), "--scores", str(vit), "--out", str(tmp_path / "x"),
+                                    "--max-side", "4"])
+    assert res.exit_code != 0 and "--max-side" in res.output

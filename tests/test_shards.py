@@ -348,3 +348,53 @@ def test_verify_missing_shard_bad_info_and_strays(written: Path, tmp_path: Path)
     assert any("shard_lengths" in f and "validation" in f for f in faults)
     assert any(".train-000005.tar.tmp" in f for f in faults)
     assert any("train-000099.tar" in f and "not listed" in f for f in faults)
+
+
+# --- images shipped at --max-side -------------------------------------------------------------
+
+def _photo(size: tuple[int, int], orientation: int = 1) -> bytes:
+    """A smooth JPEG (compresses like a photo) with a marker block in its top-left corner."""
+    w, h = size
+    yy, xx = np.mgrid[0:h, 0:w]
+    rgb = np.stack([xx * 255 // w, yy * 255 // h, (xx + yy) * 127 // (w + h)], -1).astype(np.uint8)
+    rgb[: h // 8, : w // 8] = (255, 0, 0)
+    im = Image.fromarray(rgb)
+    exif = im.getexif()
+    if orientation != 1:
+        exif[0x0112] = orientation
+    buf = io.BytesIO()
+    im.save(buf, "JPEG", quality=95, exif=exif.tobytes())
+    return buf.getvalue()
+
+
+def test_reduce_image_shrinks_upright_and_keeps_what_is_already_small() -> None:
+    from curate.ingest.decode import decode_rgb
+    from curate.shard.format import reduce_image
+
+    data = _photo((500, 375), orientation=6)  # stored landscape, displayed portrait
+    out, meta = reduce_image("k", data, max_side=256, quality=90)
+    assert meta == {"original_size": [375, 500], "stored": "reduced"} and len(out) < len(data)
+    with Image.open(io.BytesIO(out)) as im:
+        assert im.format == "JPEG" and im.size == (192, 256)
+        assert im.getexif().get(0x0112) in (None, 1)  # upright pixels: nothing left to rotate
+    expected = np.asarray(decode_rgb(data).resize((192, 256), Image.Resampling.BICUBIC), dtype=float)
+    assert np.abs(np.asarray(decode_rgb(out), dtype=float) - expected).mean() < 3  # JPEG loss only
+    small = _photo((200, 150))
+    assert reduce_image("k", small, max_side=256, quality=90) == (small, {"original_size": [200, 150],
+                                                                         "stored": "original"})
+    buf = io.BytesIO()
+    Image.new("RGB", (300, 200), (40, 90, 160)).save(buf, "PNG")  # one colour: a PNG of ~300 bytes
+    flat = buf.getvalue()
+    kept, meta = reduce_image("k", flat, max_side=100, quality=90)  # its JPEG would be larger
+    assert kept == flat and meta == {"original_size": [300, 200], "stored": "original"}
+
+
+def test_sample_faults_check_the_promised_size() -> None:
+    big = _photo((64, 48))
+    base = {"__key__": "k", "jpg": big, "cls": b"1"}
+    def faults(meta: dict) -> list[str]:
+        return sample_faults({**base, "json": json.dumps(meta).encode()}, require_importance=False, max_side=32)
+    assert faults({"stored": "original", "original_size": [64, 48]}) == []
+    assert "over max_side 32" in faults({"stored": "reduced", "original_size": [128, 96]})[0]
+    assert "json says original bytes of 60x48" in faults({"stored": "original", "original_size": [60, 48]})[0]
+    assert "lacks stored/original_size" in faults({})[0]

@@ -92,11 +92,16 @@ def shard_curated(folder: RunFolder, data: Path, seed: int, per_shard: int, name
                   progress: bool) -> ShardResult:
     """OUT/shards: CCS 70% by EL2N over both proxies' tables after near-duplicate removal, with
     the validation split and its maps."""
-    return run_shard(ShardConfig(str(data / "train"), tuple(folder.root / f for f in PROXIES),
-                                 folder.claim_run("shards"), keep=0.7, by=("el2n",), policy="ccs", dedup=DEDUP,
-                                 val=str(data / "val"), val_scores=folder.root / "scores-val",
-                                 samples_per_shard=per_shard, shard_multiple=4, name=name, seed=seed,
-                                 overwrite=True, progress=progress))
+    return run_shard(curated_config(folder.root, data, folder.claim_run("shards"), seed, per_shard, name, progress))
+
+
+def curated_config(root: Path, data: Path, out: Path, seed: int, per_shard: int, name: str,
+                   progress: bool) -> ShardConfig:
+    """The curated shard set's settings, from the score tables under `root`."""
+    return ShardConfig(str(data / "train"), tuple(root / f for f in PROXIES), out, keep=0.7, by=("el2n",),
+                       policy="ccs", dedup=DEDUP, val=str(data / "val"), val_scores=root / "scores-val",
+                       samples_per_shard=per_shard, shard_multiple=4, name=name, seed=seed, overwrite=True,
+                       progress=progress)
 
 
 def score_validation(folder: RunFolder, data: Path, workers: int) -> None:

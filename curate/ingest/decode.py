@@ -75,10 +75,38 @@ def decode_rgb(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image
     crops from. The same conversion as `decode_image`, so scoring and training see the same
     pixels for every mode (alpha over black, 16-bit rescaled, CMYK, palette). Raises
     DecodeError on bad input."""
-    image, _, _, error = _upright_rgb(data, max_pixels, draft_size=None)
+    return decode_upright(data, max_pixels)[0]
+
+
+def decode_upright(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, draft_size: int | None = None
+                   ) -> tuple[Image.Image, tuple[int, int]]:
+    """`decode_rgb` and the full-resolution upright (width, height). With `draft_size`, a JPEG
+    may decode at 1/2..1/8 scale, never below `draft_size` on either side (for callers that
+    shrink the image anyway). Raises DecodeError on bad input."""
+    image, width, height, error = _upright_rgb(data, max_pixels, draft_size)
     if image is None:
         raise DecodeError(error)
-    return image
+    return image, (width, height)
+
+
+def plain_jpeg_size(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[int, int] | None:
+    """(width, height) from the header of a JPEG that any JPEG decoder turns into the pixels this
+    one gives: RGB or greyscale, no EXIF/XMP orientation to apply, within `max_pixels`, ending in
+    its end-of-image marker. None for every other input (CMYK, rotated, truncated, not a JPEG):
+    `decode_rgb` must take those, and reports the broken ones. Reads the header only (what
+    `curate train --decode gpu` hands to nvJPEG)."""
+    if data[:3] != b"\xff\xd8\xff" or data[-2:] != b"\xff\xd9":  # libjpeg pads a cut file grey, PIL refuses it
+        return None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            with Image.open(io.BytesIO(data)) as im:
+                plain = im.format == "JPEG" and im.mode in ("RGB", "L") and "xmp" not in im.info \
+                    and _orientation(im) == 1  # a JPEG's EXIF sits before its pixels: no load needed
+                width, height = im.size
+        except Exception:
+            return None
+    return (width, height) if plain and not _header_problem(width, height, max_pixels) else None
 
 
 def _decode(data: bytes, size: int, max_pixels: int, draft: bool) -> Decoded:

@@ -44,7 +44,7 @@ from PIL import Image
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from curate.common.atomic import read_json_object, write_json
-from curate.ingest.decode import DEFAULT_MAX_PIXELS, decode_rgb, to_rgb
+from curate.ingest.decode import DEFAULT_MAX_PIXELS, decode_rgb, decode_upright, plain_jpeg_size, to_rgb
 from curate.ingest.sources import MAX_KEY_LEN
 
 FORMAT_VERSION = 1
@@ -111,6 +111,30 @@ def sample_fields(s: SampleData) -> dict[str, Any]:
         meta["importance_shape"] = list(grid.shape)
         fields[MAP_FIELD] = grid
     return fields
+
+
+def reduce_image(key: str, data: bytes, max_side: int, quality: int,
+                 max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[bytes, dict[str, Any]]:
+    """The image bytes a sample ships under `curate shard --max-side`, and what its json records.
+
+    An image whose longer side (upright) exceeds `max_side` is re-encoded as an RGB JPEG of
+    `quality` with that side at `max_side`, the aspect ratio kept: decoding it then costs the
+    loader a fraction of the original. The original bytes stay when the image is already small
+    enough, or when the JPEG would not be smaller. The pixels are the decoder's (EXIF applied,
+    any mode as RGB), so the JPEG needs no orientation tag and training sees what scoring saw.
+    Maps need nothing: they cover the whole image whatever its size.
+    json: `original_size` [w, h] (upright) and `stored` ("original" | "reduced")."""
+    image, (w, h) = decode_upright(data, max_pixels, draft_size=max_side)
+    meta: dict[str, Any] = {"original_size": [w, h], "stored": "original"}
+    if max(w, h) <= max_side:
+        return data, meta
+    scale = max_side / max(w, h)
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    buf = io.BytesIO()
+    image.resize(size, Image.Resampling.BICUBIC, reducing_gap=3.0).save(buf, "JPEG", quality=quality)
+    if buf.tell() >= len(data):  # a small, well-compressed original: shipping it costs less
+        return data, meta
+    return buf.getvalue(), meta | {"stored": "reduced"}
 
 
 def _importance_array(key: str, importance: np.ndarray) -> np.ndarray:
@@ -307,20 +331,41 @@ def read_samples(path: Path) -> Iterator[dict[str, Any]]:
 def decode_sample(sample: Mapping[str, Any], max_pixels: int = DEFAULT_MAX_PIXELS) -> dict[str, Any]:
     """Raw members -> {key, image (upright RGB PIL, the pixels scoring saw), label, importance
     (float32 [gh, gw] or None)}. Raises ValueError (DecodeError for the image) on a bad sample."""
-    key = sample.get("__key__")
+    image = decode_rgb(sample[image_field(sample)], max_pixels)
+    return {"key": sample.get("__key__"), "image": image, "label": sample_label(sample),
+            "importance": sample_importance(sample)}
+
+
+def image_field(sample: Mapping[str, Any]) -> str:
+    """The sample's one image member: "jpg", "png" or "webp"."""
     images = [f for f in IMAGE_FIELDS if f in sample]
     if len(images) != 1:
-        raise ValueError(f"{key}: needs exactly one of {IMAGE_FIELDS}, has {sorted(k for k in sample if k[:2] != '__')}")
-    image = decode_rgb(sample[images[0]], max_pixels)
+        raise ValueError(f"{sample.get('__key__')}: needs exactly one of {IMAGE_FIELDS}, has "
+                         f"{sorted(k for k in sample if k[:2] != '__')}")
+    return images[0]
+
+
+def plain_jpeg(sample: Mapping[str, Any], max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[int, int] | None:
+    """(width, height) when the sample's image is a JPEG that any JPEG decoder turns into the
+    pixels `decode_sample` gives (`curate.ingest.decode.plain_jpeg_size`); None otherwise."""
+    field = image_field(sample)
+    return plain_jpeg_size(sample[field], max_pixels) if field == "jpg" else None
+
+
+def sample_label(sample: Mapping[str, Any]) -> int:
     try:
-        label = int(sample["cls"])
+        return int(sample["cls"])
     except (KeyError, ValueError) as e:
-        raise ValueError(f"{key}: cls is missing or not an integer") from e
+        raise ValueError(f"{sample.get('__key__')}: cls is missing or not an integer") from e
+
+
+def sample_importance(sample: Mapping[str, Any]) -> np.ndarray | None:
+    """The importance map as float32 [gh, gw], or None when the sample has none."""
     raw = sample.get(MAP_FIELD)
     importance = None if raw is None else load_npy(raw).astype(np.float32)
     if importance is not None and not np.isfinite(importance).all():
-        raise ValueError(f"{key}: importance.npy holds NaN or infinite values")
-    return {"key": key, "image": image, "label": label, "importance": importance}
+        raise ValueError(f"{sample.get('__key__')}: importance.npy holds NaN or infinite values")
+    return importance
 
 
 _NPY_MAGIC = b"\x93NUMPY"

@@ -63,6 +63,8 @@ class ShardConfig:
     prototypes: int | None = None  # k-means clusters for the proto_dist score; None = off
     val: str | None = None  # validation source, written unpruned as the `validation` split
     val_scores: Path | None = None  # a `curate score` output over `val`: its importance maps go in too
+    max_side: int | None = None  # ship images re-encoded with the longer side at most this; None: original bytes
+    quality: int = 90  # JPEG quality of images re-encoded for `max_side`
     samples_per_shard: int = 1000  # target samples per shard (sizes are balanced +-1)
     shard_multiple: int = 1  # make the shard count a multiple of this (ranks x workers)
     name: str = "curated"  # dataset name in _info.json (timm: --dataset wds/NAME)
@@ -81,6 +83,10 @@ class ShardConfig:
             raise ValueError("--samples-per-shard and --shard-multiple must be >= 1")
         if self.dedup is not None and not 0.0 < self.dedup < 1.0:
             raise ValueError(f"--dedup is a cosine similarity in (0, 1), got {self.dedup}")
+        if self.max_side is not None and self.max_side < 8:
+            raise ValueError(f"--max-side is the longer side in pixels (e.g. 256), got {self.max_side}")
+        if not 1 <= self.quality <= 95:  # above 95 libjpeg's own docs say the files grow for nothing
+            raise ValueError(f"--quality is a JPEG quality in 1..95, got {self.quality}")
         if self.dedup_on not in ("thumbnail", "embedding"):
             raise ValueError(f"--dedup-on must be thumbnail or embedding, got {self.dedup_on!r}")
 
@@ -193,7 +199,8 @@ def _write_train(cfg: ShardConfig, plan: ShardPlan, sel: pl.DataFrame, items: pl
     # leaves nothing behind, and forked writers share the descriptor.
     with tempfile.TemporaryFile(dir=cfg.out) as scratch:
         maps = _map_store(maps_dir, order, scratch.fileno()) if maps_dir is not None else None
-        loader = TrainSamples(plan, rows, score_cols, maps, cfg.by, proxies, source_root(cfg.source))
+        loader = TrainSamples(plan, rows, score_cols, maps, cfg.by, proxies, source_root(cfg.source),
+                              Shipping(cfg.max_side, cfg.quality))
         return write_split(cfg.out, plan, loader, cfg.resume, cfg.progress, cfg.workers)
 
 
@@ -301,15 +308,30 @@ def _copy_maps(parts: Sequence[Path], pos_of_row: np.ndarray, store: MapStore, k
         raise RuntimeError(f"{parts[0].parent} changed while being read: {row} rows, {len(pos_of_row)} counted")
 
 
+@dataclass(frozen=True)
+class Shipping:
+    """Which image bytes a sample carries: the original, or (with `max_side`) a reduced JPEG."""
+
+    max_side: int | None = None
+    quality: int = 90
+
+    def __call__(self, key: str, data: bytes) -> tuple[bytes, dict[str, Any]]:
+        """(bytes to store, what the sample's json adds)."""
+        if self.max_side is None:
+            return data, {}
+        return fmt.reduce_image(key, data, self.max_side, self.quality)
+
+
 class TrainSamples:
     """`load(keys)` for the shard writer, for whole shards of `plan`: one slice of the
     plan-ordered columns and one read of the map store per shard. Columns and the store are
     read-only after fork, so writer processes share them instead of copying per-key objects."""
 
     def __init__(self, plan: ShardPlan, rows: pa.Table, score_cols: Sequence[str],
-                 maps: MapStore | None, by: Sequence[str], proxies: list[dict[str, str]], source_root: str):
+                 maps: MapStore | None, by: Sequence[str], proxies: list[dict[str, str]], source_root: str,
+                 ship: Shipping = Shipping()):
         self.plan, self.rows, self.score_cols, self.maps = plan, rows, list(score_cols), maps
-        self.by, self.proxies, self.source_root = list(by), proxies, source_root
+        self.by, self.proxies, self.source_root, self.ship = list(by), proxies, source_root, ship
         starts = np.cumsum([0, *(len(keys) for keys in plan.shards)]).tolist()
         self.shard_at = {keys[0]: (i, starts[i]) for i, keys in enumerate(plan.shards) if keys}
 
@@ -323,9 +345,10 @@ class TrainSamples:
             if content_hash(data) != row["content_hash"]:
                 raise ValueError(f"{item.source} has changed since it was scored (its content hash differs): "
                                  "score the source again before sharding it")
+            data, shipped = self.ship(item.key, data)
             meta = {"class_name": item.class_name, "source": relative_source(item.source, self.source_root),
                     "scores": {c: row[c] for c in self.score_cols}, "by": self.by, "proxies": self.proxies}
-            yield fmt.SampleData(item.key, data, item.label, meta, grid)
+            yield fmt.SampleData(item.key, data, item.label, meta | shipped, grid)
 
     def _start(self, keys: Sequence[str]) -> int:
         """Plan position of the shard whose keys these are (the writer asks for whole shards)."""
@@ -358,13 +381,15 @@ def _validation(cfg: ShardConfig) -> Validation:
 def _write_validation(cfg: ShardConfig, val: Validation) -> list[fmt.ShardInfo]:
     root = source_root(cfg.val or "")
     by_shard_key = {validation_key(k): k for k in val.items}
+    ship = Shipping(cfg.max_side, cfg.quality)
 
     def load(keys: Sequence[str]) -> Iterator[fmt.SampleData]:
         for shard_key in keys:
             key = by_shard_key[shard_key]
             it = val.items[key]
+            data, shipped = ship(shard_key, read_bytes(it))
             meta = {"class_name": it.class_name, "source": relative_source(it.source, root), "source_key": key}
-            yield fmt.SampleData(shard_key, read_bytes(it), it.label, meta, val.maps.get(key))
+            yield fmt.SampleData(shard_key, data, it.label, meta | shipped, val.maps.get(key))
 
     return write_split(cfg.out, val.plan, load, cfg.resume, cfg.progress, cfg.workers)
 
@@ -399,6 +424,7 @@ def _manifest(cfg: ShardConfig, sel: pl.DataFrame, manifests: list[dict[str, Any
         "scores": [{"dir": str(d), "proxy": m["proxy"]["name"], "index_sha256": m["index_sha256"],
                     "checkpoint_sha256": m["proxy"].get("checkpoint_sha256", "")}
                    for d, m in zip(cfg.scores, manifests)],
+        "images": {"max_side": cfg.max_side, "quality": cfg.quality if cfg.max_side else None},
         "config": cfg.fingerprint(),
         "seconds": seconds,
         "versions": versions(),

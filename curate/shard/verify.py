@@ -22,7 +22,9 @@ def verify(out: Path) -> list[str]:
     name stays inside OUT, every shard exists with the recorded sha256, size and count, every
     sample has one decodable jpg/png/webp, an int cls, a json dict and (in splits whose manifest
     entry says "importance": true) a float16 2-D importance map of the recorded shape, keys are
-    unique within each split, and no `.tmp` leftovers or unlisted `.tar` files lie in OUT.
+    unique within each split, and no `.tmp` leftovers or unlisted `.tar` files lie in OUT. With
+    `images.max_side` in the manifest (`curate shard --max-side`), every reduced image is within
+    it and every image kept as original bytes has its recorded original size.
     """
     out = Path(out)
     faults: list[str] = []
@@ -33,6 +35,7 @@ def verify(out: Path) -> list[str]:
     if fault := version_fault(manifest):
         return faults + [fault]  # fields may mean other things in another version: read no further
     shards = _manifest_shards(manifest, faults)
+    max_side = (manifest.get("images") or {}).get("max_side")
     faults += _check_info(info, shards)
     for split, entries in shards.items():
         owner: dict[str, str] = {}  # key -> shard that holds it; keys are unique per split
@@ -41,7 +44,7 @@ def verify(out: Path) -> list[str]:
             faults.append(f"{MANIFEST}: split {split!r} does not say whether it carries maps (importance)")
             continue
         for entry in entries:
-            faults += _check_shard(out, entry, owner, maps)
+            faults += _check_shard(out, entry, owner, maps, max_side)
     faults += _stray_files(out, {e.get("filename") for es in shards.values() for e in es})
     return faults
 
@@ -111,7 +114,7 @@ def _check_info_split(split: str, part: Any, entries: list[dict]) -> list[str]:
     return faults
 
 
-def _check_shard(out: Path, entry: dict, owner: dict[str, str], maps: bool) -> list[str]:
+def _check_shard(out: Path, entry: dict, owner: dict[str, str], maps: bool, max_side: int | None) -> list[str]:
     name = str(entry.get("filename"))
     path = out / name
     if not path.is_file():
@@ -121,13 +124,13 @@ def _check_shard(out: Path, entry: dict, owner: dict[str, str], maps: bool) -> l
         faults.append(f"{name}: size {path.stat().st_size} != manifest bytes {entry.get('bytes')}")
     if file_sha256(path) != entry.get("sha256"):
         faults.append(f"{name}: sha256 differs from manifest.json (corrupt or rewritten)")
-    count, sample_faults = _check_samples(path, owner, maps)
+    count, sample_faults = _check_samples(path, owner, maps, max_side)
     if count != entry.get("count"):
         faults.append(f"{name}: {count} samples read, manifest count is {entry.get('count')}")
     return faults + _capped(name, sample_faults)
 
 
-def _check_samples(path: Path, owner: dict[str, str], maps: bool) -> tuple[int, list[str]]:
+def _check_samples(path: Path, owner: dict[str, str], maps: bool, max_side: int | None) -> tuple[int, list[str]]:
     count, faults = 0, []
     try:
         for sample in read_samples(path):
@@ -136,7 +139,7 @@ def _check_samples(path: Path, owner: dict[str, str], maps: bool) -> tuple[int, 
             if key in owner:
                 faults.append(f"key {key!r} also in {owner[key]}")
             owner[key] = path.name
-            problems = sample_faults(sample, require_importance=maps)
+            problems = sample_faults(sample, require_importance=maps, max_side=max_side)
             faults += [f"{key}: {f}" for f in problems]
     except Exception as exc:  # truncated or corrupt tar: report, keep checking other shards
         # webdataset appends the stream and url to args: keep only the message
@@ -152,20 +155,35 @@ def _capped(name: str, faults: list[str]) -> list[str]:
     return shown
 
 
-def sample_faults(sample: dict[str, Any], require_importance: bool) -> list[str]:
-    """What is wrong with one raw sample (field -> bytes) as timm and sparsevit read it."""
+def sample_faults(sample: dict[str, Any], require_importance: bool, max_side: int | None = None) -> list[str]:
+    """What is wrong with one raw sample (field -> bytes) as timm and sparsevit read it; with
+    `max_side`, also its image size against what `curate shard --max-side` promised."""
     images = [f for f in IMAGE_FIELDS if f in sample]
     if len(images) != 1:
         return [f"has {len(images)} jpg/png/webp members, needs exactly one"]
     faults = []
-    error = decode_image(sample[images[0]], 8).error  # tiny target: JPEG draft keeps it fast
-    if error:
-        faults.append(f"{images[0]} does not decode: {error}")
+    decoded = decode_image(sample[images[0]], 8)  # tiny target: JPEG draft keeps it fast
+    if decoded.error:
+        faults.append(f"{images[0]} does not decode: {decoded.error}")
     faults += _cls_faults(sample.get("cls"))
     meta = _json_field(sample.get("json"), faults)
+    if max_side is not None and decoded.ok:
+        faults += _size_faults((decoded.width, decoded.height), meta, max_side)
     if MAP_FIELD in sample or require_importance:
         faults += _importance_faults(sample.get(MAP_FIELD), meta)
     return faults
+
+
+def _size_faults(size: tuple[int, int], meta: dict, max_side: int) -> list[str]:
+    """A reduced image within `max_side`; original bytes at their recorded original size."""
+    stored, original = meta.get("stored"), meta.get("original_size")
+    if stored not in ("original", "reduced") or not isinstance(original, list) or len(original) != 2:
+        return [f"json lacks stored/original_size, and the manifest says images were shipped at max_side {max_side}"]
+    if stored == "reduced" and max(size) > max_side:
+        return [f"reduced image is {size[0]}x{size[1]}, over max_side {max_side}"]
+    if stored == "original" and list(size) != original:
+        return [f"image is {size[0]}x{size[1]}, json says original bytes of {original[0]}x{original[1]}"]
+    return []
 
 
 def _cls_faults(data: bytes | None) -> list[str]:

@@ -1,0 +1,272 @@
+"""One-shot device benchmark: is the GPU fed? Everything as images/s, with ratios in the same run.
+
+    python bench/device.py                      # CUDA: deit_tiny and deit_small at 224 px, bf16 (~6 min)
+    python bench/device.py --device cpu --quick # the same code paths, small, on 2 CPU cores (< 3 min)
+
+(a) model only: `curate train`'s training step on batches already on the device (dense, keep 0.7,
+    keep 0.5; eager and torch.compile);
+(b) loader only, 16 workers, from generated 500x375 JPEG shards: original bytes, shards written with
+    `--max-side 256`, and `--decode gpu` (nvJPEG in the main process);
+(c) end to end: the training step fed by each loader, at each keep ratio;
+(d) `curate score` (read, decode, forward with importance capture, Parquet) against the bare
+    forward on the same pre-decoded tensors.
+
+Writes `device.md` and `device.json` under $OUT (or --out). On the lent GPU machine, which lacks
+webdataset, polars and faiss, carry them as wheels (bench/device_wheels.sh) and run:
+    pip install --no-index --target /tmp/site .whl/*.whl && PYTHONPATH=/tmp/site:. python3 bench/device.py
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from score_throughput import make_photos  # noqa: E402  (500x375 JPEGs, ~108 KB)
+from train_step import write_bench_shards  # noqa: E402
+
+from curate.common.dist import Dist  # noqa: E402
+from curate.ingest.decode import decode_image  # noqa: E402
+from curate.ingest.sources import open_source, read_bytes  # noqa: E402
+from curate.score.job import ScoreConfig, run_score  # noqa: E402
+from curate.score.proxies import create_model, normalizer, resolve_recipe  # noqa: E402
+from curate.shard import format as fmt  # noqa: E402
+from sparsevit import data, device_decode  # noqa: E402
+from sparsevit.train import TrainConfig, _build, train_step  # noqa: E402
+
+KEEPS = (1.0, 0.7, 0.5)
+LOADERS = ("original bytes", "--max-side 256", "--decode gpu")
+
+
+@dataclass(frozen=True)
+class Plan:
+    device: torch.device
+    models: tuple[str, ...]
+    img_size: int
+    patch: int | None  # None: the model's own
+    model_kwargs: dict[str, Any]
+    batch: int
+    images: int
+    steps: int
+    warmup: int
+    workers: int
+    compile_keeps: tuple[float, ...]  # keep ratios also timed under torch.compile
+
+
+def plan_for(device: str, quick: bool) -> Plan:
+    if quick:  # the same paths, sized for 2 CPU cores
+        return Plan(torch.device(device), ("deit_tiny_patch16_224",), 64, 8, {"depth": 2}, 16, 96, 3, 1,
+                    2, (0.5,))
+    return Plan(torch.device(device), ("deit_tiny_patch16_224", "deit_small_patch16_224"), 224, None, {}, 256,
+                4096, 20, 5, 16, KEEPS)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _config(plan: Plan, model: str, shards: Path, tmp: Path, keep: float, decode: str = "cpu") -> TrainConfig:
+    return TrainConfig(shards=shards, out=tmp / "run", model=model, img_size=plan.img_size, patch_size=plan.patch,
+                       model_kwargs=plan.model_kwargs, num_classes=4, batch_size=plan.batch, keep=keep,
+                       workers=plan.workers, shuffle_buffer=plan.batch, epochs=1, warmup_epochs=0.0,
+                       decode=decode, progress=False)
+
+
+def _timed(fn: Callable[[], int], steps: int, warmup: int, device: torch.device) -> float:
+    """images/s of `steps` calls of fn (each returns its images), after `warmup` calls."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    t0, n = time.perf_counter(), 0
+    for _ in range(steps):
+        n += fn()
+    _sync(device)
+    return n / (time.perf_counter() - t0)
+
+
+def model_only(plan: Plan, model: str, shards: Path, tmp: Path, keep: float, compiled: bool) -> float:
+    """(a) training steps on one batch already on the device: the model's ceiling."""
+    split = fmt.read_split(shards, "train")
+    run = _build(_config(plan, model, shards, tmp, keep), Dist(), plan.device, split)
+    if compiled:
+        run.net = torch.compile(run.core)
+    n_tokens = run.core.num_patches
+    batch = {"key": [f"k{i}" for i in range(plan.batch)], "skipped": [],
+             "image": torch.randn(plan.batch, 3, plan.img_size, plan.img_size, device=plan.device),
+             "label": torch.randint(0, 4, (plan.batch,), device=plan.device),
+             "importance": torch.rand(plan.batch, n_tokens, device=plan.device)}
+
+    def step() -> int:
+        train_step(run, batch, 0.5, 0, 0.01)
+        return plan.batch
+
+    return _timed(step, plan.steps, plan.warmup + (2 if compiled else 0), plan.device)
+
+
+def batches(plan: Plan, model: str, shards: Path, tmp: Path, decode: str, patch: int) -> Iterator[dict[str, Any]]:
+    """The training loader across epochs (device-decoded batches finished on the device)."""
+    cfg = _config(plan, model, shards, tmp, 1.0, decode)
+    split = fmt.read_split(shards, "train")
+    epoch = 0
+    while True:
+        ep = data.plan_epoch(split, epoch, 0, 1, cfg.workers, cfg.batch_size)
+        aug: Any = data.Augment(data.TrainTransform(data.Geometry(cfg.img_size, patch)), need_maps=True)
+        if decode == "gpu":
+            aug = device_decode.DeferredAugment(aug)
+        pipe = data.make_pipeline(ep, aug, cfg.batch_size, cfg.shuffle_buffer, 0, epoch)
+        for b in data.iterate(data.make_loader(pipe, cfg.workers), ep.steps):
+            yield device_decode.finish_batch(b, cfg.img_size, plan.device) if decode == "gpu" else b
+        epoch += 1
+
+
+def _loader_source(name: str, shards: dict[str, Path]) -> tuple[Path, str]:
+    return {"original bytes": (shards["original"], "cpu"), "--max-side 256": (shards["reduced"], "cpu"),
+            "--decode gpu": (shards["original"], "gpu")}[name]
+
+
+def loader_only(plan: Plan, model: str, shards: dict[str, Path], tmp: Path, name: str, patch: int) -> float:
+    """(b) batches as the training step receives them (on the device), nothing trained."""
+    root, decode = _loader_source(name, shards)
+    it = batches(plan, model, root, tmp, decode, patch)
+
+    def take() -> int:
+        b = next(it)
+        b["image"].to(plan.device, non_blocking=True)
+        return len(b["key"])
+
+    return _timed(take, plan.steps, plan.warmup, plan.device)
+
+
+def end_to_end(plan: Plan, model: str, shards: dict[str, Path], tmp: Path, name: str, keep: float) -> float:
+    """(c) `curate train`'s step fed by the loader: what a user's epoch runs at."""
+    root, decode = _loader_source(name, shards)
+    split = fmt.read_split(root, "train")
+    run = _build(_config(plan, model, root, tmp, keep, decode), Dist(), plan.device, split)
+    it = batches(plan, model, root, tmp, decode, run.core.vit.patch_embed.patch_size[0])
+
+    def step() -> int:
+        b = next(it)
+        train_step(run, b, 0.5, 0, 0.01)
+        return len(b["key"])
+
+    return _timed(step, plan.steps, plan.warmup, plan.device)
+
+
+def scoring(plan: Plan, photos: Path, tmp: Path) -> dict[str, float]:
+    """(d) `curate score` with the ImageNet ViT recipe vs its bare forward on decoded tensors."""
+    recipe = resolve_recipe("imagenet-vit")
+    items = open_source(photos)
+    torch.manual_seed(0)
+    model = create_model(recipe, 4)
+    ckpt = tmp / "proxy.pt"
+    torch.save(model.state_dict(), ckpt)
+    images = torch.stack([decode_image(read_bytes(it), recipe.img_size).image for it in items]).to(plan.device)
+    model = model.to(plan.device).eval()
+    mean, std = (t.to(plan.device) for t in normalizer(model))
+    batch = min(plan.batch, len(images))
+
+    def forward() -> int:
+        with torch.inference_mode(), torch.autocast(plan.device.type, torch.bfloat16,
+                                                    enabled=plan.device.type == "cuda"):
+            for i in range(0, len(images), batch):
+                model((images[i:i + batch].float() / 255 - mean) / std)
+        return len(images)
+
+    bare = _timed(forward, 2, 1, plan.device)
+    res = run_score(ScoreConfig(str(photos), tmp / "scores", proxy="imagenet-vit", checkpoint=ckpt,
+                                batch_size=batch, workers=plan.workers, device=plan.device.type, progress=False))
+    ours = len(items) / res.timing["score_s"]
+    return {"bare_img_s": bare, "score_img_s": ours, "ratio": ours / bare}
+
+
+def measure(plan: Plan, tmp: Path, log: Callable[[str], None]) -> dict[str, Any]:
+    make_photos(tmp / "photos", plan.images)
+    shards = {"original": write_bench_shards(tmp / "photos", tmp / "original", per_shard=max(8, plan.images // 32)),
+              "reduced": write_bench_shards(tmp / "photos", tmp / "reduced", per_shard=max(8, plan.images // 32),
+                                            max_side=256)}
+    results: dict[str, Any] = {"model_only": [], "loader": [], "end_to_end": []}
+    for model in plan.models:
+        for keep in KEEPS:
+            for compiled in (False, True) if keep in plan.compile_keeps else (False,):
+                ips = model_only(plan, model, shards["original"], tmp, keep, compiled)
+                results["model_only"].append({"model": model, "keep": keep, "compiled": compiled, "img_s": ips})
+                log(f"(a) {model} keep {keep} {'compiled' if compiled else 'eager'}: {ips:.0f} img/s")
+    patch = plan.patch or 16
+    for name in LOADERS:
+        ips = loader_only(plan, plan.models[0], shards, tmp, name, patch)
+        results["loader"].append({"loader": name, "img_s": ips})
+        log(f"(b) loader {name}: {ips:.0f} img/s")
+    for model in plan.models:
+        for name in LOADERS:
+            for keep in KEEPS:
+                ips = end_to_end(plan, model, shards, tmp, name, keep)
+                results["end_to_end"].append({"model": model, "loader": name, "keep": keep, "img_s": ips})
+                log(f"(c) {model} {name} keep {keep}: {ips:.0f} img/s")
+    results["score"] = scoring(plan, tmp / "photos", tmp)
+    log(f"(d) score: {results['score']}")
+    return results
+
+
+def table(plan: Plan, res: dict[str, Any], header: str) -> str:
+    lines = [header, "", "(a) model only, training step img/s (ratio to dense eager)", "",
+             "| model | keep | eager | compiled |", "|---|---|---|---|"]
+    mo = {(r["model"], r["keep"], r["compiled"]): r["img_s"] for r in res["model_only"]}
+    for model in plan.models:
+        dense = mo[(model, 1.0, False)]
+        for keep in KEEPS:
+            comp = mo.get((model, keep, True))
+            eager = mo[(model, keep, False)]
+            lines.append(f"| {model} | {keep} | {eager:.0f} ({eager / dense:.2f}x) | "
+                         + (f"{comp:.0f} ({comp / dense:.2f}x)" if comp else "-") + " |")
+    lines += ["", f"(b) loader only, {plan.workers} workers, img/s", "", "| loader | img/s |", "|---|---|"]
+    lines += [f"| {r['loader']} | {r['img_s']:.0f} |" for r in res["loader"]]
+    lines += ["", "(c) end to end img/s (ratio to dense with the same loader)", "",
+              "| model | loader | " + " | ".join(f"keep {k}" for k in KEEPS) + " |", "|---|---|" + "---|" * len(KEEPS)]
+    e2e = {(r["model"], r["loader"], r["keep"]): r["img_s"] for r in res["end_to_end"]}
+    for model in plan.models:
+        for name in LOADERS:
+            dense = e2e[(model, name, 1.0)]
+            lines.append(f"| {model} | {name} | " + " | ".join(
+                f"{e2e[(model, name, k)]:.0f} ({e2e[(model, name, k)] / dense:.2f}x)" for k in KEEPS) + " |")
+    s = res["score"]
+    lines += ["", "(d) scoring, imagenet-vit recipe", "", "| bare forward img/s | curate score img/s | ratio |",
+              "|---|---|---|", f"| {s['bare_img_s']:.0f} | {s['score_img_s']:.0f} | {s['ratio']:.2f} |"]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--quick", action="store_true", help="small sizes: the code paths, not the figures")
+    ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "device-bench")))
+    args = ap.parse_args()
+    plan = plan_for(args.device, args.quick)
+    if plan.device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+    name = torch.cuda.get_device_name(plan.device) if plan.device.type == "cuda" else platform.processor() or "cpu"
+    header = (f"# {name}, {os.cpu_count()} CPU cores, torch {torch.__version__}, images {plan.images} 500x375 JPEG, "
+              f"{plan.img_size} px, batch {plan.batch}, bf16 autocast on CUDA, {plan.steps} timed steps after "
+              f"{plan.warmup}{', quick' if args.quick else ''}")
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        res = measure(plan, Path(tmp), lambda line: print(line, flush=True))
+    text = table(plan, res, header) + f"\n\ntotal {time.perf_counter() - t0:.0f}s\n"
+    print("\n" + text)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "device.md").write_text(text)
+    (args.out / "device.json").write_text(json.dumps({"header": header, "plan": {**plan.__dict__, "device": str(
+        plan.device)}, **res}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
