@@ -11,9 +11,10 @@
 (d) `curate score` (read, decode, forward with importance capture, Parquet) against the bare
     forward on the same pre-decoded tensors.
 
-Writes `device.md` and `device.json` under $OUT (or --out). On the lent GPU machine, which lacks
-webdataset, polars and faiss, carry them as wheels (bench/device_wheels.sh) and run:
-    pip install --no-index --target /tmp/site .whl/*.whl && PYTHONPATH=/tmp/site:. python3 bench/device.py
+Writes `device.md` and `device.json` under $OUT (or --out). The lent GPU machine lacks webdataset
+and polars: `bash bench/device_wheels.sh` here puts them in .whl/; carry it and run there
+    python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && \
+        PYTHONPATH=/tmp/site:. PYTHONUNBUFFERED=1 python3 bench/device.py
 """
 from __future__ import annotations
 
