@@ -31,6 +31,14 @@ def test_small_demo_runs_every_stage_and_reports(tmp_path: Path):
     train = m["train"]["variants"]
     assert set(train) == {"full", "random 70%", "curated 70%", "curated 70% + keep 0.7"}
     assert all(v["val_acc"] > 1.5 * chance and v["wall_s"] > 0 for v in train.values()), train
+    eq = m["train"]["equal_budget"]  # full data, a complete schedule in the cheapest run's time
+    cheapest = m["train"]["budget"]
+    assert eq["variant"] == cheapest["variant"] and eq["budget_s"] == cheapest["wall_s"]
+    full = train["full"]
+    assert eq["epochs"] == max(1, int(cheapest["wall_s"] / (full["wall_s"] / full["epochs"]) + 1e-9))
+    run = json.loads((tmp_path / "demo" / "train" / "full-equal-budget" / "config.json").read_text())
+    assert run["epochs"] == eq["epochs"] and run["warmup_epochs"] == pytest.approx(eq["epochs"] / 4)
+    assert eq["rival_val_acc"] == train[eq["variant"]]["val_acc"] and "equal budget: full data" in text
     shards = json.loads((tmp_path / "demo" / "shards" / "manifest.json").read_text())
     assert shards["splits"]["validation"]["importance"] is True  # --val-scores: maps for dropped-token eval
     again = run_demo(tmp_path / "demo", workers=0, progress=False, per_class=12, epochs=1, train=small)

@@ -21,7 +21,7 @@ from typing import Any, Sequence
 
 from curate.common.atomic import atomic_path, save_figure, write_json
 from curate.common.runfolder import RunFolder, mode_of
-from curate.demo.train import DEMO_MODEL, epoch_records, slug
+from curate.demo.train import DEMO_MODEL, epoch_records, fit_epochs, slug
 from sparsevit.model import SparseConfig
 from sparsevit.train import TrainConfig, run_train
 
@@ -75,11 +75,6 @@ def low_res_size(img_size: int, patch: int, token_scale: float) -> int:
     full grid's tokens: 64 px / patch 8 at 0.7 -> 56 px (49 of 64 tokens); 224 / 16 -> 192."""
     side = max(1, round(math.sqrt(token_scale * (img_size // patch) ** 2)))
     return side * patch
-
-
-def fit_epochs(budget_s: float, epoch_s: float) -> int:
-    """Whole epochs of `epoch_s` that fit in `budget_s` (at least one: a run must exist)."""
-    return max(1, int(budget_s / epoch_s + 1e-9))
 
 
 def train_config(cfg: BudgetConfig, v: BudgetVariant, root: Path, out: Path, seed: int, epochs: int) -> TrainConfig:

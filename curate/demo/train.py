@@ -55,7 +55,8 @@ def baseline_shards(folder: RunFolder, data: Path, scores: tuple[Path, ...], see
 
 
 def train_variants(folder: RunFolder, cfg: DemoTrain, progress: bool) -> dict[str, Any]:
-    """Train every variant into OUT/train/<slug>; returns accuracy, wall-clock and ratios to full."""
+    """Train every variant into OUT/train/<slug>; returns accuracy, wall-clock and ratios to full,
+    and (under "equal_budget") full data trained with a complete schedule in the cheapest run's time."""
     results = {}
     for v in cfg.variants:
         run = folder.claim_run(f"train/{slug(v.name)}")
@@ -63,13 +64,40 @@ def train_variants(folder: RunFolder, cfg: DemoTrain, progress: bool) -> dict[st
         results[v.name] = {**summary, "curve": _curve(run)}
         if progress:
             print(f"  trained {v.name}: val {summary['val_acc']:.1%} in {summary['wall_s']:.0f}s", flush=True)
-    return compare(results)
+    compared = compare(results)
+    compared["equal_budget"] = full_at_budget(folder, cfg, compared)
+    if progress:
+        eq = compared["equal_budget"]
+        print(f"  trained full for {eq['epochs']} epochs (the cheapest run's budget): val {eq['val_acc']:.1%} "
+              f"in {eq['wall_s']:.0f}s", flush=True)
+    return compared
 
 
-def train_one(shards: Path, run: Path, v: Variant, cfg: DemoTrain) -> dict[str, Any]:
+def full_at_budget(folder: RunFolder, cfg: DemoTrain, compared: dict[str, Any]) -> dict[str, Any]:
+    """The strongest cheap baseline ("Budgeted Training", ICLR 2020): full data trained for as many
+    whole epochs as fit in the cheapest run's wall-clock, its schedule (warmup, cosine) scaled to
+    them, against that run's accuracy."""
+    full, cheapest = compared["variants"]["full"], compared["budget"]
+    epochs = fit_epochs(cheapest["wall_s"], full["wall_s"] / full["epochs"])
+    full_v = next(v for v in cfg.variants if v.name == "full")
+    run = folder.claim_run("train/full-equal-budget")
+    summary = train_one(folder.root / full_v.shards, run, full_v, replace(cfg, epochs=epochs),
+                        warmup_epochs=epochs / cfg.epochs)
+    rival = compared["variants"][cheapest["variant"]]
+    return {"variant": cheapest["variant"], "budget_s": cheapest["wall_s"], "epochs": epochs,
+            "wall_s": summary["wall_s"], "val_acc": summary["val_acc"], "rival_val_acc": rival["val_acc"],
+            "wall_ratio": summary["wall_s"] / full["wall_s"]}
+
+
+def fit_epochs(budget_s: float, epoch_s: float) -> int:
+    """Whole epochs of `epoch_s` that fit in `budget_s` (at least one: a run must exist)."""
+    return max(1, int(budget_s / epoch_s + 1e-9))
+
+
+def train_one(shards: Path, run: Path, v: Variant, cfg: DemoTrain, warmup_epochs: float = 1.0) -> dict[str, Any]:
     """`curate train` with the demo's model and recipe; returns its summary."""
     tc = TrainConfig(shards=shards, out=run, epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
-                     warmup_epochs=1.0, keep=v.keep, sparse=SparseConfig(drop_by=v.drop_by),
+                     warmup_epochs=warmup_epochs, keep=v.keep, sparse=SparseConfig(drop_by=v.drop_by),
                      workers=cfg.workers, seed=cfg.seed, overwrite=True, progress=False, **DEMO_MODEL)
     return run_train(replace(tc, **cfg.extra))
 
@@ -130,6 +158,15 @@ def report_lines(train: dict[str, Any]) -> list[str]:
               "    tokens chosen by the validation images' importance maps. to full-1pt: training time until the",
               "    run first reached full's final accuracy - 1 point, as a fraction of full's. at budget: the",
               f"    run's last accuracy within {budget['wall_s']:.0f}s, the time the cheapest run ({budget['variant']}) took."]
+    eq = train.get("equal_budget")
+    if eq:
+        verdict = "ahead of" if eq["rival_val_acc"] > eq["val_acc"] else "not ahead of"
+        lines += [f"  equal budget: full data trained for {eq['epochs']} epochs, a complete schedule in "
+                  f"{eq['variant']}'s {eq['budget_s']:.0f}s, reaches {eq['val_acc']:.1%} ({eq['wall_s']:.0f}s, "
+                  f"{eq['wall_ratio']:.2f}x full);",
+                  f"    {eq['variant']} reaches {eq['rival_val_acc']:.1%}: {verdict} the cheap baseline "
+                  f"({100 * (eq['rival_val_acc'] - eq['val_acc']):+.1f} points; one seed, see docs/benchmarks.md "
+                  "for the spread)"]
     return lines
 
 
