@@ -23,6 +23,7 @@ from curate.common.atomic import file_sha256
 from curate.shard.format import read_samples
 from curate.shard.verify import verify
 from curate.score.table import importance_from_bytes
+from sparsevit.train import resolution_warning
 
 from .conftest import ROOT
 from .test_score_job import random_checkpoint
@@ -224,6 +225,8 @@ def test_max_side_ships_smaller_images_that_train_and_verify(scored, small_demo:
             assert meta["stored"] == "original" and raw["jpg"] == (src / meta["source"]).read_bytes()
     sizes = {name: sum(p.stat().st_size for p in (tmp_path / name).glob("train-*.tar")) for name in ("small", "same")}
     assert sizes["small"] < sizes["same"]
+    assert "below --img-size 64" in resolution_warning(tmp_path / "small", 64)  # crops would be upsampled
+    assert resolution_warning(tmp_path / "small", 48) == resolution_warning(tmp_path / "same", 64) == ""
     res = CliRunner().invoke(main, ["shard", str(src), "--scores", str(vit), "--out", str(tmp_path / "x"),
                                     "--max-side", "4"])
     assert res.exit_code != 0 and "--max-side" in res.output
