@@ -205,7 +205,7 @@ def _check_trainable(cfg: TrainConfig, split: shard_format.Split, world_size: in
 def resolution_warning(shards: Path, img_size: int) -> str:
     """Why shards written with `--max-side` below the training size lose accuracy, or "": every
     crop is then upsampled (on the demo, max side 48 for 64-px training cost 1.2 points)."""
-    max_side = (shard_format.read_manifest(shards).get("images") or {}).get("max_side")
+    max_side = shard_format.max_side_of(shard_format.read_manifest(shards))
     if max_side is None or max_side >= img_size:
         return ""
     return (f"{shards} was written with --max-side {max_side}, below --img-size {img_size}: crops are "

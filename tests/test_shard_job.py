@@ -227,6 +227,10 @@ def test_max_side_ships_smaller_images_that_train_and_verify(scored, small_demo:
     assert sizes["small"] < sizes["same"]
     assert "below --img-size 64" in resolution_warning(tmp_path / "small", 64)  # crops would be upsampled
     assert resolution_warning(tmp_path / "small", 48) == resolution_warning(tmp_path / "same", 64) == ""
+    manifest = json.loads((tmp_path / "same" / "manifest.json").read_text())
+    manifest["images"]["max_side"] = "big"  # a hand-edited manifest: a fault, not a crash
+    (tmp_path / "same" / "manifest.json").write_text(json.dumps(manifest))
+    assert verify(tmp_path / "same") == ["manifest.json: images.max_side 'big' is not a size in pixels"]
     res = CliRunner().invoke(main, ["shard", str(src), "--scores", str(vit), "--out", str(tmp_path / "x"),
                                     "--max-side", "4"])
     assert res.exit_code != 0 and "--max-side" in res.output

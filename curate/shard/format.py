@@ -254,6 +254,16 @@ def version_fault(manifest: Mapping[str, Any]) -> str:
             "use the curate that wrote it, or write the shards again")
 
 
+def max_side_of(manifest: Mapping[str, Any]) -> int | None:
+    """The `--max-side` the images were shipped at (None: original bytes). FormatError when the
+    manifest holds something that is not a size."""
+    images = manifest.get("images")
+    value = images.get("max_side") if isinstance(images, dict) else None
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise FormatError(f"{MANIFEST}: images.max_side {value!r:.40} is not a size in pixels")
+    return value
+
+
 def filename_fault(name: Any) -> str:
     """Why a shard file name from an index cannot be read safely, or "": it must be a plain
     `.tar` file name inside the folder (no separators, no `..`, not absolute)."""

@@ -9,8 +9,8 @@ import numpy as np
 
 from curate.common.atomic import file_sha256
 from curate.ingest.decode import decode_image
-from curate.shard.format import (IMAGE_FIELDS, INFO, MANIFEST, MAP_FIELD, filename_fault, load_npy,
-                                 read_samples, version_fault)
+from curate.shard.format import (IMAGE_FIELDS, INFO, MANIFEST, MAP_FIELD, FormatError, filename_fault, load_npy,
+                                 max_side_of, read_samples, version_fault)
 
 MAX_FAULTS_PER_SHARD = 10  # a systematically broken shard would otherwise flood the report
 
@@ -35,7 +35,11 @@ def verify(out: Path) -> list[str]:
     if fault := version_fault(manifest):
         return faults + [fault]  # fields may mean other things in another version: read no further
     shards = _manifest_shards(manifest, faults)
-    max_side = (manifest.get("images") or {}).get("max_side")
+    try:
+        max_side = max_side_of(manifest)
+    except FormatError as exc:
+        faults.append(str(exc))
+        max_side = None
     faults += _check_info(info, shards)
     for split, entries in shards.items():
         owner: dict[str, str] = {}  # key -> shard that holds it; keys are unique per split
