@@ -1,6 +1,6 @@
 """One-shot device benchmark: is the GPU fed? Everything as images/s, with ratios in the same run.
 
-    python bench/device.py                      # CUDA: deit_tiny and deit_small at 224 px, bf16 (~6 min)
+    python bench/device.py                      # CUDA: deit_tiny and deit_small at 224 px, bf16
     python bench/device.py --device cpu --quick # the same code paths, small, on 2 CPU cores (< 3 min)
 
 (a) model only: `curate train`'s training step on batches already on the device (dense, keep 0.7,
@@ -11,7 +11,9 @@
 (d) `curate score` (read, decode, forward with importance capture, Parquet) against the bare
     forward on the same pre-decoded tensors.
 
-Writes `device.md` and `device.json` under $OUT (or --out). The lent GPU machine lacks webdataset
+Sized for 8 minutes on one H100/H200 with 16 cores (not yet run on one: no GPU was lent so far).
+Writes `device.md` and `device.json` under $OUT (or --out), and `device.log` line by line (what
+was measured survives a timeout). The lent GPU machine lacks webdataset
 and polars: `bash bench/device_wheels.sh` here puts them in .whl/; carry it and run there
     python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && \
         PYTHONPATH=/tmp/site:. PYTHONUNBUFFERED=1 python3 bench/device.py
@@ -60,7 +62,8 @@ class Plan:
     steps: int
     warmup: int
     workers: int
-    compile_keeps: tuple[float, ...]  # keep ratios also timed under torch.compile
+    compile_keeps: tuple[float, ...]  # keep ratios also timed under torch.compile (of the last model:
+    # each compile costs tens of seconds, and the 8-minute budget holds two)
 
 
 def plan_for(device: str, quick: bool) -> Plan:
@@ -68,7 +71,7 @@ def plan_for(device: str, quick: bool) -> Plan:
         return Plan(torch.device(device), ("deit_tiny_patch16_224",), 64, 8, {"depth": 2}, 16, 96, 3, 1,
                     2, (0.5,))
     return Plan(torch.device(device), ("deit_tiny_patch16_224", "deit_small_patch16_224"), 224, None, {}, 256,
-                4096, 20, 5, 16, KEEPS)
+                4096, 20, 5, 16, (1.0, 0.5))
 
 
 def _sync(device: torch.device) -> None:
@@ -198,7 +201,8 @@ def measure(plan: Plan, tmp: Path, log: Callable[[str], None]) -> dict[str, Any]
     results: dict[str, Any] = {"model_only": [], "loader": [], "end_to_end": []}
     for model in plan.models:
         for keep in KEEPS:
-            for compiled in (False, True) if keep in plan.compile_keeps else (False,):
+            compile_too = keep in plan.compile_keeps and model == plan.models[-1]
+            for compiled in (False, True) if compile_too else (False,):
                 ips = model_only(plan, model, shards["original"], tmp, keep, compiled)
                 results["model_only"].append({"model": model, "keep": keep, "compiled": compiled, "img_s": ips})
                 log(f"(a) {model} keep {keep} {'compiled' if compiled else 'eager'}: {ips:.0f} img/s")
@@ -259,11 +263,17 @@ def main() -> None:
               f"{plan.img_size} px, batch {plan.batch}, bf16 autocast on CUDA, {plan.steps} timed steps after "
               f"{plan.warmup}{', quick' if args.quick else ''}")
     t0 = time.perf_counter()
-    with tempfile.TemporaryDirectory() as tmp:
-        res = measure(plan, Path(tmp), lambda line: print(line, flush=True))
+    args.out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp, open(args.out / "device.log", "w") as log_file:
+        def log(line: str) -> None:
+            print(line, flush=True)
+            log_file.write(line + "\n")
+            log_file.flush()
+
+        log(header)
+        res = measure(plan, Path(tmp), log)
     text = table(plan, res, header) + f"\n\ntotal {time.perf_counter() - t0:.0f}s\n"
     print("\n" + text)
-    args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "device.md").write_text(text)
     (args.out / "device.json").write_text(json.dumps({"header": header, "plan": {**plan.__dict__, "device": str(
         plan.device)}, **res}, indent=1))
