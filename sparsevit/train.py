@@ -203,13 +203,14 @@ def _check_trainable(cfg: TrainConfig, split: shard_format.Split, world_size: in
 
 
 def resolution_warning(shards: Path, img_size: int) -> str:
-    """Why shards written with `--max-side` below the training size lose accuracy, or "": every
-    crop is then upsampled (on the demo, max side 48 for 64-px training cost 1.2 points)."""
+    """A warning when the shards were written with `--max-side` below the training size, or "":
+    every crop is then upsampled, and the model sees less detail than --img-size promises (on the
+    demo's 64-px images, max side 48 moved accuracy by -1.2 and +0.8 points on two seeds)."""
     max_side = shard_format.max_side_of(shard_format.read_manifest(shards))
     if max_side is None or max_side >= img_size:
         return ""
-    return (f"{shards} was written with --max-side {max_side}, below --img-size {img_size}: crops are "
-            f"upsampled and accuracy suffers; write the shards with --max-side >= {img_size} (e.g. 256 for 224)")
+    return (f"{shards} was written with --max-side {max_side}, below --img-size {img_size}: every crop is "
+            f"upsampled; write the shards with --max-side >= {img_size} (e.g. 256 for 224) to keep the detail")
 
 
 def open_out(cfg: TrainConfig, world_size: int) -> RunFolder:
