@@ -58,7 +58,8 @@ class Plan:
     patch: int | None  # None: the model's own
     model_kwargs: dict[str, Any]
     batch: int
-    images: int
+    images: int  # JPEGs in the training shards: 2 batches per loader worker, so no timing spans an epoch's end
+    score_images: int
     steps: int
     warmup: int
     workers: int
@@ -68,10 +69,10 @@ class Plan:
 
 def plan_for(device: str, quick: bool) -> Plan:
     if quick:  # the same paths, sized for 2 CPU cores
-        return Plan(torch.device(device), ("deit_tiny_patch16_224",), 64, 8, {"depth": 2}, 16, 96, 3, 1,
+        return Plan(torch.device(device), ("deit_tiny_patch16_224",), 64, 8, {"depth": 2}, 16, 96, 32, 3, 1,
                     2, (0.5,))
     return Plan(torch.device(device), ("deit_tiny_patch16_224", "deit_small_patch16_224"), 224, None, {}, 256,
-                4096, 20, 5, 16, (1.0, 0.5))
+                8192, 2048, 24, 6, 16, (1.0, 0.5))
 
 
 def _sync(device: torch.device) -> None:
@@ -195,9 +196,10 @@ def scoring(plan: Plan, photos: Path, tmp: Path) -> dict[str, float]:
 
 def measure(plan: Plan, tmp: Path, log: Callable[[str], None]) -> dict[str, Any]:
     make_photos(tmp / "photos", plan.images)
-    shards = {"original": write_bench_shards(tmp / "photos", tmp / "original", per_shard=max(8, plan.images // 32)),
-              "reduced": write_bench_shards(tmp / "photos", tmp / "reduced", per_shard=max(8, plan.images // 32),
-                                            max_side=256)}
+    make_photos(tmp / "score-photos", plan.score_images)
+    common = dict(per_shard=max(8, plan.images // 64), workers=os.cpu_count() or 2)
+    shards = {"original": write_bench_shards(tmp / "photos", tmp / "original", **common),
+              "reduced": write_bench_shards(tmp / "photos", tmp / "reduced", max_side=256, **common)}
     results: dict[str, Any] = {"model_only": [], "loader": [], "end_to_end": []}
     for model in plan.models:
         for keep in KEEPS:
@@ -217,7 +219,7 @@ def measure(plan: Plan, tmp: Path, log: Callable[[str], None]) -> dict[str, Any]
                 ips = end_to_end(plan, model, shards, tmp, name, keep)
                 results["end_to_end"].append({"model": model, "loader": name, "keep": keep, "img_s": ips})
                 log(f"(c) {model} {name} keep {keep}: {ips:.0f} img/s")
-    results["score"] = scoring(plan, tmp / "photos", tmp)
+    results["score"] = scoring(plan, tmp / "score-photos", tmp)
     log(f"(d) score: {results['score']}")
     return results
 

@@ -47,7 +47,7 @@ SETTINGS: dict[str, dict[str, Any]] = {
 
 
 def write_bench_shards(src: Path, out: Path, grid: int = 14, per_shard: int = 64, max_side: int | None = None,
-                       quality: int = 90) -> Path:
+                       quality: int = 90, workers: int = 2) -> Path:
     """The photos as `curate shard` output, each with a smooth random importance map; with
     `max_side`, images shipped as `curate shard --max-side` ships them."""
     files = sorted(src.rglob("*.JPEG"))
@@ -64,7 +64,7 @@ def write_bench_shards(src: Path, out: Path, grid: int = 14, per_shard: int = 64
                 data, meta = fmt.reduce_image(k, data, max_side, quality)
             yield fmt.SampleData(k, data, labels[k], meta, maps[k])
 
-    infos = {"train": write_split(out, plan, load, resume=False, progress=False, workers=2)}
+    infos = {"train": write_split(out, plan, load, resume=False, progress=False, workers=workers)}
     fmt.write_index(out, "bench", infos, {"train": True}, num_classes=max(labels.values()) + 1)
     return out
 

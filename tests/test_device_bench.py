@@ -26,8 +26,8 @@ def _bench():
 
 def test_every_measurement_runs_and_is_tabled(tmp_path: Path):
     bench = _bench()
-    plan = replace(bench.plan_for("cpu", quick=True), images=32, steps=1, warmup=0, batch=8, workers=1,
-                   model_kwargs={"depth": 1}, compile_keeps=())
+    plan = replace(bench.plan_for("cpu", quick=True), images=32, score_images=8, steps=1, warmup=0, batch=8,
+                   workers=1, model_kwargs={"depth": 1}, compile_keeps=())
     lines: list[str] = []
     res = bench.measure(plan, tmp_path, lines.append)
     assert len(res["model_only"]) == len(bench.KEEPS)
