@@ -64,7 +64,9 @@ def test_the_device_half_gives_the_pil_paths_pixels(samples: list[dict]):
     pil = torch.stack([p["image"] for p, _ in pairs])
     assert batch["image"].shape == pil.shape and batch["pending"] == []
     diff = (batch["image"] - pil).abs() * data._STD.view(1, 3, 1, 1) * 255  # in 0..255 levels
-    assert diff.mean() < 2.0 and diff.max() < 40  # two JPEG decoders, two antialiased resizes
+    # the same libjpeg-turbo on the CPU, two antialiased bilinear resizes: 0.03 levels on average, 1 at
+    # most when measured; a crop box off by one pixel would cost tens of levels at the square's edges
+    assert diff.mean() < 0.5 and diff.max() <= 4
     assert torch.equal(batch["importance"], data.collate([p for p, _ in pairs])["importance"])
 
 
