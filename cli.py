@@ -111,8 +111,14 @@ def inspect(scores_dir: Path, plots: Path | None) -> None:
 
 
 def _keep(value: str) -> float | int:
-    """--keep 0.7 is a fraction, --keep 5000 a count."""
-    number = float(value)
+    """--keep 0.7 (or 70%) is a fraction, --keep 5000 a count."""
+    text = value.strip()
+    try:
+        if text.endswith("%"):
+            return float(text[:-1]) / 100
+        number = float(text)
+    except ValueError:
+        raise ValueError(f"--keep {value!r}: give a fraction (0.7), a percentage (70%) or a count (5000)") from None
     return int(number) if number > 1 and number.is_integer() else number
 
 

@@ -234,3 +234,17 @@ def test_max_side_ships_smaller_images_that_train_and_verify(scored, small_demo:
     res = CliRunner().invoke(main, ["shard", str(src), "--scores", str(vit), "--out", str(tmp_path / "x"),
                                     "--max-side", "4"])
     assert res.exit_code != 0 and "--max-side" in res.output
+
+
+def test_keep_as_a_percentage_and_a_misspelt_by_column_get_answers(scored, tmp_path: Path):
+    src, cnn, _ = scored
+    runner = CliRunner()
+    res = runner.invoke(main, ["shard", str(src), "--scores", str(cnn), "--out", str(tmp_path / "o"), "--keep",
+                               "75%", "--dry-run"])
+    assert res.exit_code == 0 and "96 inputs: kept 72, pruned 24" in res.output, res.output
+    res = runner.invoke(main, ["shard", str(src), "--scores", str(cnn), "--out", str(tmp_path / "o"), "--keep",
+                               "most", "--dry-run"])
+    assert res.exit_code != 0 and "a percentage (70%)" in res.output
+    res = runner.invoke(main, ["shard", str(src), "--scores", str(cnn), "--out", str(tmp_path / "o"), "--by",
+                               "el2m", "--dry-run"])
+    assert res.exit_code != 0 and "did you mean 'el2n' for 'el2m'?" in res.output, res.output

@@ -11,6 +11,8 @@ rank-averaging el2n with margin does not cancel out.
 """
 from __future__ import annotations
 
+import difflib
+
 import hashlib
 import math
 import re
@@ -328,6 +330,8 @@ def _check_columns(frame: pl.LazyFrame, cfg: SelectConfig) -> None:
     if missing := sorted(need - names):
         from_extra = {"dup_keep", "proto_dist", "proto_cluster"} & set(missing)
         hint = " (pass extra=embedding_columns(...))" if from_extra else ""
+        close = {m: difflib.get_close_matches(m, sorted(names), n=1) for m in missing}
+        hint += "".join(f"; did you mean {c[0]!r} for {m!r}?" for m, c in close.items() if c)
         raise ValueError(f"scores lack column(s) {missing}{hint}; have {sorted(names)}")
 
 
