@@ -123,8 +123,9 @@ def test_selection_counts_and_refusals(scored, tmp_path: Path):
     assert res.manifest is None and not (tmp_path / "a").exists()
     counts = dict(res.selection.group_by("reason").len().iter_rows())
     assert counts == {"kept": 30, "pruned": 66}
-    with pytest.raises(ValueError, match="not the input"):
-        run_shard(ShardConfig(str(src.parent / "val"), (cnn,), tmp_path / "b", progress=False))
+    for dry_run in (False, True):  # a dry run checks SOURCE against the scores as the real run does
+        with pytest.raises(ValueError, match="not the input"):
+            run_shard(ShardConfig(str(src.parent / "val"), (cnn,), tmp_path / "b", dry_run=dry_run, progress=False))
 
 
 def _shard_cmd(src: Path, scores: Path, out: Path, *extra: str) -> list[str]:
@@ -248,3 +249,15 @@ def test_keep_as_a_percentage_and_a_misspelt_by_column_get_answers(scored, tmp_p
     res = runner.invoke(main, ["shard", str(src), "--scores", str(cnn), "--out", str(tmp_path / "o"), "--by",
                                "el2m", "--dry-run"])
     assert res.exit_code != 0 and "did you mean 'el2n' for 'el2m'?" in res.output, res.output
+
+
+def test_the_readmes_polars_snippet_runs_on_a_cnn_table_and_a_vit_table(scored, capsys):
+    text = (ROOT / "README.md").read_text()
+    snippet = text[text.index("```python\nimport numpy as np, polars as pl"):].split("```")[1].removeprefix("python\n")
+    for scores in scored[1:]:
+        env: dict = {}
+        exec(snippet.replace('"scores/*.parquet"', repr(f"{scores}/*.parquet")), env)
+        assert env["df"].height == 96 and "el2n" in capsys.readouterr().out
+        assert (env["maps"].height > 0) == (scores.name == "demo-vit")
+        if env["maps"].height:
+            assert env["grid"].shape == (8, 8)

@@ -117,10 +117,10 @@ def run_shard(cfg: ShardConfig) -> ShardResult:
     if extra is not None and cfg.dedup is not None:  # say which image each dropped one duplicates
         sel = sel.join(extra.select("key", "dup_group"), on="key", how="left")
     per_class = per_class_counts(sel)
+    # Everything that can fail on the inputs fails before --out is touched, and on a dry run too.
+    items = _check_source(cfg, manifests, sel.filter(pl.col("kept")))
     if cfg.dry_run:
         return ShardResult(cfg.out, sel, per_class, None, time.perf_counter() - t0)
-    # Everything that can fail on the inputs fails before --out is touched.
-    items = _check_source(cfg, manifests, sel.filter(pl.col("kept")))
     plan = _train_plan(cfg, sel)
     val = _validation(cfg) if cfg.val is not None else None
     with _open_out(cfg, [plan] + ([val.plan] if val is not None else [])):
