@@ -79,11 +79,17 @@ def score(source: str, out: Path, quiet: bool, **opts: object) -> None:
 
 
 def score_summary(manifest: dict, out: Path, parts_written: int) -> str:
+    from curate.score.proxy_training import health_warning
+
     c, t, p = manifest["counts"], manifest["timing"], manifest["proxy"]
+    history = p.get("training", {}).get("history", [])
     lines = [
         f"scored {c['inputs']} inputs ({c['ok']} ok, {c['error']} errors, {c['classes']} classes) -> {out}",
         f"proxy {p['name']} [{p['model']}, weights: {p['weights']}], importance: {p['importance']['method']}"
         + (f" {p['importance']['grid']}" if p["importance"]["grid"] else ""),
+        *([f"proxy training (loss / accuracy per epoch, given labels): " + ", ".join(
+            f"{h['epoch']}: {h['loss']:.2f} / {h['accuracy']:.0%}" for h in history)] if history else []),
+        *([f"warning: {w}"] if (w := health_warning(history, c["classes"], p["name"])) else []),
         f"time {t['total_s']:.1f}s (index+train {t['index_and_train_s']:.1f}s, scoring {t['score_s']:.1f}s); "
         f"{parts_written} part(s) written this run",
         f"next: curate inspect {out}",

@@ -237,3 +237,26 @@ def test_a_failed_start_writes_nothing_and_overwrite_keeps_the_users_files(small
     res = runner.invoke(main, ["score", src, "--out", str(small_demo / "train" / "scores"), "--checkpoint",
                                str(ckpt)])
     assert res.exit_code != 0 and "input folder" in res.output and not (small_demo / "train" / "scores").exists()
+
+
+def test_proxy_health_is_recorded_printed_and_a_proxy_near_chance_is_called_out(small_demo: Path, tmp_path: Path):
+    out = tmp_path / "scores"
+    res = CliRunner().invoke(main, ["score", str(small_demo / "train"), "--out", str(out), "--proxy", "demo-cnn",
+                                    "--train-epochs", "1", "--workers", "0", "--quiet"])
+    assert res.exit_code == 0, res.output
+    (epoch,) = json.loads((out / "manifest.json").read_text())["proxy"]["training"]["history"]
+    assert epoch["epoch"] == 1 and epoch["loss"] > 0 and 0 <= epoch["accuracy"] <= 1
+    assert "proxy training (loss / accuracy per epoch, given labels): 1: " in res.output
+    # one step of training on 96 images of 4 classes: near chance, and said so with what to do
+    assert epoch["accuracy"] < 0.5 and "near chance (25.0% for 4 classes)" in res.output
+    assert "curate proxies" in res.output
+
+
+def test_health_warning_thresholds():
+    from curate.score.proxy_training import health_warning
+
+    assert health_warning([{"epoch": 1, "loss": 2.0, "accuracy": 0.16}], 8, "p")  # 2x chance is 0.25
+    assert not health_warning([{"epoch": 1, "loss": 2.0, "accuracy": 0.26}], 8, "p")
+    assert health_warning([{"epoch": 1, "loss": 0.6, "accuracy": 0.70}], 2, "p")  # binary: chance + 0.25
+    assert not health_warning([{"epoch": 1, "loss": 0.4, "accuracy": 0.80}], 2, "p")
+    assert not health_warning([], 8, "p")  # nothing trained here: nothing to judge

@@ -200,7 +200,7 @@ def _finish_proxy(cfg: ScoreConfig, recipe: Recipe, model: torch.nn.Module, info
                     training={"epochs": cfg.train_epochs, "lr": recipe.lr, "batch_size": recipe.batch_size,
                               "weight_decay": recipe.weight_decay, "seed": cfg.seed,
                               "warmup_epochs": recipe.warmup_epochs,
-                              "dynamics_from_epoch": dynamics_skip(recipe)})
+                              "dynamics_from_epoch": dynamics_skip(recipe), "history": dyn.history()})
     proxy = ProxyModel(model, cfg.importance, cfg.importance_blocks or recipe.importance_blocks).to(device)
     info["importance"] = {"method": proxy.importance, "blocks": list(proxy.blocks),
                           "grid": list(proxy.grid) if proxy.importance != "none" else None}
