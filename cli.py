@@ -274,7 +274,7 @@ def train(shards: Path, out: Path, model_arg: tuple[str, ...], drop_by: str, pac
         summary = run_train(cfg)
     except (ValueError, TypeError, OSError, KeyError, RuntimeError) as e:
         _fail(e)
-    click.echo(json.dumps(summary), err=True)
+    click.echo(json.dumps(summary))  # the result: stdout (progress went to stderr)
 
 
 @main.command()

@@ -25,6 +25,7 @@ import torch.distributed as tdist
 import torch.nn.functional as F
 from timm.optim import create_optimizer_v2
 from timm.utils import ModelEmaV3
+from tqdm import tqdm
 
 from curate.common import dist
 from curate.common.atomic import atomic_path, write_bytes, write_json
@@ -283,6 +284,8 @@ def train_epoch(run: Run, split: shard_format.Split, epoch: int) -> dict[str, An
     records: list[prune.Record] = []
     keys: list[str] = []  # what this rank trained on, for --record-keys
     t_epoch = t_log = time.perf_counter()
+    bar = tqdm(total=plan.steps, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="step", leave=False,
+               disable=not (cfg.progress and ctx.is_main), dynamic_ncols=True)  # stderr, inside the epoch
     for i, batch in enumerate(batches):
         progress = epoch + i / plan.steps
         skipped += batch["skipped"]
@@ -292,6 +295,8 @@ def train_epoch(run: Run, split: shard_format.Split, epoch: int) -> dict[str, An
             totals[k] += stats[k]
         if cfg.record_keys:
             keys += batch["key"]
+        bar.update(1)
+        bar.set_postfix(loss=f"{stats['loss'] / max(1, stats['trained']):.3f}", refresh=False)
         if ctx.is_main and (run.step % cfg.log_every == 0):
             now = time.perf_counter()
             _append_metrics(run, {"kind": "step", "epoch": epoch, "step": run.step, "lr": stats["lr"],
@@ -299,6 +304,7 @@ def train_epoch(run: Run, split: shard_format.Split, epoch: int) -> dict[str, An
                                   "tokens": stats["tokens"], "images_per_s": stats["seen"] * cfg.log_every /
                                   max(1e-9, now - t_log) if i else None})
             t_log = now
+    bar.close()
     if cfg.record_keys:  # one file per epoch and rank: a resumed epoch replaces it, whole
         write_bytes(cfg.out / keys_name(ctx.rank, epoch), "".join(f"{k}\n" for k in keys).encode())
     seconds = time.perf_counter() - t_epoch
@@ -527,8 +533,9 @@ def _log(run: Run, rec: dict[str, Any]) -> None:
     if run.cfg.progress:
         acc = f" val {rec['val_acc']:.1%}" if rec.get("val_acc") is not None else ""
         dropped = f" (dropped {rec['val_acc_dropped']:.1%})" if rec.get("val_acc_dropped") is not None else ""
-        print(f"epoch {rec['epoch']}: loss {rec['train_loss']:.3f} train {rec['train_acc']:.1%}{acc}{dropped} "
-              f"{rec['images_per_s']:.0f} img/s {rec['seconds']:.1f}s", flush=True)
+        print(f"epoch {rec['epoch'] + 1}/{run.cfg.epochs}: loss {rec['train_loss']:.3f} train "
+              f"{rec['train_acc']:.1%}{acc}{dropped} {rec['images_per_s']:.0f} img/s {rec['seconds']:.1f}s",
+              file=sys.stderr, flush=True)  # progress: stderr; the summary (the result) goes to stdout
 
 
 def _log_header(run: Run, split: shard_format.Split, val: shard_format.Split | None) -> None:

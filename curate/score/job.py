@@ -228,7 +228,7 @@ def _train(cfg: ScoreConfig, recipe: Recipe, model: torch.nn.Module, items: Sequ
            device: torch.device) -> Dynamics:
     assert cfg.train_epochs is not None
     setup = TrainSetup(cfg.train_epochs, recipe.batch_size, cfg.workers, device, cfg.seed,
-                       cfg.out / TRAIN_STATE)
+                       cfg.out / TRAIN_STATE, name=cfg.proxy)
     return train_proxy(model, items, recipe, setup, progress=cfg.progress)
 
 

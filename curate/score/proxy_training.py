@@ -72,6 +72,7 @@ class TrainSetup:
     device: torch.device
     seed: int
     state_path: Path  # resumable state, rewritten after each epoch
+    name: str = "proxy"  # the proxy's name in progress bars
 
 
 def augment(images: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -105,7 +106,7 @@ def train_proxy(model: nn.Module, items: Sequence[Item], recipe: Recipe, setup: 
         order = torch.randperm(n, generator=gen).tolist()
         batches = [order[i:i + setup.batch_size] for i in range(0, n, setup.batch_size)]
         loader = make_loader(dataset, batches, setup.workers)
-        bar = tqdm(loader, desc=f"train {epoch + 1}/{setup.epochs}", unit="batch", leave=False,
+        bar = tqdm(loader, desc=f"{setup.name} epoch {epoch + 1}/{setup.epochs}", unit="batch", leave=False,
                    disable=not progress)
         for step, (idx, images, metas) in enumerate(bar, start=epoch * steps_per_epoch):
             for group in opt.param_groups:
