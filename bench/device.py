@@ -21,6 +21,7 @@ and polars: `bash bench/device_wheels.sh` here puts them in .whl/; carry it and 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
@@ -43,8 +44,7 @@ from curate.ingest.sources import open_source, read_bytes  # noqa: E402
 from curate.score.job import ScoreConfig, run_score  # noqa: E402
 from curate.score.proxies import create_model, normalizer, resolve_recipe  # noqa: E402
 from curate.shard import format as fmt  # noqa: E402
-from sparsevit import data, device_decode  # noqa: E402
-from sparsevit.train import TrainConfig, _build, train_step  # noqa: E402
+from sparsevit.train import TrainConfig, _build, train_loader, train_step  # noqa: E402
 
 KEEPS = (1.0, 0.7, 0.5)
 LOADERS = ("original bytes", "--max-side 256", "--decode gpu")
@@ -118,20 +118,10 @@ def model_only(plan: Plan, model: str, shards: Path, tmp: Path, keep: float, com
     return _timed(step, plan.steps, plan.warmup + (2 if compiled else 0), plan.device)
 
 
-def batches(plan: Plan, model: str, shards: Path, tmp: Path, decode: str, patch: int) -> Iterator[dict[str, Any]]:
-    """The training loader across epochs (device-decoded batches finished on the device)."""
-    cfg = _config(plan, model, shards, tmp, 1.0, decode)
-    split = fmt.read_split(shards, "train")
-    epoch = 0
-    while True:
-        ep = data.plan_epoch(split, epoch, 0, 1, cfg.workers, cfg.batch_size)
-        aug: Any = data.Augment(data.TrainTransform(data.Geometry(cfg.img_size, patch)), need_maps=True)
-        if decode == "gpu":
-            aug = device_decode.DeferredAugment(aug)
-        pipe = data.make_pipeline(ep, aug, cfg.batch_size, cfg.shuffle_buffer, 0, epoch)
-        for b in data.iterate(data.make_loader(pipe, cfg.workers), ep.steps):
-            yield device_decode.finish_batch(b, cfg.img_size, plan.device) if decode == "gpu" else b
-        epoch += 1
+def batches(run: Any, split: fmt.Split) -> Iterator[dict[str, Any]]:
+    """`curate train`'s own loader (sparsevit.train.train_loader) across epochs."""
+    for epoch in itertools.count():
+        yield from train_loader(run, split, epoch)[0]
 
 
 def _loader_source(name: str, shards: dict[str, Path]) -> tuple[Path, str]:
@@ -139,10 +129,11 @@ def _loader_source(name: str, shards: dict[str, Path]) -> tuple[Path, str]:
             "--decode gpu": (shards["original"], "gpu")}[name]
 
 
-def loader_only(plan: Plan, model: str, shards: dict[str, Path], tmp: Path, name: str, patch: int) -> float:
+def loader_only(plan: Plan, model: str, shards: dict[str, Path], tmp: Path, name: str) -> float:
     """(b) batches as the training step receives them (on the device), nothing trained."""
     root, decode = _loader_source(name, shards)
-    it = batches(plan, model, root, tmp, decode, patch)
+    split = fmt.read_split(root, "train")
+    it = batches(_build(_config(plan, model, root, tmp, 1.0, decode), Dist(), plan.device, split), split)
 
     def take() -> int:
         b = next(it)
@@ -157,7 +148,7 @@ def end_to_end(plan: Plan, model: str, shards: dict[str, Path], tmp: Path, name:
     root, decode = _loader_source(name, shards)
     split = fmt.read_split(root, "train")
     run = _build(_config(plan, model, root, tmp, keep, decode), Dist(), plan.device, split)
-    it = batches(plan, model, root, tmp, decode, run.core.vit.patch_embed.patch_size[0])
+    it = batches(run, split)
 
     def step() -> int:
         b = next(it)
@@ -208,9 +199,8 @@ def measure(plan: Plan, tmp: Path, log: Callable[[str], None]) -> dict[str, Any]
                 ips = model_only(plan, model, shards["original"], tmp, keep, compiled)
                 results["model_only"].append({"model": model, "keep": keep, "compiled": compiled, "img_s": ips})
                 log(f"(a) {model} keep {keep} {'compiled' if compiled else 'eager'}: {ips:.0f} img/s")
-    patch = plan.patch or 16
     for name in LOADERS:
-        ips = loader_only(plan, plan.models[0], shards, tmp, name, patch)
+        ips = loader_only(plan, plan.models[0], shards, tmp, name)
         results["loader"].append({"loader": name, "img_s": ips})
         log(f"(b) loader {name}: {ips:.0f} img/s")
     for model in plan.models:

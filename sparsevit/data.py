@@ -194,8 +194,12 @@ class Augment:
     on_error: str = "skip"  # skip | raise
 
     def __call__(self, sample: dict[str, Any]) -> dict[str, Any]:
+        return self.guarded(self._apply, sample)
+
+    def guarded(self, fn: Callable[[dict[str, Any]], dict[str, Any]], sample: dict[str, Any]) -> dict[str, Any]:
+        """fn(sample) under the error policy: raise, or a {"key", "error"} record."""
         try:
-            return self._apply(sample)
+            return fn(sample)
         except Exception as e:  # noqa: BLE001 - bad data of any kind: the policy decides
             if self.on_error == "raise":
                 raise

@@ -39,18 +39,12 @@ class DeferredAugment:
             raise ValueError("device decoding is for training batches (TrainTransform)")
 
     def __call__(self, sample: dict[str, Any]) -> dict[str, Any]:
-        try:
-            deferred = self._defer(sample)
-        except Exception as e:  # noqa: BLE001 - bad data of any kind: Augment's policy decides
-            if self.augment.on_error == "raise":
-                raise
-            return {"key": str(sample.get("__key__")), "error": f"{type(e).__name__}: {e}"}
-        return deferred if deferred is not None else self.augment(sample)
+        return self.augment.guarded(self._defer, sample)
 
-    def _defer(self, sample: dict[str, Any]) -> dict[str, Any] | None:
+    def _defer(self, sample: dict[str, Any]) -> dict[str, Any]:
         size = plain_jpeg(sample, self.max_pixels)
         if size is None:
-            return None
+            return self.augment._apply(sample)
         width, height = size
         label, importance = sample_label(sample), sample_importance(sample)
         if self.augment.need_maps and importance is None:
