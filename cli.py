@@ -40,6 +40,9 @@ def main() -> None:
               help="Proxy weights (a state dict) to load.")
 @click.option("--pretrained", is_flag=True, help="Load timm hub weights (needs network access).")
 @click.option("--train-epochs", type=int, help="Train the proxy here for N epochs (early-dynamics scores).")
+@click.option("--folds", default=1, show_default=True, type=click.IntRange(min=1),
+              help="K > 1: also train K proxies, each without one fold (stratified), for out-of-sample "
+                   "probabilities and label issues (needs --train-epochs; costs about K times the training).")
 @click.option("--image-size", type=int, help="Proxy input side in pixels [default: the recipe's].")
 @click.option("--batch-size", default=256, show_default=True)
 @click.option("--workers", default=2, show_default=True, help="Decode workers.")
@@ -78,6 +81,18 @@ def score(source: str, out: Path, quiet: bool, **opts: object) -> None:
         click.echo(score_summary(result.manifest, out, result.parts_written), err=True)
 
 
+def label_issue_lines(proxy: dict) -> list[str]:
+    """What the label-issue pass found, and from which probabilities."""
+    found, folds = proxy.get("label_issues"), proxy.get("folds")
+    if not found or not found["rows"]:
+        return []
+    where = (f"out-of-sample probabilities of {folds['k']} fold proxies" if folds
+             else "the proxy's own probabilities (in sample: it trained on these labels; --folds 5 finds more)")
+    agree = f", which agree with {found['agreement']:.1%} of the given labels" if found["agreement"] is not None else ""
+    return [f"label issues (cleanlab): {found['label_issues']} of {found['rows']} "
+            f"({found['label_issues'] / found['rows']:.1%}) from {where}{agree}"]
+
+
 def score_summary(manifest: dict, out: Path, parts_written: int) -> str:
     from curate.score.proxy_training import health_warning
 
@@ -90,6 +105,7 @@ def score_summary(manifest: dict, out: Path, parts_written: int) -> str:
         *([f"proxy training (loss / accuracy per epoch, given labels): " + ", ".join(
             f"{h['epoch']}: {h['loss']:.2f} / {h['accuracy']:.0%}" for h in history)] if history else []),
         *([f"warning: {w}"] if (w := health_warning(history, c["classes"], p["name"])) else []),
+        *label_issue_lines(p),
         f"time {t['total_s']:.1f}s (index+train {t['index_and_train_s']:.1f}s, scoring {t['score_s']:.1f}s); "
         f"{parts_written} part(s) written this run",
         f"next: curate inspect {out}",
@@ -145,6 +161,9 @@ def _keep(value: str) -> float | int:
 @click.option("--dedup-on", type=click.Choice(["thumbnail", "embedding"]), default="thumbnail", show_default=True,
               help="thumbnail: 8x8 pixel layout, right for any proxy; embedding: the proxy's features "
                    "(semantic: also crops and flips, needs a strong pretrained proxy).")
+@click.option("--drop-label-issues", is_flag=True,
+              help="Drop the rows cleanlab flagged as label issues in the first --scores table (score it with "
+                   "--folds 5 for out-of-sample probabilities); reason `label_issue`.")
 @click.option("--prototypes", type=int, help="k-means clusters for the proto_dist score.")
 @click.option("--val", help="Validation source, written unpruned as the `validation` split.")
 @click.option("--val-scores", type=click.Path(exists=True, file_okay=False, path_type=Path),

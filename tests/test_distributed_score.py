@@ -16,7 +16,8 @@ from curate.common.dist import Dist
 
 from .conftest import ROOT
 
-NUMERIC = ["loss", "margin", "el2n", "entropy", "pred", "confidence", "forgetting", "el2n_mean", "margin_mean"]
+NUMERIC = ["loss", "margin", "el2n", "entropy", "pred", "confidence", "forgetting", "el2n_mean", "margin_mean",
+           "fold", "oos_loss", "oos_el2n", "label_quality", "suggested_label"]
 # torchrun runs each rank with one thread unless told otherwise; the single-process reference gets
 # the same, so both do the same float arithmetic (the tolerances below then only allow for noise).
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -29,8 +30,8 @@ def free_port() -> int:
 
 
 def score_args(src: Path, out: Path, *extra: str) -> list[str]:
-    # one training epoch keeps it short; 16-input parts give 6 parts, 3 per rank
-    return [str(ROOT / "cli.py"), "score", str(src), "--out", str(out), "--train-epochs", "1",
+    # one training epoch keeps it short; 16-input parts give 6 parts, 3 per rank; 2 folds, one per rank
+    return [str(ROOT / "cli.py"), "score", str(src), "--out", str(out), "--train-epochs", "1", "--folds", "2",
             "--chunk-size", "16", "--batch-size", "8", "--workers", "0", "--quiet", *extra]
 
 
@@ -56,6 +57,7 @@ def assert_same_table(a: pl.DataFrame, b: pl.DataFrame) -> float:
         worst = max(worst, float(np.abs(x - y).max()))
     maps = [np.stack([np.frombuffer(m, "<f2") for m in df["importance"]]).astype(np.float32) for df in (a, b)]
     np.testing.assert_allclose(maps[0], maps[1], rtol=2**-10, atol=1e-6, err_msg="importance")
+    assert a["label_issue"].to_list() == b["label_issue"].to_list()
     return max(worst, float(np.abs(maps[0] - maps[1]).max()))
 
 
@@ -74,6 +76,9 @@ def test_two_ranks_score_like_one_process_and_resume(small_demo: Path, tmp_path:
     assert [(r["rank"], r["parts_written"], r["rows_written"]) for r in manifest["ranks"]] == [(0, 3, 48), (1, 3, 48)]
     assert manifest["proxy"]["checkpoint_sha256"] == json.loads((single / "manifest.json").read_text())[
         "proxy"]["checkpoint_sha256"], "rank 0 trains exactly as one process does"
+    assert [f["checkpoint_sha256"] for f in manifest["proxy"]["folds"]["per_fold"]] == [
+        f["checkpoint_sha256"] for f in json.loads((single / "manifest.json").read_text())["proxy"]["folds"][
+            "per_fold"]], "each fold is trained by one rank exactly as one process trains it"
 
     # lose one part of each rank; a resumed 2-rank run rewrites just those, dealt one per rank
     for name in ("part-000001.parquet", "part-000004.parquet", "manifest.json"):

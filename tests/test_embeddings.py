@@ -28,7 +28,7 @@ def write_embeddings(directory: Path, keys: list[str], emb: np.ndarray, errors: 
     default zeros) and error rows none."""
     thumbs = np.zeros((len(keys), 192), np.uint8) if thumbs is None else thumbs
     directory.mkdir(parents=True, exist_ok=True)
-    table_schema = schema(emb.shape[1])
+    table_schema = schema(emb.shape[1], 2)
     for i, rows in enumerate(np.array_split(np.arange(len(keys)), parts)):
         cols: dict[str, list[Any]] = {f.name: [None] * len(rows) for f in BASE_FIELDS}
         ok = [keys[j] not in errors for j in rows]

@@ -38,9 +38,9 @@ def make_row(key: str, label: int = 0, status: str = "ok", **scores: Any) -> dic
 
 def write_table(directory: Path, rows: list[dict[str, Any]], parts: int = 1) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
-    table_schema = schema(DIM)
+    table_schema = schema(DIM, 2)
     for i, chunk in enumerate(np.array_split(np.arange(len(rows)), parts)):
-        cols = {name: [rows[j][name] for j in chunk] for name in table_schema.names}
+        cols = {name: [rows[j].get(name) for j in chunk] for name in table_schema.names}
         write_part(part_path(directory, i), cols, table_schema)
     return directory
 

@@ -16,7 +16,7 @@ import pickle
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Callable, Iterator, TypeVar
+from typing import Any, Callable, Iterator, Sequence, TypeVar
 
 import torch.distributed as tdist
 
@@ -80,6 +80,21 @@ class Dist:
         result = self.main_only(fn)
         return result if self.is_main else fn()  # type: ignore[return-value]
 
+    def deal(self, jobs: Sequence[T], fn: Callable[[T], Any]) -> None:
+        """Run `fn(job)` for the jobs dealt out round-robin (rank r takes jobs[r::world_size]),
+        then wait for every rank; an error on any rank is raised on every rank, not a hang."""
+        error: BaseException | None = None
+        try:
+            for job in jobs[self.rank::self.world_size]:
+                fn(job)
+        except Exception as e:  # noqa: BLE001 - handed to every rank, re-raised below
+            error = e
+        errors = self.all_gather(_picklable(error, self.rank))
+        if error is not None:
+            raise error
+        if first := next((e for e in errors if e is not None), None):
+            raise first
+
     def _on_main(self, fn: Callable[[], T], share: bool) -> Any:
         if not self.enabled:
             return fn()
@@ -89,7 +104,7 @@ class Dist:
                 result = fn()
             except Exception as e:  # noqa: BLE001 - handed to every rank, re-raised below
                 error = e
-        sent = self.broadcast((result if share else None, _picklable(error)))
+        sent = self.broadcast((result if share else None, _picklable(error, 0)))
         if self.is_main and error is not None:
             raise error
         if sent[1] is not None:
@@ -97,7 +112,7 @@ class Dist:
         return result if self.is_main else sent[0]
 
 
-def _picklable(error: BaseException | None) -> BaseException | None:
+def _picklable(error: BaseException | None, rank: int) -> BaseException | None:
     """The error itself when it survives pickling (keeps its type for the CLI), else its text."""
     if error is None:
         return None
@@ -105,7 +120,7 @@ def _picklable(error: BaseException | None) -> BaseException | None:
         pickle.loads(pickle.dumps(error))
         return error
     except Exception:  # noqa: BLE001 - any pickling failure
-        return RuntimeError(f"{type(error).__name__} on rank 0: {error}")
+        return RuntimeError(f"{type(error).__name__} on rank {rank}: {error}")
 
 
 def launched() -> bool:

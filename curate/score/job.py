@@ -25,10 +25,11 @@ from tqdm import tqdm
 from curate.common.atomic import file_sha256, jsonable, write_json
 from curate.common.dist import Dist, session
 from curate.common.runfolder import RunFolder, mode_of
-from curate.common.runtime import rank_device, save_weights, versions
+from curate.common.runtime import load_weights, rank_device, save_weights, versions
 from curate.ingest.decode import DEFAULT_MAX_PIXELS
 from curate.ingest.sources import DEFAULT_MAX_CLASSES, Item, index_sha256, open_source
-from curate.score import metrics, table
+from curate.score import label_issues, metrics, table
+from curate.score.folds import assign_folds
 from curate.score.loader import DecodedItems, Meta, chunk_batches, make_loader
 from curate.score.proxies import ProxyModel, Recipe, create_model, load_checkpoint, resolve_recipe
 from curate.score.proxy_training import Dynamics, TrainSetup, train_proxy
@@ -40,6 +41,11 @@ MODEL = "proxy/model.pt"
 TRAIN_STATE = "proxy/train-state.pt"
 
 
+def fold_files(fold: int) -> tuple[str, str]:
+    """(weights, training state) of the proxy trained without fold `fold`."""
+    return f"proxy/fold-{fold}/model.pt", f"proxy/fold-{fold}/train-state.pt"
+
+
 @dataclass(frozen=True)
 class ScoreConfig:
     source: str  # ImageFolder root, WebDataset shards (dir, .tar, glob, brace) or a CSV/Parquet list
@@ -48,6 +54,7 @@ class ScoreConfig:
     checkpoint: Path | None = None  # weights to load (torch.load, weights_only=True)
     pretrained: bool = False  # timm hub weights (needs network access)
     train_epochs: int | None = None  # train the proxy here for N epochs (early-dynamics scores)
+    folds: int = 1  # K > 1: K more proxies, each trained without one fold, score it out of sample
     image_size: int | None = None  # proxy input side; default: the recipe's
     batch_size: int = 256  # inference batch
     workers: int = 2  # DataLoader decode workers
@@ -71,6 +78,9 @@ class ScoreConfig:
             raise ValueError("give exactly one of --checkpoint, --pretrained, --train-epochs")
         if self.train_epochs is not None and self.train_epochs < 1:
             raise ValueError(f"--train-epochs must be >= 1, got {self.train_epochs}")
+        if self.folds < 1 or (self.folds > 1 and self.train_epochs is None):
+            raise ValueError(f"--folds must be >= 1, and K > 1 trains K proxies here: it needs --train-epochs "
+                             f"(got --folds {self.folds})")
         mode_of(self.resume, self.overwrite)
         if self.importance not in ("cls", "rollout", "none"):
             raise ValueError(f"--importance must be cls, rollout or none, got {self.importance!r}")
@@ -111,14 +121,20 @@ def _run_score(cfg: ScoreConfig, group: Dist) -> ScoreResult:
     folder = group.main_only(lambda: open_out(cfg, items))
     try:
         proxy, info, dyn = _finish_proxy(cfg, recipe, model, info, items, device, group)
+        held_out = _fold_proxies(cfg, recipe, items, info, device, group)
         t_train = time.perf_counter()
         parts = group.from_main(lambda: missing_parts(cfg.out, len(items), cfg.chunk_size))
-        work = _score_parts(cfg, items, recipe, proxy, dyn, info, parts[group.rank::group.world_size])
+        work = _score_parts(cfg, items, recipe, proxy, dyn, info, parts[group.rank::group.world_size], held_out)
+        t_scored = time.perf_counter()
+        ranks = group.all_gather({"rank": group.rank, **work})  # also: every part is written
+        labels = group.from_main(lambda: label_issues.annotate(table.parts(cfg.out)))
         t_end = time.perf_counter()
-        timing = {"index_and_train_s": t_train - t0, "score_s": t_end - t_train, "total_s": t_end - t0}
-        ranks = group.all_gather({"rank": group.rank, **work, "timing": timing})  # also: every part is written
-        timing = merge_timing([r["timing"] for r in ranks])
-        manifest = group.from_main(lambda: _write_manifest(cfg, items, info, timing, ranks))
+        timing = {"index_and_train_s": t_train - t0, "score_s": t_scored - t_train,
+                  "label_issues_s": t_end - t_scored, "total_s": t_end - t0}
+        per_rank = group.all_gather(timing)
+        ranks = [r | {"timing": t} for r, t in zip(ranks, per_rank)]
+        timing = merge_timing(per_rank)
+        manifest = group.from_main(lambda: _write_manifest(cfg, items, info | {"label_issues": labels}, timing, ranks))
     finally:
         if folder is not None:
             folder.close()
@@ -156,9 +172,11 @@ def open_out(cfg: ScoreConfig, items: Sequence[Item]) -> RunFolder:
                             config={**cfg.fingerprint(), "index_sha256": index_sha256(items)},
                             free=RESUME_FREE, sources=[source] if source.is_dir() else [])
     names = [table.part_path(Path(), i).as_posix() for i in range(_num_parts(len(items), cfg.chunk_size))]
-    folder.claim(table.MANIFEST, *names, *((MODEL, TRAIN_STATE) if cfg.train_epochs else ()))
-    if cfg.train_epochs:
-        (cfg.out / MODEL).parent.mkdir(exist_ok=True)
+    proxy_files = [*((MODEL, TRAIN_STATE) if cfg.train_epochs else ()),
+                   *(name for f in range(cfg.folds if cfg.folds > 1 else 0) for name in fold_files(f))]
+    folder.claim(table.MANIFEST, *names, *proxy_files)
+    for name in proxy_files:
+        (cfg.out / name).parent.mkdir(parents=True, exist_ok=True)
     return folder
 
 
@@ -232,8 +250,73 @@ def _train(cfg: ScoreConfig, recipe: Recipe, model: torch.nn.Module, items: Sequ
     return train_proxy(model, items, recipe, setup, progress=cfg.progress)
 
 
+@dataclass(frozen=True)
+class HeldOut:
+    """The fold proxies: `proxies[f]` never trained on the items with `folds == f`."""
+
+    folds: np.ndarray  # int16 (N,), fold per item
+    proxies: list[ProxyModel]
+
+    def logits(self, images: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """Each image's logits from the proxy that held it out (one forward per fold present)."""
+        fold = torch.from_numpy(self.folds[idx.numpy()].astype(np.int64))
+        out: torch.Tensor | None = None
+        for f in fold.unique().tolist():
+            rows = fold == f
+            logits = self.proxies[f].score_batch(images[rows]).logits.float().cpu()
+            out = torch.empty(len(images), logits.shape[1]) if out is None else out
+            out[rows] = logits
+        assert out is not None
+        return out
+
+
+def _fold_proxies(cfg: ScoreConfig, recipe: Recipe, items: Sequence[Item], info: dict[str, Any],
+                  device: torch.device, group: Dist) -> HeldOut | None:
+    """With --folds K > 1: train (or, on resume, load) the K fold proxies and record them.
+
+    The folds are dealt out over the ranks; each is trained by one process exactly as a single
+    process would train it, so the table does not depend on the number of ranks."""
+    if cfg.folds < 2:
+        return None
+    assert cfg.train_epochs is not None
+    folds = assign_folds([it.key for it in items], [it.label for it in items], cfg.folds, cfg.seed)
+    histories: dict[int, list[dict[str, float]]] = {}
+
+    def train_fold(f: int) -> None:
+        model = _fold_model(cfg, recipe, items, f)
+        subset = [items[i] for i in np.flatnonzero(folds != f)]
+        weights, state = (cfg.out / name for name in fold_files(f))
+        setup = TrainSetup(cfg.train_epochs, recipe.batch_size, cfg.workers, device, _fold_seed(cfg.seed, f),
+                           state, name=f"{cfg.proxy} fold {f + 1}/{cfg.folds}")
+        histories[f] = train_proxy(model, subset, recipe, setup, progress=cfg.progress).history()
+        save_weights(model.state_dict(), weights)
+
+    group.deal(list(range(cfg.folds)), train_fold)
+    proxies = []
+    for f in range(cfg.folds):
+        model = _fold_model(cfg, recipe, items, f)
+        model.load_state_dict(load_weights(cfg.out / fold_files(f)[0]))
+        proxies.append(ProxyModel(model, "none").to(device))
+    histories = {k: v for h in group.all_gather(histories) for k, v in h.items()}
+    info["folds"] = {"k": cfg.folds, "stratified_by": "label", "seed": cfg.seed, "per_fold": [
+        {"fold": f, "held_out": int((folds == f).sum()), "checkpoint": str(cfg.out / fold_files(f)[0]),
+         "checkpoint_sha256": file_sha256(cfg.out / fold_files(f)[0]), "history": histories[f]}
+        for f in range(cfg.folds)]}
+    return HeldOut(folds, proxies)
+
+
+def _fold_seed(seed: int, fold: int) -> int:
+    return seed * 1_000_003 + 7919 * (fold + 1)  # distinct from the full proxy's and the other folds'
+
+
+def _fold_model(cfg: ScoreConfig, recipe: Recipe, items: Sequence[Item], fold: int) -> torch.nn.Module:
+    torch.manual_seed(_fold_seed(cfg.seed, fold))
+    return create_model(recipe, num_classes(items), False)
+
+
 def _score_parts(cfg: ScoreConfig, items: Sequence[Item], recipe: Recipe, proxy: ProxyModel,
-                 dyn: Dynamics | None, info: dict[str, Any], todo: Sequence[int]) -> dict[str, int]:
+                 dyn: Dynamics | None, info: dict[str, Any], todo: Sequence[int],
+                 held_out: HeldOut | None) -> dict[str, int]:
     """Score and write the parts `todo`; returns what was written (parts, rows, ok, error)."""
     work = {"parts_written": len(todo), "rows_written": 0, "ok": 0, "error": 0}
     if not todo:
@@ -245,9 +328,10 @@ def _score_parts(cfg: ScoreConfig, items: Sequence[Item], recipe: Recipe, proxy:
     loader = make_loader(dataset, batches, cfg.workers, pin_memory=proxy.mean.is_cuda)
     # The embedding width fixes the schema; one dummy image tells it for any model.
     dim = proxy.score_batch(torch.zeros(1, 3, recipe.img_size, recipe.img_size, dtype=torch.uint8))
-    part_schema = table.schema(dim.embedding.shape[1], {"proxy": cfg.proxy, "weights": info["weights"]})
+    part_schema = table.schema(dim.embedding.shape[1], dim.logits.shape[1],
+                               {"proxy": cfg.proxy, "weights": info["weights"], "folds": str(cfg.folds)})
     bar = tqdm(total=sum(len(b) for b in batches), desc="score", unit="img", disable=not cfg.progress)
-    for part, rows in _parts(loader, items, proxy, summary, cfg.chunk_size, bar):
+    for part, rows in _parts(loader, items, proxy, summary, cfg.chunk_size, bar, held_out):
         table.write_part(table.part_path(cfg.out, part), rows, part_schema)
         work["rows_written"] += len(rows["key"])
         work["ok"] += rows["status"].count("ok")
@@ -262,7 +346,7 @@ def dynamics_skip(recipe: Recipe) -> int:
 
 
 def _parts(loader: Any, items: Sequence[Item], proxy: ProxyModel, summary: dict[str, torch.Tensor] | None,
-           chunk_size: int, bar: tqdm) -> Iterator[tuple[int, dict[str, list]]]:
+           chunk_size: int, bar: tqdm, held_out: HeldOut | None) -> Iterator[tuple[int, dict[str, list]]]:
     """Group the loader's batches back into parts; yields (part index, columns) per complete part."""
     current, rows = -1, _empty_rows()
     for idx, images, metas in loader:
@@ -273,7 +357,9 @@ def _parts(loader: Any, items: Sequence[Item], proxy: ProxyModel, summary: dict[
             current, rows = part, _empty_rows()
         ok = torch.tensor([m.error == "" for m in metas])
         out = proxy.score_batch(images[ok]) if ok.any() else None
+        oos = held_out.logits(images[ok], idx[ok]) if held_out is not None and out is not None else None
         _append(rows, [items[i] for i in idx.tolist()], metas, ok, out, idx, summary)
+        _append_held_out(rows, [items[i] for i in idx.tolist()], ok, out, oos, idx, held_out)
         rows["thumbnail"].extend(t if good else None for t, good in zip(thumbnails(images), ok.tolist()))
         bar.update(len(idx))
     if current >= 0:
@@ -281,7 +367,9 @@ def _parts(loader: Any, items: Sequence[Item], proxy: ProxyModel, summary: dict[
 
 
 def _empty_rows() -> dict[str, list]:
-    return {f.name: [] for f in table.BASE_FIELDS} | {"embedding": [], "thumbnail": []}
+    filled_later = set(label_issues.COLUMNS)
+    return {f.name: [] for f in table.BASE_FIELDS if f.name not in filled_later} | {
+        "embedding": [], "thumbnail": [], "probs": []}
 
 
 def thumbnails(images: torch.Tensor) -> np.ndarray:
@@ -313,6 +401,26 @@ def _append(rows: dict[str, list], items: list[Item], metas: list[Meta], ok: tor
         rows["importance"].append(table.importance_to_bytes(imp[j]) if good and imp is not None else None)
         rows["importance_h"].append(imp.shape[1] if good and imp is not None else None)
         rows["importance_w"].append(imp.shape[2] if good and imp is not None else None)
+        j += int(good)
+
+
+_OOS_COLS = ("loss", "margin", "el2n")
+
+
+def _append_held_out(rows: dict[str, list], items: list[Item], ok: torch.Tensor, out: Any,
+                     oos: torch.Tensor | None, idx: torch.Tensor, held_out: HeldOut | None) -> None:
+    """probs (out of sample with folds, else the proxy's own), fold and the out-of-sample scores."""
+    logits = oos if oos is not None else (out.logits.float().cpu() if out is not None else None)
+    probs = logits.softmax(-1).numpy() if logits is not None else None
+    labels = torch.tensor([it.label for it in items])[ok]
+    scores = metrics.example_scores(oos, labels) if oos is not None else {}
+    scores = {k: v.tolist() for k, v in scores.items()}
+    j = 0
+    for good, i in zip(ok.tolist(), idx.tolist()):
+        rows["probs"].append(probs[j] if good and probs is not None else None)
+        rows["fold"].append(int(held_out.folds[i]) if held_out is not None else None)
+        for col in _OOS_COLS:
+            rows[f"oos_{col}"].append(_finite(scores[col][j]) if good and oos is not None else None)
         j += int(good)
 
 

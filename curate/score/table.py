@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 
 from curate.common.atomic import atomic_path, read_json_object
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: probs, out-of-sample scores (folds) and label issues
 PART_GLOB = "part-*.parquet"
 
 # Columns every scores table has, in order. Proxy outputs are null on error rows; training
@@ -46,21 +46,36 @@ BASE_FIELDS: list[pa.Field] = [
     pa.field("importance", pa.binary()),  # float16 little-endian [importance_h, importance_w]
     pa.field("importance_h", pa.int16()),
     pa.field("importance_w", pa.int16()),
+    # With --folds K > 1: the fold this row was held out of, and the scores of the proxy trained
+    # without it (out of sample); null with K = 1.
+    pa.field("fold", pa.int16()),
+    pa.field("oos_loss", pa.float32()),
+    pa.field("oos_margin", pa.float32()),
+    pa.field("oos_el2n", pa.float32()),
+    # From `probs` by cleanlab, over the whole table (curate/score/label_issues.py).
+    pa.field("label_issue", pa.bool_()),  # the given label is likely wrong
+    pa.field("label_quality", pa.float32()),  # higher = more likely correct (self-confidence)
+    pa.field("suggested_label", pa.int32()),  # the class the probabilities favour
 ]
 
 
 THUMB_SIDE = 8  # `thumbnail`: the decoded image area-averaged to 8x8 RGB, uint8, (3, 8, 8) flattened
 
 
-def schema(embed_dim: int, metadata: Mapping[str, str] | None = None) -> pa.Schema:
-    """The full schema; the embedding width is fixed per table (one proxy per table).
+def schema(embed_dim: int, num_classes: int, metadata: Mapping[str, str] | None = None) -> pa.Schema:
+    """The full schema; the embedding and probability widths are fixed per table (one proxy per
+    table).
+
+    `probs` are the class probabilities: out of sample with --folds K > 1, the proxy's own
+    otherwise; label issues are found from them.
 
     `embedding` is the proxy's pre-logit features (semantic); `thumbnail` keeps the pixels'
     layout, which is what tells a near-copy from another image of the same class when the
     proxy is small (see curate/select/embeddings.py).
     """
     fields = [*BASE_FIELDS, pa.field("embedding", pa.list_(pa.float32(), embed_dim)),
-              pa.field("thumbnail", pa.list_(pa.uint8(), 3 * THUMB_SIDE ** 2))]
+              pa.field("thumbnail", pa.list_(pa.uint8(), 3 * THUMB_SIDE ** 2)),
+              pa.field("probs", pa.list_(pa.float32(), num_classes))]
     meta = {"schema_version": str(SCHEMA_VERSION), **(metadata or {})}
     return pa.schema(fields, metadata=meta)
 
@@ -99,8 +114,11 @@ def part_path(out: Path, index: int) -> Path:
 
 
 def write_part(path: Path, rows: Mapping[str, Any], table_schema: pa.Schema) -> None:
-    """Write one part atomically: a reader never sees a half-written file under its name."""
-    table = pa.Table.from_pydict(dict(rows), schema=table_schema)
+    """Write one part atomically: a reader never sees a half-written file under its name.
+    Columns absent from `rows` are written as nulls (filled later, or not produced by this run)."""
+    n = len(next(iter(rows.values())))
+    table = pa.Table.from_pydict({f.name: rows[f.name] if f.name in rows else [None] * n for f in table_schema},
+                                 schema=table_schema)
     with atomic_path(path) as tmp:
         pq.write_table(table, tmp, compression="zstd")
 

@@ -35,8 +35,10 @@ IDENTITY_COLUMNS = frozenset(
 # Score columns where a larger value means an EASIER example (negated into a hardness).
 HIGHER_IS_EASIER = frozenset({"margin", "margin_mean", "confidence"})
 # Every reason a row can get; "kept" and "min_per_class" are the kept ones.
-REASONS = ("kept", "min_per_class", "pruned", "duplicate", "error")
-OUTPUT_COLUMNS = ["key", "label", "class_name", "kept", "reason", "score"]
+REASONS = ("kept", "min_per_class", "pruned", "duplicate", "label_issue", "error")
+# cleanlab's columns; with several tables they come from the first (`curate shard --scores` order).
+LABEL_COLUMNS = ("label_issue", "label_quality", "suggested_label")
+OUTPUT_COLUMNS = ["key", "source", "label", "class_name", "kept", "reason", "score"]
 
 
 @dataclass(frozen=True)
@@ -49,6 +51,7 @@ class SelectConfig:
     class_balanced: bool = False  # apply the budget per class (label) instead of globally
     min_per_class: int = 0  # every class keeps at least this many candidates (if it has them)
     dedup: bool = False  # drop near-duplicates (needs dup_keep from embedding_columns)
+    drop_label_issues: bool = False  # drop rows cleanlab flagged (`label_issue`) before the policy
     seed: int = 0  # random policy, and the within-stratum order of ccs
 
     def __post_init__(self) -> None:
@@ -292,7 +295,8 @@ def _combine(joined: pl.LazyFrame, n: int, by: Sequence[str]) -> pl.LazyFrame:
     ]  # ranks, not values: proxies' scales differ; direction (e.g. margin) is preserved
     status = pl.when(pl.all_horizontal(ok)).then(pl.lit("ok")).otherwise(pl.lit("error"))
     error = pl.coalesce([pl.col(f"error_{i}") for i in range(n)])
-    return joined.with_columns(status.alias("status"), error.alias("error"), *averaged)
+    labels = [pl.col(f"{c}_0").alias(c) for c in LABEL_COLUMNS if f"{c}_0" in names]
+    return joined.with_columns(status.alias("status"), error.alias("error"), *averaged, *labels)
 
 
 def load_scores(dirs: Sequence[Path], by: Sequence[str] = ("el2n",)) -> pl.LazyFrame:
@@ -324,9 +328,11 @@ def load_scores(dirs: Sequence[Path], by: Sequence[str] = ("el2n",)) -> pl.LazyF
 
 def _check_columns(frame: pl.LazyFrame, cfg: SelectConfig) -> None:
     names = set(frame.collect_schema().names())
-    need = {"key", "label", "class_name", "status", *cfg.by}
+    need = {"key", "source", "label", "class_name", "status", *cfg.by}
     if cfg.dedup:
         need.add("dup_keep")
+    if cfg.drop_label_issues:
+        need.add("label_issue")
     if missing := sorted(need - names):
         from_extra = {"dup_keep", "proto_dist", "proto_cluster"} & set(missing)
         hint = " (pass extra=embedding_columns(...))" if from_extra else ""
@@ -352,13 +358,16 @@ def _scored(scores: pl.LazyFrame, cfg: SelectConfig, extra: pl.DataFrame | None)
     _check_columns(frame, cfg)
     ok = pl.col("status") == "ok"
     dup_keep = pl.col("dup_keep") if cfg.dedup else pl.lit(True)
+    issue = pl.col("label_issue").fill_null(False) if cfg.drop_label_issues else pl.lit(False)
     table = frame.select(
-        "key", "label", "class_name", ok.alias("ok"),
+        "key", "source", "label", "class_name", ok.alias("ok"),
         score_expr(cfg.by, ok).cast(pl.Float64).alias("score"), dup_keep.alias("dup_keep"),
+        issue.alias("label_issue"),
     ).collect()
     _check_scored(table, cfg)
     reason = (
         pl.when(~pl.col("ok")).then(pl.lit("error"))
+        .when(pl.col("label_issue")).then(pl.lit("label_issue"))
         .when(~pl.col("dup_keep")).then(pl.lit("duplicate"))
         .otherwise(pl.lit(None, pl.String))
     )
@@ -370,12 +379,13 @@ def select(
 ) -> pl.DataFrame:
     """Apply `cfg` to a scores table: every input key exactly once, sorted by key.
 
-    Columns: key, label, class_name, kept (bool), reason, score (float64 hardness, null for
-    errors). Reasons: "error" (status != ok; never kept), "duplicate" (dedup and not its
-    group's representative), "kept", "pruned" (beyond the policy's budget), "min_per_class"
+    Columns: key, source, label, class_name, kept (bool), reason, score (float64 hardness, null for
+    errors). Reasons: "error" (status != ok; never kept), "label_issue" (drop_label_issues and
+    cleanlab flagged the label), "duplicate" (dedup and not its group's representative), "kept", "pruned" (beyond the policy's budget), "min_per_class"
     (kept only to honour the class minimum, on top of the budget).
 
-    The keep fraction applies to the CANDIDATES: ok rows, minus duplicates when dedup. A
+    The keep fraction applies to the CANDIDATES: ok rows, minus duplicates when dedup and label
+    issues when drop_label_issues. A
     corrupt file is not a pruned example, so errors do not eat into the budget.
     `extra` (embedding_columns output) is left-joined by key, giving dup_keep and proto_dist.
     """

@@ -60,6 +60,7 @@ class ShardConfig:
     min_per_class: int = 0  # keep at least this many per class
     dedup: float | None = None  # cosine threshold for near-duplicates (e.g. 0.95); None = off
     dedup_on: str = "thumbnail"  # thumbnail: pixel layout (any proxy) | embedding: semantic (strong proxies)
+    drop_label_issues: bool = False  # drop rows cleanlab flagged in the first --scores table (reason label_issue)
     prototypes: int | None = None  # k-means clusters for the proto_dist score; None = off
     val: str | None = None  # validation source, written unpruned as the `validation` split
     val_scores: Path | None = None  # a `curate score` output over `val`: its importance maps go in too
@@ -93,7 +94,8 @@ class ShardConfig:
     def select_config(self) -> SelectConfig:
         return SelectConfig(keep=self.keep, by=self.by, policy=self.policy, beta=self.beta,
                             strata=self.strata, class_balanced=self.class_balanced,
-                            min_per_class=self.min_per_class, dedup=self.dedup is not None, seed=self.seed)
+                            min_per_class=self.min_per_class, dedup=self.dedup is not None,
+                            drop_label_issues=self.drop_label_issues, seed=self.seed)
 
     def fingerprint(self) -> dict[str, Any]:
         return jsonable({k: v for k, v in asdict(self).items() if k not in RESUME_FREE})
@@ -102,7 +104,7 @@ class ShardConfig:
 @dataclass
 class ShardResult:
     out: Path  # the output folder
-    selection: pl.DataFrame  # every input key: key, label, class_name, kept, reason, score
+    selection: pl.DataFrame  # every input key: key, source, label, class_name, kept, reason, score
     per_class: pl.DataFrame  # label, class_name, inputs, kept
     manifest: dict[str, Any] | None  # None on a dry run
     seconds: float
@@ -148,7 +150,8 @@ def _open_out(cfg: ShardConfig, plans: Sequence[ShardPlan]) -> RunFolder:
 def per_class_counts(sel: pl.DataFrame) -> pl.DataFrame:
     return (sel.group_by("label", "class_name")
             .agg(inputs=pl.len(), kept=pl.col("kept").sum(), errors=(pl.col("reason") == "error").sum(),
-                 duplicates=(pl.col("reason") == "duplicate").sum())
+                 duplicates=(pl.col("reason") == "duplicate").sum(),
+                 label_issues=(pl.col("reason") == "label_issue").sum())
             .sort("label"))
 
 

@@ -1,0 +1,91 @@
+"""Label issues found in sample (K = 1) against out of sample (K folds), on data whose flipped
+labels are known (`truth.parquet` beside `train/`: the demo's, or `bench/cifar_shards.py`'s):
+
+    python bench/label_issues.py --data demo-data --out li-demo             # makes the demo data if absent
+    python bench/label_issues.py --data c10/data --out li-c10 --image-size 32
+
+For each K it runs `curate score TRAIN --proxy demo-cnn --train-epochs E --folds K` in its own
+process and reports, against the truth: ROC-AUC of `label_quality` (low = flipped), precision,
+recall and F1 of `label_issue`, the AUC of EL2N (the in-sample score curation ranks by), and the
+job's wall-clock. Writes OUT/label_issues.json and prints a Markdown table.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import polars as pl
+import torch
+
+from curate.demo.data import TRUTH, DemoConfig, make_demo
+from curate.demo.evaluate import join_truth, label_noise_auc
+from curate.score import table
+from curate.score.metrics import roc_auc
+
+
+def measure(scores: Path, data: Path) -> dict[str, float]:
+    """The table's label columns against truth.parquet's `flipped`."""
+    joined = join_truth(table.scan(scores).collect(), data).filter(pl.col("status") == "ok")
+    flipped = joined["flipped"].to_numpy()
+    issue = joined["label_issue"].to_numpy()
+    tp = int((issue & flipped).sum())
+    precision = tp / max(int(issue.sum()), 1)
+    recall = tp / max(int(flipped.sum()), 1)
+    return {
+        "rows": joined.height, "flipped": int(flipped.sum()), "flagged": int(issue.sum()),
+        "auroc_label_quality": roc_auc(-torch.tensor(joined["label_quality"].to_numpy()), torch.tensor(flipped)),
+        "precision": precision, "recall": recall,
+        "f1": 2 * precision * recall / max(precision + recall, 1e-12),
+        "auroc_el2n": label_noise_auc(joined, "el2n"),
+        "auroc_oos_el2n": label_noise_auc(joined, "oos_el2n") if joined["oos_el2n"].null_count() == 0 else None,
+    }
+
+
+def score(data: Path, out: Path, folds: int, args: argparse.Namespace) -> float:
+    cmd = [sys.executable, "-m", "cli", "score", str(data / "train"), "--out", str(out), "--proxy", args.proxy,
+           "--train-epochs", str(args.epochs), "--folds", str(folds), "--seed", str(args.seed),
+           "--workers", str(args.workers), "--overwrite", "--quiet",
+           *(["--image-size", str(args.image_size)] if args.image_size else [])]
+    t0 = time.perf_counter()
+    subprocess.run(cmd, check=True)
+    return time.perf_counter() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", type=Path, required=True, help="dataset root with train/ and truth.parquet")
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--folds", default="1,5", help="K values, comma separated")
+    ap.add_argument("--proxy", default="demo-cnn")
+    ap.add_argument("--epochs", type=int, default=10)
+    ap.add_argument("--image-size", type=int)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--workers", type=int, default=2)
+    args = ap.parse_args()
+    if not (args.data / TRUTH).exists():
+        make_demo(DemoConfig(root=args.data, seed=args.seed))
+    args.out.mkdir(parents=True, exist_ok=True)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    results = []
+    for k in (int(x) for x in args.folds.split(",")):
+        seconds = score(args.data, args.out / f"k{k}", k, args)
+        results.append({"folds": k, "seconds": seconds, **measure(args.out / f"k{k}", args.data)})
+        print(json.dumps(results[-1]), flush=True)
+    (args.out / "label_issues.json").write_text(json.dumps({"commit": commit, "args": vars(args) | {
+        "data": str(args.data), "out": str(args.out)}, "results": results}, indent=1))
+    print(f"\n{args.data} ({results[0]['rows']} images, {results[0]['flipped']} flipped), {args.proxy} "
+          f"{args.epochs} epochs, seed {args.seed}, commit {commit}\n")
+    print("| K | AUROC label_quality | precision | recall | F1 | flagged | AUROC el2n | wall-clock |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in results:
+        print(f"| {r['folds']} | {r['auroc_label_quality']:.3f} | {r['precision']:.3f} | {r['recall']:.3f} | "
+              f"{r['f1']:.3f} | {r['flagged']} | {r['auroc_el2n']:.3f} | {r['seconds']:.0f} s "
+              f"({r['seconds'] / results[0]['seconds']:.1f}x) |")
+
+
+if __name__ == "__main__":
+    main()
