@@ -10,8 +10,13 @@ import time
 from pathlib import Path
 
 import click
+from typing import TYPE_CHECKING
 
 from curate.ingest.limits import DEFAULT_MAX_CLASSES, DEFAULT_MAX_PIXELS  # no dependencies: --help stays fast
+
+if TYPE_CHECKING:
+    from curate.score.job import ScoreConfig
+    from curate.select.report import ReportInfo
 
 
 def _blocks(value: str | None) -> tuple[int, ...] | None:
@@ -67,13 +72,20 @@ def main() -> None:
 @click.option("--distributed", is_flag=True,
               help="Run as one rank of `torchrun --nproc_per_node N cli.py score ...`: each rank scores its "
                    "share of the parts (automatic when WORLD_SIZE > 1; the flag makes a plain launch an error).")
+@click.option("--dry-run", is_flag=True, help="List the classes and their input counts; score and write nothing.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-def score(source: str, out: Path, quiet: bool, **opts: object) -> None:
+def score(source: str, out: Path, quiet: bool, dry_run: bool, **opts: object) -> None:
     """Score every image of SOURCE (ImageFolder, WebDataset shards, or a CSV/Parquet list)."""
+    from curate.ingest.sources import split_root_warning
     from curate.score.job import ScoreConfig, run_score
 
+    if warning := split_root_warning(source):
+        click.echo(f"warning: {warning}", err=True)
     try:
         cfg = ScoreConfig(source=source, out=out, progress=not quiet, **opts)  # type: ignore[arg-type]
+        if dry_run:
+            click.echo(class_counts(cfg))
+            return
         result = run_score(cfg)
     except (ValueError, OSError, RuntimeError) as e:
         _fail(e)
@@ -81,13 +93,27 @@ def score(source: str, out: Path, quiet: bool, **opts: object) -> None:
         click.echo(score_summary(result.manifest, out, result.parts_written), err=True)
 
 
+def class_counts(cfg: "ScoreConfig") -> str:
+    """`curate score --dry-run`: SOURCE indexed as the real run indexes it, per class."""
+    import polars as pl
+
+    from curate.ingest.sources import open_source
+
+    items = open_source(cfg.source, cfg.class_map, cfg.allow_roots, cfg.max_classes)
+    df = pl.DataFrame({"label": [it.label for it in items], "class_name": [it.class_name for it in items]})
+    per = df.group_by("label", "class_name").len("inputs").sort("label")
+    with pl.Config(tbl_rows=1000, tbl_hide_dataframe_shape=True, tbl_hide_column_data_types=True):
+        return f"{per}\n{len(items)} inputs in {per.height} classes; nothing written (dry run)"
+
+
 def label_issue_lines(proxy: dict) -> list[str]:
     """What the label-issue pass found, and from which probabilities."""
     found, folds = proxy.get("label_issues"), proxy.get("folds")
     if not found or not found["rows"]:
         return []
-    where = (f"out-of-sample probabilities of {folds['k']} fold proxies" if folds
-             else "the proxy's own probabilities (in sample: it trained on these labels; --folds 5 finds more)")
+    where = (f"out-of-sample probabilities of {folds['k']} fold proxies" if folds else
+             "the proxy's own probabilities (in sample: it trained on these labels; --folds K gives "
+             "out-of-sample ones)")
     agree = f", which agree with {found['agreement']:.1%} of the given labels" if found["agreement"] is not None else ""
     return [f"label issues (cleanlab): {found['label_issues']} of {found['rows']} "
             f"({found['label_issues'] / found['rows']:.1%}) from {where}{agree}"]
@@ -116,20 +142,37 @@ def score_summary(manifest: dict, out: Path, parts_written: int) -> str:
 @main.command()
 @click.argument("scores_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--plots", type=click.Path(file_okay=False, path_type=Path), help="Write PNG plots here.")
-def inspect(scores_dir: Path, plots: Path | None) -> None:
+@click.option("--html", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write a self-contained HTML report here: counts, per-class bars, histograms, galleries of "
+                   "likely label errors, near-duplicates, hardest and easiest images, importance overlays.")
+def inspect(scores_dir: Path, plots: Path | None, html: Path | None) -> None:
     """Counts, errors, per-class statistics and score distributions of a scores table."""
     from curate.score import inspect as inspect_table
 
     try:
         click.echo(inspect_table.summary_text(scores_dir))
+        if plots is not None:
+            plots.mkdir(parents=True, exist_ok=True)
+            click.echo(f"wrote {inspect_table.plot_histograms(scores_dir, plots)}", err=True)
+            path, skipped = inspect_table.plot_importance(scores_dir, plots)
+            for line in ([f"wrote {path}"] if path else []) + ([f"skipped {skipped}"] if skipped else []):
+                click.echo(line, err=True)
+        if html is not None:
+            from curate.select.report import write_report
+
+            click.echo(report_line(write_report([scores_dir], html)), err=True)
     except (OSError, ValueError) as e:
         _fail(e)
-    if plots is not None:
-        plots.mkdir(parents=True, exist_ok=True)
-        written = [inspect_table.plot_histograms(scores_dir, plots), inspect_table.plot_importance(scores_dir, plots)]
-        for path in written:
-            if path is not None:
-                click.echo(f"wrote {path}")
+
+
+def report_line(info: "ReportInfo") -> str:
+    """Where the report went, what it holds, and what it had to leave out."""
+    lines = [f"wrote {info.path} ({info.images} images inline)"]
+    if info.unreadable:
+        lines.append(f"  {len(set(info.unreadable))} images could not be read from their source (moved or "
+                     f"deleted?), e.g. {info.unreadable[0]}: their tiles say so")
+    lines += [f"  left out {s}" for s in info.skipped]
+    return "\n".join(lines)
 
 
 def _keep(value: str) -> float | int:
@@ -181,6 +224,8 @@ def _keep(value: str) -> float | int:
 @click.option("--resume", is_flag=True)
 @click.option("--overwrite", is_flag=True)
 @click.option("--dry-run", is_flag=True, help="Print per-class kept counts; write nothing.")
+@click.option("--report", is_flag=True, help="Also write OUT/report.html: what was kept and pruned, and why, "
+                                             "with the images (see `curate inspect --html`).")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def shard(source: str, scores: tuple[Path, ...], keep: str, by: tuple[str, ...], quiet: bool,
           **opts: object) -> None:
@@ -201,6 +246,8 @@ def shard(source: str, scores: tuple[Path, ...], keep: str, by: tuple[str, ...],
     reasons = ", ".join(f"{r} {n}" for r, n in sel.group_by("reason").len().sort("reason").iter_rows())
     click.echo(f"{len(sel)} inputs: {reasons}", err=True)
     click.echo(epoch_cost_line(sel), err=True)
+    if result.report is not None:
+        click.echo(report_line(result.report), err=True)
     if result.manifest is None:
         click.echo("dry run: nothing written", err=True)
         return

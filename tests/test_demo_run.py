@@ -39,6 +39,7 @@ def test_small_demo_runs_every_stage_and_reports(tmp_path: Path):
     run = json.loads((tmp_path / "demo" / "train" / "full-equal-budget" / "config.json").read_text())
     assert run["epochs"] == eq["epochs"] and run["warmup_epochs"] == pytest.approx(eq["epochs"] / 4)
     assert eq["rival_val_acc"] == train[eq["variant"]]["val_acc"] and "equal budget: full data" in text
+    assert (tmp_path / "demo" / "shards" / "report.html").stat().st_size > 10_000 and "shards/report.html" in text
     shards = json.loads((tmp_path / "demo" / "shards" / "manifest.json").read_text())
     assert shards["splits"]["validation"]["importance"] is True  # --val-scores: maps for dropped-token eval
     again = run_demo(tmp_path / "demo", workers=0, progress=False, per_class=12, epochs=1, train=small)

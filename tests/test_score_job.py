@@ -260,3 +260,16 @@ def test_health_warning_thresholds():
     assert health_warning([{"epoch": 1, "loss": 0.6, "accuracy": 0.70}], 2, "p")  # binary: chance + 0.25
     assert not health_warning([{"epoch": 1, "loss": 0.4, "accuracy": 0.80}], 2, "p")
     assert not health_warning([], 8, "p")  # nothing trained here: nothing to judge
+
+
+def test_dry_run_lists_classes_and_a_dataset_root_is_called_out(small_demo: Path, tmp_path: Path):
+    res = CliRunner().invoke(main, ["score", str(small_demo / "train"), "--out", str(tmp_path / "o"),
+                                    "--train-epochs", "1", "--dry-run"])
+    assert res.exit_code == 0, res.output
+    assert "96 inputs in 4 classes" in res.stdout and "circle" in res.stdout and not (tmp_path / "o").exists()
+    assert "warning" not in res.stderr
+    # SOURCE one level too high: its "classes" are the splits
+    res = CliRunner().invoke(main, ["score", str(small_demo), "--out", str(tmp_path / "o"), "--train-epochs", "1",
+                                    "--dry-run"])
+    assert res.exit_code == 0 and "looks like a dataset root" in res.stderr and "train, val" in res.stderr
+    assert f"score {small_demo / 'train'}" in res.stderr and not (tmp_path / "o").exists()

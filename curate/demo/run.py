@@ -91,7 +91,7 @@ def _plots(folder: RunFolder, metrics: dict[str, Any]) -> None:
 def shard_curated(folder: RunFolder, data: Path, seed: int, per_shard: int, name: str,
                   progress: bool) -> ShardResult:
     """OUT/shards: CCS 70% by EL2N over both proxies' tables after near-duplicate removal, with
-    the validation split and its maps."""
+    the validation split and its maps, and OUT/shards/report.html."""
     return run_shard(curated_config(folder.root, data, folder.claim_run("shards"), seed, per_shard, name, progress))
 
 
@@ -101,7 +101,7 @@ def curated_config(root: Path, data: Path, out: Path, seed: int, per_shard: int,
     return ShardConfig(str(data / "train"), tuple(root / f for f in PROXIES), out, keep=0.7, by=("el2n",),
                        policy="ccs", dedup=DEDUP, val=str(data / "val"), val_scores=root / "scores-val",
                        samples_per_shard=per_shard, shard_multiple=4, name=name, seed=seed, overwrite=True,
-                       progress=progress)
+                       progress=progress, report=True)
 
 
 def score_validation(folder: RunFolder, data: Path, workers: int) -> None:
@@ -187,5 +187,6 @@ def render_report(all_metrics: dict[str, Any], t: dict[str, float], out: Path) -
     lines += report_lines(all_metrics["train"])
     lines += [f"  time: baseline shards + training {t['train_s']:.0f}s"]
     lines += ["", f"  outputs: {out}/scores-*/ (polars.scan_parquet('{out}/scores-cnn/*.parquet')), "
-              f"{out}/plots/, {out}/report.json"]
+              f"{out}/plots/, {out}/report.json",
+              f"  what was pruned and why, with the images: {out}/shards/report.html (open it in a browser)"]
     return "\n".join(lines)

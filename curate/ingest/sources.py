@@ -266,6 +266,23 @@ def _class_files(class_dir: Path) -> list[str]:
     return sorted(found)
 
 
+SPLIT_NAMES = frozenset({"train", "val", "valid", "validation", "test"})
+
+
+def split_root_warning(spec: str | Path) -> str:
+    """A warning when an ImageFolder's "classes" look like dataset splits (train/, val/): SOURCE is
+    then the dataset's root, every split would become a class, and the proxy would learn which
+    split an image is in. "" otherwise."""
+    root = Path(spec)
+    if not root.is_dir():
+        return ""
+    splits = sorted(d.name for d in root.iterdir() if d.is_dir() and d.name.lower() in SPLIT_NAMES)
+    if not splits:
+        return ""
+    return (f"{root} has class folders named {', '.join(splits)}: that looks like a dataset root, not a split; "
+            f"score {root / splits[0]} (ImageNet layout: train/<class>/*.JPEG)")
+
+
 def from_image_folder(root: Path, class_map: Path | None = None) -> list[Item]:
     """`root/<class>/**/file`, sorted by (class index, path); files directly under root ignored."""
     root = Path(root)

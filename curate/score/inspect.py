@@ -1,6 +1,7 @@
 """`curate inspect`: what a scores table holds, from polars; optional PNG plots."""
 from __future__ import annotations
 
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -84,8 +85,9 @@ def plot_histograms(scores_dir: Path, out: Path) -> Path:
     return path
 
 
-def plot_importance(scores_dir: Path, out: Path, n: int = 24, size: int = 128) -> Path | None:
-    """The hardest-by-EL2N ok images with their importance map overlaid (red = important)."""
+def plot_importance(scores_dir: Path, out: Path, n: int = 24, size: int = 128) -> tuple[Path | None, str]:
+    """The hardest-by-EL2N ok images with their importance map over them (yellow = important): the
+    plot's path, or None and why it was skipped."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -94,46 +96,56 @@ def plot_importance(scores_dir: Path, out: Path, n: int = 24, size: int = 128) -
     rows = (table.scan(scores_dir).filter((pl.col("status") == "ok") & pl.col("importance").is_not_null())
             .sort("el2n", descending=True, nulls_last=True).head(n).collect())
     if rows.is_empty():
-        return None
+        return None, "importance_overlay.png: the table has no importance maps (they need a ViT proxy)"
+    pixels = [thumbnail(src, size) for src in rows["source"]]
+    readable = [i for i, px in enumerate(pixels) if px is not None]
+    if not readable:
+        return None, (f"importance_overlay.png: none of the {rows.height} images could be read from their "
+                      f"source (moved or deleted?), e.g. {rows['source'][0]}")
+    n_before = rows.height
+    rows, pixels = rows[readable], [pixels[i] for i in readable]
     cols = 8
     fig, axes = plt.subplots(-(-len(rows) // cols), cols, figsize=(2 * cols, 2.2 * -(-len(rows) // cols)),
                              squeeze=False)
     for ax in axes.ravel():
         ax.axis("off")
-    for ax, r in zip(axes.ravel(), rows.iter_rows(named=True)):
-        ax.imshow(_thumbnail(r["source"], size))
-        ax.imshow(_heat(table.importance_from_bytes(r["importance"], r["importance_h"], r["importance_w"])),
-                  extent=(0, size, size, 0), interpolation="nearest")
+    for ax, r, px in zip(axes.ravel(), rows.iter_rows(named=True), pixels):
+        ax.imshow(overlay(px, table.importance_from_bytes(r["importance"], r["importance_h"], r["importance_w"])))
         ax.set_title(f"{r['class_name'][:10]} el2n {r['el2n']:.2f}", fontsize=7)
     fig.tight_layout()
     path = out / "importance_overlay.png"
     save_figure(fig, path)
     plt.close(fig)
-    return path
+    skipped = n_before - rows.height
+    return path, (f"importance_overlay.png: {skipped} images left out, not readable from their source" if skipped else "")
 
 
-def _heat(grid: np.ndarray) -> np.ndarray:
-    """RGBA overlay: red where important, transparent where not (the image stays readable)."""
+def overlay(pixels: np.ndarray, grid: np.ndarray) -> np.ndarray:
+    """The map, upsampled to the image (uint8 HWC), as a viridis tint over it. Viridis (blue ->
+    yellow) has no red, so the map stays visible on red objects, and the image shows through."""
+    from matplotlib import colormaps
+    from PIL import Image
+
     g = grid.astype(np.float32)
     g = (g - g.min()) / max(float(g.max() - g.min()), 1e-12)
-    rgba = np.zeros((*g.shape, 4), np.float32)
-    rgba[..., 0], rgba[..., 3] = 1.0, 0.7 * g
-    return rgba
+    heat = Image.fromarray((g * 255).astype(np.uint8)).resize(pixels.shape[1::-1], Image.BILINEAR)
+    colour = colormaps["viridis"](np.asarray(heat) / 255.0)[..., :3] * 255
+    return (0.45 * pixels + 0.55 * colour).clip(0, 255).astype(np.uint8)
 
 
-def _thumbnail(source: str, size: int) -> np.ndarray:
-    """The image squashed to size x size, as the proxy saw it; tar members are located by name."""
+def thumbnail(source: str, size: int) -> np.ndarray | None:
+    """The image squashed to size x size (uint8 HWC), as the proxy saw it; tar members are located
+    by name. None when it cannot be read or decoded any more (moved, deleted, changed)."""
     path, _, member = source.partition("#")
-    data = _tar_member(path, member) if member else read_bytes(Item("", source, -1, "", path))
+    try:
+        data = _tar_member(path, member) if member else read_bytes(Item("", source, -1, "", path))
+    except (OSError, KeyError, EOFError, tarfile.TarError):  # tarfile: KeyError = no such member
+        return None
     dec = decode_image(data, size)
-    if dec.image is None:
-        return np.zeros((size, size, 3), np.uint8)
-    return dec.image.permute(1, 2, 0).numpy()
+    return None if dec.image is None else dec.image.permute(1, 2, 0).numpy()
 
 
 def _tar_member(path: str, member: str) -> bytes:
-    import tarfile
-
     with tarfile.open(path, "r:") as tf:
         f = tf.extractfile(member)
         return f.read() if f is not None else b""

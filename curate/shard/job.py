@@ -33,6 +33,7 @@ from curate.ingest.sources import (Item, index_sha256, open_source, read_bytes, 
 from curate.score import table
 from curate.select.embeddings import embedding_columns
 from curate.select.policies import SelectConfig, load_scores, select, selection_hash
+from curate.select.report import ReportInfo, write_report
 from curate.shard import format as fmt
 from curate.shard.plan import ShardPlan, plan_shards
 from curate.shard.writer import write_split
@@ -40,6 +41,7 @@ from curate.shard.writer import write_split
 COMMAND = "shard"
 RESUME_FREE = ("resume", "overwrite", "dry_run", "progress", "workers")
 SELECTION = "selection.parquet"
+REPORT = "report.html"
 # Item fields as columns: the shard writers get kept inputs as slices of these, not as objects.
 # `path` as bytes: a POSIX file name need not be UTF-8, and polars strings must be.
 ITEM_SCHEMA = {"key": pl.String, "source": pl.String, "label": pl.Int64, "class_name": pl.String,
@@ -74,6 +76,7 @@ class ShardConfig:
     resume: bool = False  # continue a killed run in `out`
     overwrite: bool = False  # replace a previous run's outputs in `out`
     dry_run: bool = False  # select and report; write nothing
+    report: bool = False  # also write OUT/report.html (curate/select/report.py)
     progress: bool = True  # progress bars on stderr
 
     def __post_init__(self) -> None:
@@ -108,6 +111,7 @@ class ShardResult:
     per_class: pl.DataFrame  # label, class_name, inputs, kept
     manifest: dict[str, Any] | None  # None on a dry run
     seconds: float
+    report: ReportInfo | None = None  # with `report`: what OUT/report.html holds
 
 
 def run_shard(cfg: ShardConfig) -> ShardResult:
@@ -135,7 +139,8 @@ def run_shard(cfg: ShardConfig) -> ShardResult:
         labels = [int(sel["label"].max())] + ([max(it.label for it in val.items.values())] if val else [])
         manifest = fmt.write_index(cfg.out, cfg.name, splits, maps, num_classes=max(labels) + 1,
                                    extra=_manifest(cfg, sel, manifests, time.perf_counter() - t0))
-    return ShardResult(cfg.out, sel, per_class, manifest, time.perf_counter() - t0)
+        report = write_report(cfg.scores, cfg.out / REPORT, sel) if cfg.report else None
+    return ShardResult(cfg.out, sel, per_class, manifest, time.perf_counter() - t0, report)
 
 
 def _open_out(cfg: ShardConfig, plans: Sequence[ShardPlan]) -> RunFolder:
@@ -143,7 +148,8 @@ def _open_out(cfg: ShardConfig, plans: Sequence[ShardPlan]) -> RunFolder:
     sources = [Path(p) for p in (cfg.source, cfg.val, *cfg.scores) if p is not None and Path(p).is_dir()]
     folder = RunFolder.open(cfg.out, COMMAND, mode_of(cfg.resume, cfg.overwrite), config=cfg.fingerprint(),
                             free=RESUME_FREE, sources=sources)
-    folder.claim(SELECTION, fmt.INFO, fmt.MANIFEST, *(name for p in plans for name in p.filenames))
+    folder.claim(SELECTION, fmt.INFO, fmt.MANIFEST, *(name for p in plans for name in p.filenames),
+                 *((REPORT,) if cfg.report else ()))
     return folder
 
 
