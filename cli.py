@@ -207,6 +207,10 @@ def _keep(value: str) -> float | int:
 @click.option("--drop-label-issues", is_flag=True,
               help="Drop the rows cleanlab flagged as label issues in the first --scores table (score it with "
                    "--folds 5 for out-of-sample probabilities); reason `label_issue`.")
+@click.option("--relabel", type=click.FloatRange(0, 1, min_open=True),
+              help="Flagged label issues whose suggested class has at least this probability (e.g. 0.7) ship "
+                   "with it as cls (the given label kept in the sample's json as relabelled_from) instead of "
+                   "being dropped.")
 @click.option("--prototypes", type=int, help="k-means clusters for the proto_dist score.")
 @click.option("--val", help="Validation source, written unpruned as the `validation` split.")
 @click.option("--val-scores", type=click.Path(exists=True, file_okay=False, path_type=Path),

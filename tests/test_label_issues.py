@@ -141,3 +141,33 @@ def test_shard_drops_label_issues_with_their_reason(small_demo: Path, tmp_path: 
     assert set(sel.filter("kept")["key"]) == set(df["key"]) - flagged
     assert sel["source"].to_list() == df["source"].to_list(), "selection.parquet names every image's file"
     assert f"label_issue {len(flagged)}" in res.output
+
+
+@pytest.mark.slow
+def test_relabel_ships_the_suggested_class_and_keeps_the_given_one_on_record(small_demo: Path, tmp_path: Path):
+    import webdataset as wds
+
+    scores = tmp_path / "scores"
+    df = _score(small_demo / "train", scores, folds=2)
+    flagged = df.filter("label_issue").with_columns(p=pl.col("probs").arr.max())
+    threshold = float(flagged["p"].median())
+    confident = set(flagged.filter(pl.col("p") >= threshold)["key"])
+    assert 0 < len(confident) < flagged.height
+    out = tmp_path / "shards"
+    res = CliRunner().invoke(main, ["shard", str(small_demo / "train"), "--scores", str(scores), "--out", str(out),
+                                    "--keep", "1.0", "--drop-label-issues", "--relabel", str(threshold), "--quiet"])
+    assert res.exit_code == 0, res.output
+    sel = pl.read_parquet(out / "selection.parquet")
+    moved = sel.filter(pl.col("relabelled_from").is_not_null())
+    assert set(moved["key"]) == confident and moved["kept"].all()
+    assert set(sel.filter(pl.col("reason") == "label_issue")["key"]) == set(flagged["key"]) - confident
+    truth = df.select("key", "label", "suggested_label", "class_name")
+    names = dict(truth.select("label", "class_name").unique().iter_rows())
+    check = moved.join(truth, on="key", suffix="_given")
+    assert (check["label"] == check["suggested_label"]).all() and (check["relabelled_from"] == check["label_given"]).all()
+    assert all(names[l] == n for l, n in zip(check["label"], check["class_name"]))
+    shipped = {s["__key__"]: (int(s["cls"]), json.loads(s["json"]))
+               for s in wds.WebDataset(sorted(str(p) for p in out.glob("train-*.tar")), shardshuffle=False)}
+    for key, label, given in moved.select("key", "label", "relabelled_from").iter_rows():
+        assert shipped[key][0] == label and shipped[key][1]["relabelled_from"] == given
+    assert all("relabelled_from" not in meta for k, (_, meta) in shipped.items() if k not in confident)

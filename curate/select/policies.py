@@ -37,8 +37,8 @@ HIGHER_IS_EASIER = frozenset({"margin", "margin_mean", "confidence"})
 # Every reason a row can get; "kept" and "min_per_class" are the kept ones.
 REASONS = ("kept", "min_per_class", "pruned", "duplicate", "label_issue", "error")
 # cleanlab's columns; with several tables they come from the first (`curate shard --scores` order).
-LABEL_COLUMNS = ("label_issue", "label_quality", "suggested_label")
-OUTPUT_COLUMNS = ["key", "source", "label", "class_name", "kept", "reason", "score"]
+LABEL_COLUMNS = ("label_issue", "label_quality", "suggested_label", "probs")
+OUTPUT_COLUMNS = ["key", "source", "label", "class_name", "kept", "reason", "score", "relabelled_from"]
 
 
 @dataclass(frozen=True)
@@ -52,6 +52,9 @@ class SelectConfig:
     min_per_class: int = 0  # every class keeps at least this many candidates (if it has them)
     dedup: bool = False  # drop near-duplicates (needs dup_keep from embedding_columns)
     drop_label_issues: bool = False  # drop rows cleanlab flagged (`label_issue`) before the policy
+    # Flagged rows whose suggested class has at least this probability get that class as their
+    # label (and stay candidates) instead of being dropped; None: no relabelling.
+    relabel_min_prob: float | None = None
     seed: int = 0  # random policy, and the within-stratum order of ccs
 
     def __post_init__(self) -> None:
@@ -63,6 +66,8 @@ class SelectConfig:
             raise ValueError(f"unknown policy {self.policy!r}; choose from {sorted(POLICIES)}")
         if not 0.0 <= self.beta < 1.0:
             raise ValueError(f"beta must be in [0, 1), got {self.beta}")
+        if self.relabel_min_prob is not None and not 0.0 < self.relabel_min_prob <= 1.0:
+            raise ValueError(f"relabel_min_prob is a probability in (0, 1], got {self.relabel_min_prob}")
         if self.strata < 1 or self.min_per_class < 0:
             raise ValueError(f"need strata >= 1 and min_per_class >= 0, got {self.strata}, "
                              f"{self.min_per_class}")
@@ -331,8 +336,10 @@ def _check_columns(frame: pl.LazyFrame, cfg: SelectConfig) -> None:
     need = {"key", "source", "label", "class_name", "status", *cfg.by}
     if cfg.dedup:
         need.add("dup_keep")
-    if cfg.drop_label_issues:
+    if cfg.drop_label_issues or cfg.relabel_min_prob is not None:
         need.add("label_issue")
+    if cfg.relabel_min_prob is not None:
+        need |= {"suggested_label", "probs"}
     if missing := sorted(need - names):
         from_extra = {"dup_keep", "proto_dist", "proto_cluster"} & set(missing)
         hint = " (pass extra=embedding_columns(...))" if from_extra else ""
@@ -358,12 +365,17 @@ def _scored(scores: pl.LazyFrame, cfg: SelectConfig, extra: pl.DataFrame | None)
     _check_columns(frame, cfg)
     ok = pl.col("status") == "ok"
     dup_keep = pl.col("dup_keep") if cfg.dedup else pl.lit(True)
-    issue = pl.col("label_issue").fill_null(False) if cfg.drop_label_issues else pl.lit(False)
+    flagged = pl.col("label_issue").fill_null(False)
+    relabel = (flagged & (pl.col("probs").arr.max() >= cfg.relabel_min_prob)
+               if cfg.relabel_min_prob is not None else pl.lit(False))
+    issue = flagged & ~relabel if cfg.drop_label_issues else pl.lit(False)
     table = frame.select(
-        "key", "source", "label", "class_name", ok.alias("ok"),
+        "key", "source", pl.when(relabel).then(pl.col("suggested_label")).otherwise(pl.col("label"))
+        .cast(pl.Int32).alias("label"), "class_name", ok.alias("ok"),
         score_expr(cfg.by, ok).cast(pl.Float64).alias("score"), dup_keep.alias("dup_keep"),
-        issue.alias("label_issue"),
+        issue.alias("label_issue"), pl.when(relabel).then(pl.col("label")).cast(pl.Int32).alias("relabelled_from"),
     ).collect()
+    table = _renamed(table)
     _check_scored(table, cfg)
     reason = (
         pl.when(~pl.col("ok")).then(pl.lit("error"))
@@ -374,13 +386,24 @@ def _scored(scores: pl.LazyFrame, cfg: SelectConfig, extra: pl.DataFrame | None)
     return table.with_columns(reason.alias("reason"))
 
 
+def _renamed(table: pl.DataFrame) -> pl.DataFrame:
+    """Relabelled rows take their new class's name (from the rows labelled with it)."""
+    moved = pl.col("relabelled_from").is_not_null()
+    if not table.select(moved.any()).item():
+        return table
+    names = table.filter(~moved).select("label", "class_name").unique("label")
+    new_name = pl.col("label").replace_strict(names["label"], names["class_name"], default=pl.col("label").cast(pl.String))
+    return table.with_columns(class_name=pl.when(moved).then(new_name).otherwise(pl.col("class_name")))
+
+
 def select(
     scores: pl.LazyFrame, cfg: SelectConfig, extra: pl.DataFrame | None = None
 ) -> pl.DataFrame:
     """Apply `cfg` to a scores table: every input key exactly once, sorted by key.
 
-    Columns: key, source, label, class_name, kept (bool), reason, score (float64 hardness, null for
-    errors). Reasons: "error" (status != ok; never kept), "label_issue" (drop_label_issues and
+    Columns: key, source, label (as shipped: the suggested one for relabelled rows), class_name,
+    kept (bool), reason, score (float64 hardness, null for errors), relabelled_from (the given label
+    of a relabelled row, else null). Reasons: "error" (status != ok; never kept), "label_issue" (drop_label_issues and
     cleanlab flagged the label), "duplicate" (dedup and not its group's representative), "kept", "pruned" (beyond the policy's budget), "min_per_class"
     (kept only to honour the class minimum, on top of the budget).
 

@@ -63,6 +63,7 @@ class ShardConfig:
     dedup: float | None = None  # cosine threshold for near-duplicates (e.g. 0.95); None = off
     dedup_on: str = "thumbnail"  # thumbnail: pixel layout (any proxy) | embedding: semantic (strong proxies)
     drop_label_issues: bool = False  # drop rows cleanlab flagged in the first --scores table (reason label_issue)
+    relabel: float | None = None  # flagged rows whose suggested class has this probability ship with it as cls
     prototypes: int | None = None  # k-means clusters for the proto_dist score; None = off
     val: str | None = None  # validation source, written unpruned as the `validation` split
     val_scores: Path | None = None  # a `curate score` output over `val`: its importance maps go in too
@@ -98,7 +99,8 @@ class ShardConfig:
         return SelectConfig(keep=self.keep, by=self.by, policy=self.policy, beta=self.beta,
                             strata=self.strata, class_balanced=self.class_balanced,
                             min_per_class=self.min_per_class, dedup=self.dedup is not None,
-                            drop_label_issues=self.drop_label_issues, seed=self.seed)
+                            drop_label_issues=self.drop_label_issues, relabel_min_prob=self.relabel,
+                            seed=self.seed)
 
     def fingerprint(self) -> dict[str, Any]:
         return jsonable({k: v for k, v in asdict(self).items() if k not in RESUME_FREE})
@@ -201,6 +203,9 @@ def _write_train(cfg: ShardConfig, plan: ShardPlan, sel: pl.DataFrame, items: pl
                  manifests: list[dict[str, Any]], maps_dir: Path | None) -> list[fmt.ShardInfo]:
     kept = sel.filter(pl.col("kept"))
     order = pl.DataFrame({"key": [k for keys in plan.shards for k in keys]}).with_row_index("pos")
+    # the label shipped as cls is the selection's (a relabelled row's suggested one)
+    items = items.drop("label", "class_name").join(kept.select("key", "label", "class_name", "relabelled_from")
+                                                   .with_columns(pl.col("label").cast(pl.Int64)), on="key")
     rows, score_cols = _train_rows(cfg, order, kept, items)
     proxies = [{"name": m["proxy"]["name"], "checkpoint_sha256": m["proxy"].get("checkpoint_sha256", "")[:16]}
                for m in manifests]
@@ -357,6 +362,8 @@ class TrainSamples:
             data, shipped = self.ship(item.key, data)
             meta = {"class_name": item.class_name, "source": relative_source(item.source, self.source_root),
                     "scores": {c: row[c] for c in self.score_cols}, "by": self.by, "proxies": self.proxies}
+            if row["relabelled_from"] is not None:  # cls is cleanlab's suggestion; the given label stays on record
+                meta["relabelled_from"] = row["relabelled_from"]
             yield fmt.SampleData(item.key, data, item.label, meta | shipped, grid)
 
     def _start(self, keys: Sequence[str]) -> int:
