@@ -48,6 +48,10 @@ def main() -> None:
 @click.option("--folds", default=1, show_default=True, type=click.IntRange(min=1),
               help="K > 1: also train K proxies, each without one fold (stratified), for out-of-sample "
                    "probabilities and label issues (needs --train-epochs; costs about K times the training).")
+@click.option("--label-filter", default="low_self_confidence", show_default=True,
+              type=click.Choice(["low_self_confidence", "prune_by_noise_rate", "prune_by_class", "both",
+                                 "confident_learning", "predicted_neq_given", "low_normalized_margin"]),
+              help="cleanlab's filter_by for label_issue; rerun with --resume to change it (only the label pass runs).")
 @click.option("--image-size", type=int, help="Proxy input side in pixels [default: the recipe's].")
 @click.option("--batch-size", default=256, show_default=True)
 @click.option("--workers", default=2, show_default=True, help="Decode workers.")
@@ -115,6 +119,8 @@ def label_issue_lines(proxy: dict) -> list[str]:
              "the proxy's own probabilities (in sample: it trained on these labels; --folds K gives "
              "out-of-sample ones)")
     agree = f", which agree with {found['agreement']:.1%} of the given labels" if found["agreement"] is not None else ""
+    if per_fold := found.get("agreement_per_fold"):
+        agree += " (held-out accuracy per fold: " + ", ".join(f"{a:.1%}" for a in per_fold.values()) + ")"
     return [f"label issues (cleanlab): {found['label_issues']} of {found['rows']} "
             f"({found['label_issues'] / found['rows']:.1%}) from {where}{agree}"]
 

@@ -99,6 +99,16 @@ def test_folds_score_every_row_with_the_proxy_that_never_saw_it(small_demo: Path
     assert [p["held_out"] for p in manifest["proxy"]["folds"]["per_fold"]] == np.bincount(df["fold"]).tolist()
     assert manifest["proxy"]["label_issues"]["label_issues"] == int(df["label_issue"].sum())
 
+    # another cleanlab filter on resume: only the label pass runs again
+    again = run_score(ScoreConfig(str(src), out, proxy="demo-cnn", train_epochs=1, folds=3, workers=0, chunk_size=32,
+                                  progress=False, resume=True, label_filter="prune_by_class"))
+    assert again.parts_written == 0 and again.manifest["proxy"]["label_issues"]["filter_by"] == "prune_by_class"
+    redone = pl.scan_parquet(out / "*.parquet").collect().sort("key")
+    from cleanlab.filter import find_label_issues
+    expected = find_label_issues(redone["label"].to_numpy(), probs, filter_by="prune_by_class")
+    assert redone["label_issue"].to_list() == expected.tolist()
+    assert redone.drop("label_issue").equals(df.drop("label_issue"))
+
     one = _score(src, tmp_path / "k1", folds=1)  # K = 1: the proxy's own probabilities, in sample
     assert one["fold"].null_count() == 96 and one["oos_loss"].null_count() == 96
     assert one["label_issue"].null_count() == 0
@@ -120,6 +130,14 @@ def test_a_run_killed_between_folds_resumes_to_the_clean_table(small_demo: Path,
     for col in ("oos_loss", "label_quality", "loss"):
         np.testing.assert_allclose(again[col].to_numpy(), clean[col].to_numpy(), atol=1e-6, err_msg=col)
     assert again["label_issue"].to_list() == clean["label_issue"].to_list()
+
+
+def test_the_cli_offers_every_filter_and_nothing_else():
+    from cli import score
+    from curate.score.label_issues import FILTERS
+
+    option = next(o for o in score.params if o.name == "label_filter")
+    assert tuple(option.type.choices) == FILTERS and option.default == FILTERS[0]
 
 
 def test_folds_need_a_proxy_trained_here(small_demo: Path, tmp_path: Path):

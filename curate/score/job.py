@@ -36,7 +36,8 @@ from curate.score.proxy_training import Dynamics, TrainSetup, train_proxy
 
 COMMAND = "score"
 # Config fields that may change between a run and its resume without changing any result.
-RESUME_FREE = ("resume", "overwrite", "workers", "progress", "distributed")
+# label_filter too: the label pass runs again at the end of every run, so a resume may change it.
+RESUME_FREE = ("resume", "overwrite", "workers", "progress", "distributed", "label_filter")
 MODEL = "proxy/model.pt"
 TRAIN_STATE = "proxy/train-state.pt"
 
@@ -55,6 +56,7 @@ class ScoreConfig:
     pretrained: bool = False  # timm hub weights (needs network access)
     train_epochs: int | None = None  # train the proxy here for N epochs (early-dynamics scores)
     folds: int = 1  # K > 1: K more proxies, each trained without one fold, score it out of sample
+    label_filter: str = label_issues.DEFAULT_FILTER  # cleanlab's filter_by for `label_issue`
     image_size: int | None = None  # proxy input side; default: the recipe's
     batch_size: int = 256  # inference batch
     workers: int = 2  # DataLoader decode workers
@@ -82,6 +84,8 @@ class ScoreConfig:
             raise ValueError(f"--folds must be >= 1, and K > 1 trains K proxies here: it needs --train-epochs "
                              f"(got --folds {self.folds})")
         mode_of(self.resume, self.overwrite)
+        if self.label_filter not in label_issues.FILTERS:
+            raise ValueError(f"--label-filter must be one of {', '.join(label_issues.FILTERS)}, got {self.label_filter!r}")
         if self.importance not in ("cls", "rollout", "none"):
             raise ValueError(f"--importance must be cls, rollout or none, got {self.importance!r}")
         if min(self.batch_size, self.chunk_size) < 1 or self.workers < 0:
@@ -127,7 +131,7 @@ def _run_score(cfg: ScoreConfig, group: Dist) -> ScoreResult:
         work = _score_parts(cfg, items, recipe, proxy, dyn, info, parts[group.rank::group.world_size], held_out)
         t_scored = time.perf_counter()
         ranks = group.all_gather({"rank": group.rank, **work})  # also: every part is written
-        labels = group.from_main(lambda: label_issues.annotate(table.parts(cfg.out)))
+        labels = group.from_main(lambda: label_issues.annotate(table.parts(cfg.out), cfg.label_filter))
         t_end = time.perf_counter()
         timing = {"index_and_train_s": t_train - t0, "score_s": t_scored - t_train,
                   "label_issues_s": t_end - t_scored, "total_s": t_end - t0}
