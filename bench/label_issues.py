@@ -7,7 +7,9 @@ labels are known (`truth.parquet` beside `train/`: the demo's, or `bench/cifar_s
 For each K it runs `curate score TRAIN --proxy demo-cnn --train-epochs E --folds K` in its own
 process and reports, against the truth: ROC-AUC of `label_quality` (low = flipped), precision,
 recall and F1 of `label_issue`, the AUC of EL2N (the in-sample score curation ranks by), and the
-job's wall-clock. Writes OUT/label_issues.json and prints a Markdown table.
+job's wall-clock; and the F1 that each of cleanlab's `filter_by` choices would give on the same
+probabilities. `--measure-only` measures tables already in OUT (e.g. after `curate score --resume
+--label-filter ...`). Writes OUT/label_issues.json and prints Markdown tables.
 """
 from __future__ import annotations
 
@@ -18,13 +20,21 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import polars as pl
 import torch
 
 from curate.demo.data import TRUTH, DemoConfig, make_demo
 from curate.demo.evaluate import join_truth, label_noise_auc
 from curate.score import table
+from curate.score.label_issues import FILTERS, find_issues
 from curate.score.metrics import roc_auc
+
+
+def _prf(issue: np.ndarray, flipped: np.ndarray) -> tuple[float, float, float]:
+    tp = int((issue & flipped).sum())
+    precision, recall = tp / max(int(issue.sum()), 1), tp / max(int(flipped.sum()), 1)
+    return precision, recall, 2 * precision * recall / max(precision + recall, 1e-12)
 
 
 def measure(scores: Path, data: Path) -> dict[str, float]:
@@ -32,14 +42,14 @@ def measure(scores: Path, data: Path) -> dict[str, float]:
     joined = join_truth(table.scan(scores).collect(), data).filter(pl.col("status") == "ok")
     flipped = joined["flipped"].to_numpy()
     issue = joined["label_issue"].to_numpy()
-    tp = int((issue & flipped).sum())
-    precision = tp / max(int(issue.sum()), 1)
-    recall = tp / max(int(flipped.sum()), 1)
+    precision, recall, f1 = _prf(issue, flipped)
+    labels, probs = joined["label"].to_numpy(), np.stack(joined["probs"].to_numpy())
     return {
         "rows": joined.height, "flipped": int(flipped.sum()), "flagged": int(issue.sum()),
         "auroc_label_quality": roc_auc(-torch.tensor(joined["label_quality"].to_numpy()), torch.tensor(flipped)),
-        "precision": precision, "recall": recall,
-        "f1": 2 * precision * recall / max(precision + recall, 1e-12),
+        "precision": precision, "recall": recall, "f1": f1,
+        "held_out_accuracy": float((probs.argmax(1) == labels).mean()),
+        "f1_by_filter": {f: _prf(find_issues(labels, probs, f).label_issue, flipped)[2] for f in FILTERS},
         "auroc_el2n": label_noise_auc(joined, "el2n"),
         "auroc_oos_el2n": label_noise_auc(joined, "oos_el2n") if joined["oos_el2n"].null_count() == 0 else None,
     }
@@ -65,6 +75,7 @@ def main() -> None:
     ap.add_argument("--image-size", type=int)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--measure-only", action="store_true", help="measure the tables already in OUT")
     args = ap.parse_args()
     if not (args.data / TRUTH).exists():
         make_demo(DemoConfig(root=args.data, seed=args.seed))
@@ -72,19 +83,24 @@ def main() -> None:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     results = []
     for k in (int(x) for x in args.folds.split(",")):
-        seconds = score(args.data, args.out / f"k{k}", k, args)
+        seconds = (table.read_manifest(args.out / f"k{k}")["timing"]["total_s"] if args.measure_only
+                   else score(args.data, args.out / f"k{k}", k, args))
         results.append({"folds": k, "seconds": seconds, **measure(args.out / f"k{k}", args.data)})
         print(json.dumps(results[-1]), flush=True)
     (args.out / "label_issues.json").write_text(json.dumps({"commit": commit, "args": vars(args) | {
         "data": str(args.data), "out": str(args.out)}, "results": results}, indent=1))
     print(f"\n{args.data} ({results[0]['rows']} images, {results[0]['flipped']} flipped), {args.proxy} "
           f"{args.epochs} epochs, seed {args.seed}, commit {commit}\n")
-    print("| K | AUROC label_quality | precision | recall | F1 | flagged | AUROC el2n | wall-clock |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| K | AUROC label_quality | flagged | precision | recall | F1 | agreement with given labels "
+          "| AUROC el2n | wall-clock |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in results:
-        print(f"| {r['folds']} | {r['auroc_label_quality']:.3f} | {r['precision']:.3f} | {r['recall']:.3f} | "
-              f"{r['f1']:.3f} | {r['flagged']} | {r['auroc_el2n']:.3f} | {r['seconds']:.0f} s "
-              f"({r['seconds'] / results[0]['seconds']:.1f}x) |")
+        print(f"| {r['folds']} | {r['auroc_label_quality']:.3f} | {r['flagged']} | {r['precision']:.3f} | "
+              f"{r['recall']:.3f} | {r['f1']:.3f} | {r['held_out_accuracy']:.1%} | {r['auroc_el2n']:.3f} | "
+              f"{r['seconds']:.0f} s ({r['seconds'] / results[0]['seconds']:.1f}x) |")
+    print("\nF1 by cleanlab filter_by (" + " / ".join(f"K = {r['folds']}" for r in results) + "):")
+    for f in FILTERS:
+        print(f"- {f}: " + " / ".join(f"{r['f1_by_filter'][f]:.3f}" for r in results))
 
 
 if __name__ == "__main__":

@@ -452,6 +452,7 @@ def _write_manifest(cfg: ScoreConfig, items: Sequence[Item], info: dict[str, Any
     come from the whole table, so they include parts written before a resume; `ranks` holds what
     each rank wrote in this invocation and how long it took."""
     by_status = _table_counts(cfg.out, len(items))
+    written = sum(r["rows_written"] for r in ranks)
     manifest = {
         "schema_version": table.SCHEMA_VERSION,
         "source": cfg.source,
@@ -460,7 +461,8 @@ def _write_manifest(cfg: ScoreConfig, items: Sequence[Item], info: dict[str, Any
         "index_sha256": index_sha256(items),
         "counts": {"inputs": len(items), "ok": by_status.get("ok", 0), "error": by_status.get("error", 0),
                    "classes": len({it.label for it in items})},
-        "timing": timing | {"images_per_s": len(items) / max(timing["score_s"], 1e-9)},
+        # this invocation's: after a resume that found every part written, there is no rate to give
+        "timing": timing | {"images_per_s": (written / max(timing["score_s"], 1e-9)) if written else None},
         "ranks": ranks,
         "config": cfg.fingerprint(),
         "versions": versions(),

@@ -151,7 +151,8 @@ class _Page:
             members = [dict(zip(names, vals)) for vals in zip(*(grp[c] for c in names))]
             tiles = [self._tile(m, f"{_e(m['class_name'])}<br>{_e(m['reason'])}") for m in members]
             blocks.append(f"<div class=group>{''.join(tiles)}</div>")
-        self.parts.append(f"<h2>Near-duplicate groups ({note})</h2>" + ("".join(blocks) or "<p>none found</p>"))
+        self.parts.append(f"<h2>Near-duplicate groups ({note})</h2>"
+                          + (f"<div class=groups>{''.join(blocks)}</div>" if blocks else "<p>none found</p>"))
 
     def extremes(self, rows: pl.DataFrame, n: int, selected: bool) -> None:
         kept = rows.filter(pl.col("kept").fill_null(False) & pl.col("score").is_not_null())
@@ -253,11 +254,10 @@ def _jpeg_uri(pixels: np.ndarray) -> str:
 
 
 def _bar_row(name: str, counts: dict[str, int], scale: int) -> str:
+    order = sorted(counts.items(), key=lambda rn: list(REASON_COLOURS).index(rn[0]) if rn[0] in REASON_COLOURS else 99)
     segments = "".join(f"<span style='width:{100 * n / max(scale, 1):.2f}%;background:"
-                       f"{REASON_COLOURS.get(r, '#607d8b')}' title='{_e(r)}: {n}'></span>"
-                       for r, n in sorted(counts.items(), key=lambda rn: list(REASON_COLOURS).index(rn[0])
-                                          if rn[0] in REASON_COLOURS else 99))
-    text = ", ".join(f"{_e(r)} {n}" for r, n in counts.items())
+                       f"{REASON_COLOURS.get(r, '#607d8b')}' title='{_e(r)}: {n}'></span>" for r, n in order)
+    text = ", ".join(f"{_e(r)} {n}" for r, n in order)
     return f"<tr><th>{_e(name)}</th><td class=bar>{segments}</td><td>{text}</td></tr>"
 
 
@@ -280,8 +280,8 @@ table.facts th{text-align:left;padding-right:16px;font-weight:600}
 table.bars{border-collapse:collapse;width:100%}table.bars th{text-align:left;width:180px;font-weight:500}
 td.bar{width:55%}td.bar span{display:inline-block;height:14px}
 span.key{display:inline-block;width:12px;height:12px;margin:0 4px 0 12px;vertical-align:middle}
-.gallery,.group{display:flex;flex-wrap:wrap;gap:8px}.group{border:1px solid #ddd;padding:6px;margin:6px 0}
-figure{margin:0;width:204px;font-size:11px}figure img{width:96px;height:96px;margin-right:4px}
+.gallery,.group,.groups{display:flex;flex-wrap:wrap;gap:8px}.group{border:1px solid #ddd;padding:6px}
+figure{margin:0;min-width:100px;max-width:204px;font-size:11px}figure img{width:96px;height:96px;margin-right:4px}
 .missing{width:96px;height:96px;background:#eee;font-size:9px;overflow:hidden;word-break:break-all}
 img.plot{max-width:100%}.warn,#banner:not(:empty){background:#fff3e0;border:1px solid #ef6c00;padding:8px}
 """
