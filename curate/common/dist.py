@@ -80,12 +80,13 @@ class Dist:
         result = self.main_only(fn)
         return result if self.is_main else fn()  # type: ignore[return-value]
 
-    def deal(self, jobs: Sequence[T], fn: Callable[[T], Any]) -> None:
-        """Run `fn(job)` for the jobs dealt out round-robin (rank r takes jobs[r::world_size]),
-        then wait for every rank; an error on any rank is raised on every rank, not a hang."""
+    def deal(self, jobs: Sequence[T], fn: Callable[[T], Any], first_rank: int = 0) -> None:
+        """Run `fn(job)` for the jobs dealt out round-robin, job 0 to `first_rank` (so rank 0,
+        which has other work of its own, can be dealt the fewest), then wait for every rank; an
+        error on any rank is raised on every rank, not a hang."""
         error: BaseException | None = None
         try:
-            for job in jobs[self.rank::self.world_size]:
+            for job in jobs[(self.rank - first_rank) % self.world_size::self.world_size]:
                 fn(job)
         except Exception as e:  # noqa: BLE001 - handed to every rank, re-raised below
             error = e

@@ -124,8 +124,8 @@ def _run_score(cfg: ScoreConfig, group: Dist) -> ScoreResult:
     model, info = _make_model(cfg, recipe, items, group)
     folder = group.main_only(lambda: open_out(cfg, items))
     try:
+        held_out = _fold_proxies(cfg, recipe, items, info, device, group)  # first: rank 0 has the full one to train
         proxy, info, dyn = _finish_proxy(cfg, recipe, model, info, items, device, group)
-        held_out = _fold_proxies(cfg, recipe, items, info, device, group)
         t_train = time.perf_counter()
         parts = group.from_main(lambda: missing_parts(cfg.out, len(items), cfg.chunk_size))
         work = _score_parts(cfg, items, recipe, proxy, dyn, info, parts[group.rank::group.world_size], held_out)
@@ -278,8 +278,9 @@ def _fold_proxies(cfg: ScoreConfig, recipe: Recipe, items: Sequence[Item], info:
                   device: torch.device, group: Dist) -> HeldOut | None:
     """With --folds K > 1: train (or, on resume, load) the K fold proxies and record them.
 
-    The folds are dealt out over the ranks; each is trained by one process exactly as a single
-    process would train it, so the table does not depend on the number of ranks."""
+    The folds are dealt out over the ranks, rank 0 last (it then trains the proxy on everything
+    while the others wait); each fold is trained by one process exactly as a single process
+    would train it, so the table does not depend on the number of ranks."""
     if cfg.folds < 2:
         return None
     assert cfg.train_epochs is not None
@@ -295,7 +296,7 @@ def _fold_proxies(cfg: ScoreConfig, recipe: Recipe, items: Sequence[Item], info:
         histories[f] = train_proxy(model, subset, recipe, setup, progress=cfg.progress).history()
         save_weights(model.state_dict(), weights)
 
-    group.deal(list(range(cfg.folds)), train_fold)
+    group.deal(list(range(cfg.folds)), train_fold, first_rank=1)
     proxies = []
     for f in range(cfg.folds):
         model = _fold_model(cfg, recipe, items, f)
