@@ -8,9 +8,9 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
-from typing import TYPE_CHECKING
 
 from curate.ingest.limits import DEFAULT_MAX_CLASSES, DEFAULT_MAX_PIXELS  # no dependencies: --help stays fast
 

@@ -182,7 +182,8 @@ def test_relabel_ships_the_suggested_class_and_keeps_the_given_one_on_record(sma
     truth = df.select("key", "label", "suggested_label", "class_name")
     names = dict(truth.select("label", "class_name").unique().iter_rows())
     check = moved.join(truth, on="key", suffix="_given")
-    assert (check["label"] == check["suggested_label"]).all() and (check["relabelled_from"] == check["label_given"]).all()
+    assert (check["label"] == check["suggested_label"]).all()
+    assert (check["relabelled_from"] == check["label_given"]).all()
     assert all(names[l] == n for l, n in zip(check["label"], check["class_name"]))
     shipped = {s["__key__"]: (int(s["cls"]), json.loads(s["json"]))
                for s in wds.WebDataset(sorted(str(p) for p in out.glob("train-*.tar")), shardshuffle=False)}

@@ -72,6 +72,7 @@ def test_the_report_is_self_contained_and_every_image_decodes(reported: tuple[Pa
                     "Hardest kept images", "Easiest kept images", "Patch importance"):
         assert heading in text, heading
     assert "demo-cnn" in text and "label_issue" in text
+    assert text.count("alt='map of") >= 10, "importance overlays from the ViT table"
 
 
 def _chromium(*args: str) -> subprocess.CompletedProcess:

@@ -117,7 +117,8 @@ def plot_importance(scores_dir: Path, out: Path, n: int = 24, size: int = 128) -
     save_figure(fig, path)
     plt.close(fig)
     skipped = n_before - rows.height
-    return path, (f"importance_overlay.png: {skipped} images left out, not readable from their source" if skipped else "")
+    return path, (f"importance_overlay.png: {skipped} images left out, not readable from their source"
+                  if skipped else "")
 
 
 def overlay(pixels: np.ndarray, grid: np.ndarray) -> np.ndarray:

@@ -85,7 +85,8 @@ class ScoreConfig:
                              f"(got --folds {self.folds})")
         mode_of(self.resume, self.overwrite)
         if self.label_filter not in label_issues.FILTERS:
-            raise ValueError(f"--label-filter must be one of {', '.join(label_issues.FILTERS)}, got {self.label_filter!r}")
+            raise ValueError(f"--label-filter must be one of {', '.join(label_issues.FILTERS)}, "
+                             f"got {self.label_filter!r}")
         if self.importance not in ("cls", "rollout", "none"):
             raise ValueError(f"--importance must be cls, rollout or none, got {self.importance!r}")
         if min(self.batch_size, self.chunk_size) < 1 or self.workers < 0:

@@ -392,7 +392,8 @@ def _renamed(table: pl.DataFrame) -> pl.DataFrame:
     if not table.select(moved.any()).item():
         return table
     names = table.filter(~moved).select("label", "class_name").unique("label")
-    new_name = pl.col("label").replace_strict(names["label"], names["class_name"], default=pl.col("label").cast(pl.String))
+    new_name = pl.col("label").replace_strict(names["label"], names["class_name"],
+                                              default=pl.col("label").cast(pl.String))
     return table.with_columns(class_name=pl.when(moved).then(new_name).otherwise(pl.col("class_name")))
 
 
@@ -402,14 +403,15 @@ def select(
     """Apply `cfg` to a scores table: every input key exactly once, sorted by key.
 
     Columns: key, source, label (as shipped: the suggested one for relabelled rows), class_name,
-    kept (bool), reason, score (float64 hardness, null for errors), relabelled_from (the given label
-    of a relabelled row, else null). Reasons: "error" (status != ok; never kept), "label_issue" (drop_label_issues and
-    cleanlab flagged the label), "duplicate" (dedup and not its group's representative), "kept", "pruned" (beyond the policy's budget), "min_per_class"
+    kept (bool), reason, score (float64 hardness, null for errors), relabelled_from (the given
+    label of a relabelled row, else null). Reasons: "error" (status != ok; never kept),
+    "label_issue" (drop_label_issues and cleanlab flagged the label), "duplicate" (dedup and not
+    its group's representative), "kept", "pruned" (beyond the policy's budget), "min_per_class"
     (kept only to honour the class minimum, on top of the budget).
 
     The keep fraction applies to the CANDIDATES: ok rows, minus duplicates when dedup and label
-    issues when drop_label_issues. A
-    corrupt file is not a pruned example, so errors do not eat into the budget.
+    issues when drop_label_issues. A corrupt file is not a pruned example, so errors do not eat
+    into the budget.
     `extra` (embedding_columns output) is left-joined by key, giving dup_keep and proto_dist.
     """
     table = _scored(scores, cfg, extra)

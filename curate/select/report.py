@@ -53,28 +53,29 @@ def write_report(scores: Sequence[Path], path: Path, selection: pl.DataFrame | N
     page.label_errors(rows, per_gallery)
     page.duplicates(rows, scores[0], per_gallery // 3)
     page.extremes(rows, per_gallery, selection is not None)
-    page.overlays(rows, per_gallery)
+    page.overlays(rows, _maps_table(scores), per_gallery)
     with atomic_path(path) as tmp:
         tmp.write_text(page.render(), encoding="utf-8")
     return page.info
 
 
 def _rows(scores: Sequence[Path], selection: pl.DataFrame | None) -> pl.DataFrame:
-    """One row per input: identity, scores, label columns, the map (from the first table with
-    maps), and the selection's reason/score (or, without one, status as the reason, el2n as score)."""
+    """One row per input: identity, scores, label columns, and the selection's reason/score (or,
+    without one, status as the reason, el2n as score). Maps are read later, for the few shown."""
     cols = ["key", "source", "label", "class_name", "status", "error", "el2n", "margin", "label_issue",
             "label_quality", "suggested_label"]
     rows = table.scan(scores[0]).select(cols).collect()
-    maps = next((d for d in scores if table.scan(d).select(pl.col("importance").is_not_null().any()).collect().item()),
-                None)
-    if maps is not None:
-        rows = rows.join(table.scan(maps).select("key", "importance", "importance_h", "importance_w").collect(),
-                         on="key", how="left")
     if selection is None:
         return rows.with_columns(reason=pl.when(pl.col("status") == "ok").then(pl.lit("ok")).otherwise(pl.lit("error")),
                                  score=pl.col("el2n").cast(pl.Float64), kept=pl.col("status") == "ok")
     extra = [c for c in ("dup_group",) if c in selection.columns]
     return rows.join(selection.select("key", "reason", "score", "kept", *extra), on="key", how="left")
+
+
+def _maps_table(scores: Sequence[Path]) -> Path | None:
+    """The first table whose rows carry importance maps (a ViT proxy's)."""
+    has_maps = (pl.col("importance_h").is_not_null().any(),)
+    return next((d for d in scores if table.scan(d).select(*has_maps).collect().item()), None)
 
 
 class _Page:
@@ -163,12 +164,15 @@ class _Page:
                      for r in frame.iter_rows(named=True)]
             self.parts.append(f"<h2>{title}</h2>" + _gallery(tiles, "none"))
 
-    def overlays(self, rows: pl.DataFrame, n: int) -> None:
-        if "importance" not in rows.columns:
+    def overlays(self, rows: pl.DataFrame, maps: Path | None, n: int) -> None:
+        if maps is None:
             self.info.skipped.append("importance overlays: no table has maps (they need a ViT proxy)")
             return
-        frame = (rows.filter(pl.col("kept").fill_null(False) & pl.col("importance").is_not_null())
-                 .sort("score", descending=True, nulls_last=True).head(n))
+        shown = rows.filter(pl.col("kept").fill_null(False)).sort("score", descending=True, nulls_last=True)
+        grids = (table.scan(maps).filter(pl.col("key").is_in(shown["key"].head(4 * n).implode())
+                                         & pl.col("importance").is_not_null())
+                 .select("key", "importance", "importance_h", "importance_w").collect())
+        frame = shown.join(grids, on="key", how="inner").sort("score", descending=True, nulls_last=True).head(n)
         tiles = [self._tile(r, f"{_e(r['class_name'])}", overlay=True) for r in frame.iter_rows(named=True)]
         self.parts.append("<h2>Patch importance (image | map over it: yellow = important, blue = not)</h2>"
                           + _gallery(tiles, "none"))
@@ -220,8 +224,9 @@ def _histograms_png(rows: pl.DataFrame, proxy: str, selected: bool) -> str:
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.6))
     ok = rows.filter(pl.col("score").is_not_null())
     kept, dropped = (ok.filter(pl.col("kept"))["score"].to_numpy(), ok.filter(~pl.col("kept"))["score"].to_numpy())
-    axes[0].hist([kept, dropped] if selected else [kept], bins=40, stacked=True,
-                 color=["#2e7d32", "#9e9e9e"][: 2 if selected else 1], label=["kept", "not kept"][: 2 if selected else 1])
+    n = 2 if selected else 1
+    axes[0].hist([kept, dropped][:n], bins=40, stacked=True, color=["#2e7d32", "#9e9e9e"][:n],
+                 label=["kept", "not kept"][:n])
     if selected and len(kept):  # the kept set spans [lowest, highest] kept score (ccs keeps strata within it)
         for x, name in ((kept.min(), "lowest kept"), (kept.max(), "highest kept")):
             axes[0].axvline(x, color="#c62828", ls="--", lw=1)
