@@ -73,9 +73,12 @@ def annotate(parts: list[Path], filter_by: str = DEFAULT_FILTER) -> dict[str, An
     scored = frame.filter(pl.col("probs").is_not_null() & (pl.col("label") >= 0))
     n = frame.height
     issue, quality, suggested = np.full(n, None, object), np.full(n, np.nan, np.float32), np.full(n, -1, np.int32)
+    agrees = np.zeros(0, bool)
     if scored.height:
         probs = np.stack(scored["probs"].to_numpy())
+        agrees = probs.argmax(1) == scored["label"].to_numpy()
         found = find_issues(scored["label"].to_numpy(), probs, filter_by)
+        del probs  # one N x C copy at a time
         rows = scored["row"].to_numpy()
         issue[rows], quality[rows], suggested[rows] = found.label_issue, found.label_quality, found.suggested_label
     has = np.zeros(n, bool)
@@ -87,21 +90,15 @@ def annotate(parts: list[Path], filter_by: str = DEFAULT_FILTER) -> dict[str, An
                         "label_quality": pa.array(quality[a:b], pa.float32(), mask=~has[a:b]),
                         "suggested_label": pa.array(suggested[a:b], pa.int32(), mask=~has[a:b])})
     flagged = int(sum(bool(x) for x in issue if x is not None))
-    per_fold = {int(f): _agreement(g) for (f,), g in scored.filter(pl.col("fold").is_not_null())
-                .group_by("fold", maintain_order=True)}
+    folds = scored["fold"].to_numpy()
+    per_fold = {int(f): float(agrees[folds == f].mean()) for f in np.unique(folds[~np.isnan(folds.astype(float))])}
     method = (f"cleanlab.filter.find_label_issues(filter_by={filter_by!r}); label_quality = "
               "cleanlab.rank.get_label_quality_scores(method='self_confidence')")
     return {"method": method, "filter_by": filter_by, "rows": int(scored.height), "label_issues": flagged,
-            "agreement": _agreement(scored), "agreement_per_fold": dict(sorted(per_fold.items())) or None}
-
-
-def _agreement(scored: pl.DataFrame) -> float | None:
-    """Share of rows whose probabilities' argmax is the given label: the proxy's accuracy against
-    the given labels (out of sample with folds: the fold proxies' held-out accuracy)."""
-    if not scored.height:
-        return None
-    pred = np.stack(scored["probs"].to_numpy()).argmax(1)
-    return float((pred == scored["label"].to_numpy()).mean())
+            # share of rows whose argmax is the given label: the proxy's accuracy against the given
+            # labels (with folds: the fold proxies' held-out accuracy)
+            "agreement": float(agrees.mean()) if scored.height else None,
+            "agreement_per_fold": dict(sorted(per_fold.items())) or None}
 
 
 def _rewrite(path: Path, columns: dict[str, pa.Array]) -> None:
