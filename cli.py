@@ -319,6 +319,16 @@ def _model_args(values: tuple[str, ...]) -> dict[str, object]:
 @click.option("--online-blocks", callback=lambda _c, _p, v: _blocks(v),
               help="Drop again after these blocks by CLS attention, e.g. 3,6,9.")
 @click.option("--online-keep", default=1.0, show_default=True, help="Keep ratio at each --online-blocks block.")
+@click.option("--selector-blocks", callback=lambda _c, _p, v: _blocks(v),
+              help="Learn a token selector before these blocks, e.g. 0 or 3,6,9: the drop of --keep moves there, "
+                   "and at inference the selector picks the tokens without maps.")
+@click.option("--select-by", type=click.Choice(["maps", "selector", "mix"]), default="maps", show_default=True,
+              help="Who ranks the tokens while training with a selector (mix: maps first, the selector by the end).")
+@click.option("--distill-weight", default=1.0, show_default=True, help="Selector loss towards the maps' top k.")
+@click.option("--ratio-weight", default=2.0, show_default=True,
+              help="Selector loss holding its mean keep probability at --keep.")
+@click.option("--selector-lr-scale", default=10.0, show_default=True,
+              help="The selector's learning rate as a multiple of the ViT's.")
 @click.option("--attention", type=click.Choice(["dense", "topk", "gather"]), default="dense", show_default=True,
               help="topk: Tri-Level connection sparsity (regularises, saves nothing); gather: all queries "
                    "attend to the top --key-keep keys by importance (saves the N^2 part).")
@@ -336,21 +346,60 @@ def _model_args(values: tuple[str, ...]) -> dict[str, object]:
 @click.option("--overwrite", is_flag=True, help="Start over in a non-empty --out.")
 @click.option("--quiet", is_flag=True)
 def train(shards: Path, out: Path, model_arg: tuple[str, ...], drop_by: str, package_token: bool,
-          online_blocks: tuple[int, ...] | None, attention: str, rho: float, key_keep: float, quiet: bool,
-          **opts: object) -> None:
+          online_blocks: tuple[int, ...] | None, selector_blocks: tuple[int, ...] | None, attention: str,
+          rho: float, key_keep: float, quiet: bool, **opts: object) -> None:
     """Train a timm ViT on SHARDS (from `curate shard`); runs under torchrun for DDP."""
     from sparsevit.model import SparseConfig
     from sparsevit.train import TrainConfig, run_train
 
     try:
         sparse = SparseConfig(drop_by=drop_by, package=package_token, online_blocks=online_blocks or (),
-                              attention=attention, rho=rho, key_keep=key_keep)
+                              selector_blocks=selector_blocks or (), attention=attention, rho=rho,
+                              key_keep=key_keep)
         cfg = TrainConfig(shards=shards, out=out, model_kwargs=_model_args(model_arg), sparse=sparse,
                           progress=not quiet, **opts)  # type: ignore[arg-type]
         summary = run_train(cfg)
     except (ValueError, TypeError, OSError, KeyError, RuntimeError) as e:
         _fail(e)
     click.echo(json.dumps(summary))  # the result: stdout (progress went to stderr)
+
+
+@main.command()
+@click.argument("checkpoint", type=click.Path(exists=True, path_type=Path))
+@click.argument("images", type=click.Path(exists=True, path_type=Path))
+@click.option("--out", type=click.Path(path_type=Path), help="Predictions as Parquet (path, label, prob, error).")
+@click.option("--keep", type=float, help="Tokens the selector keeps [default: the run's keep with a selector, else 1].")
+@click.option("--export", "export_to", type=click.Path(path_type=Path),
+              help="Also write the model as it ships (torch.export, .pt2; dynamic batch).")
+@click.option("--batch-size", default=64, show_default=True)
+@click.option("--workers", default=2, show_default=True)
+@click.option("--device", default="cpu", show_default=True)
+def predict(checkpoint: Path, images: Path, out: Path | None, keep: float | None, export_to: Path | None,
+            batch_size: int, workers: int, device: str) -> None:
+    """Classify IMAGES (a file or a folder) with the model of a `curate train` run (CHECKPOINT: the
+    run folder or its checkpoint.pt); a model with a token selector picks its own tokens."""
+    from curate.common.runtime import resolve_device
+    from sparsevit import predict as pred
+
+    if out is None and export_to is None:
+        raise click.UsageError("give --out for predictions, --export for the model, or both")
+    try:
+        dev = resolve_device(device)
+        model, cfg = pred.deployed(checkpoint, keep, dev)
+        if export_to is not None:
+            pred.export(model, cfg["img_size"], export_to)
+            click.echo(f"exported {export_to} (keep {model.keep})", err=True)
+        if out is not None:
+            files = pred.image_files(images)
+            t0 = time.perf_counter()
+            table = pred.predict(model, files, cfg["img_size"], batch_size, workers, dev)
+            seconds = time.perf_counter() - t0
+            pred.write_predictions(table, out)
+            errors = sum(1 for e in table.column("error").to_pylist() if e)
+            click.echo(f"{len(files)} images ({errors} unreadable, listed in {out}) at keep {model.keep}: "
+                       f"{len(files) / seconds:.0f} images/s end to end", err=True)
+    except (ValueError, TypeError, OSError, KeyError, RuntimeError) as e:
+        _fail(e)
 
 
 @main.command()

@@ -9,7 +9,9 @@
     `--max-side 256`, and `--decode gpu` (nvJPEG in the main process);
 (c) end to end: the training step fed by each loader, at each keep ratio;
 (d) `curate score` (read, decode, forward with importance capture, Parquet) against the bare
-    forward on the same pre-decoded tensors.
+    forward on the same pre-decoded tensors;
+(e) inference as `curate predict` ships it: a token selector before block 0 keeps 0.7 / 0.5 of the
+    tokens with no maps, against timm's dense forward (bench/predict_throughput.py).
 
 Sized for 8 minutes on one H100/H200 with 16 cores (not yet run on one: no GPU was lent so far).
 Writes `device.md` and `device.json` under $OUT (or --out), and `device.log` line by line (what
@@ -35,6 +37,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from predict_throughput import measure as predict_measure  # noqa: E402
 from score_throughput import make_photos  # noqa: E402  (500x375 JPEGs, ~108 KB)
 from train_step import write_bench_shards  # noqa: E402
 
@@ -44,6 +47,7 @@ from curate.ingest.sources import open_source, read_bytes  # noqa: E402
 from curate.score.job import ScoreConfig, run_score  # noqa: E402
 from curate.score.proxies import create_model, normalizer, resolve_recipe  # noqa: E402
 from curate.shard import format as fmt  # noqa: E402
+from sparsevit.model import SparseConfig, create_sparse  # noqa: E402
 from sparsevit.train import TrainConfig, _build, train_loader, train_step  # noqa: E402
 
 KEEPS = (1.0, 0.7, 0.5)
@@ -211,6 +215,13 @@ def measure(plan: Plan, tmp: Path, log: Callable[[str], None]) -> dict[str, Any]
                 log(f"(c) {model} {name} keep {keep}: {ips:.0f} img/s")
     results["score"] = scoring(plan, tmp / "score-photos", tmp)
     log(f"(d) score: {results['score']}")
+    results["predict"] = {}
+    for model in plan.models:
+        core = create_sparse(model, SparseConfig(selector_blocks=(0,)), 4, plan.img_size, plan.patch,
+                             **plan.model_kwargs)
+        results["predict"][model] = predict_measure(core, list(KEEPS[1:]), plan.batch, plan.device, False, 5,
+                                                    max(2, plan.steps // 4), amp=True)
+        log(f"(e) predict {model}: {results['predict'][model]}")
     return results
 
 
@@ -238,6 +249,12 @@ def table(plan: Plan, res: dict[str, Any], header: str) -> str:
     s = res["score"]
     lines += ["", "(d) scoring, imagenet-vit recipe", "", "| bare forward img/s | curate score img/s | ratio |",
               "|---|---|---|", f"| {s['bare_img_s']:.0f} | {s['score_img_s']:.0f} | {s['ratio']:.2f} |"]
+    lines += ["", "(e) inference, selector before block 0 (no maps), img/s (ratio to dense)", "",
+              "| model | dense | " + " | ".join(f"keep {k}" for k in KEEPS[1:]) + " |",
+              "|---|---|" + "---|" * (len(KEEPS) - 1)]
+    for model, r in res["predict"].items():
+        lines.append(f"| {model} | {r['dense']:.0f} | " + " | ".join(
+            f"{r[f'keep {k}']:.0f} ({r[f'keep {k}'] / r['dense']:.2f}x)" for k in KEEPS[1:]) + " |")
     return "\n".join(lines)
 
 

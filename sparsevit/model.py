@@ -3,6 +3,10 @@ importance after `_pos_embed` (prefix tokens always kept), optionally fuse the d
 a package token, optionally drop further at chosen blocks by online CLS attention (EViT /
 Tri-Level), and run attention in one of `sparsevit.attention.MODES`.
 
+With `selector_blocks`, the drop moves to those blocks and a learned `TokenSelector` sits before
+each: in training the stored map (or the selector, or a mix) ranks the tokens and the selector is
+distilled towards the map; at inference the selector alone decides, no maps needed.
+
 The saving is real: dropped tokens are gathered away, so every later matmul is smaller. k is
 fixed per batch (one keep ratio per step), so shapes stay static and fused SDPA stays on.
 """
@@ -11,13 +15,15 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from functools import partial
+from typing import Any
 
 import timm
 import torch
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 
-from sparsevit import attention
+from sparsevit import attention, selector
+from sparsevit.selector import TokenSelector
 
 DROP_BY = ("importance", "random")
 
@@ -53,17 +59,26 @@ def drop_tokens(x: torch.Tensor, scores: torch.Tensor, keep: float, prefix: int,
     With `package`, one extra token carrying the dropped tokens (weighted by score) is appended;
     its score is the mean of the dropped scores, so later drops can rank it like any token.
     """
-    n = scores.shape[1]
+    out, kept, _ = drop_ranked(x, scores, scores, scores, keep, prefix, package)
+    return out, kept
+
+
+def drop_ranked(x: torch.Tensor, rank: torch.Tensor, carry: torch.Tensor, weight: torch.Tensor, keep: float,
+                prefix: int, package: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Keep the top tokens by `rank` (B, N); `carry` (B, N) follows the kept tokens (the map a
+    later drop or loss needs), `weight` (>= 0) weighs the dropped ones into the package token.
+    Returns tokens, the carried scores, and the kept indices (None: nothing dropped)."""
+    n = rank.shape[1]
     k = num_keep(n, keep)
     if k == n:
-        return x, scores
-    idx = top_tokens(scores, k)
-    out, kept = gather_tokens(x, idx, prefix), scores.gather(1, idx)
-    if package and k < n:
-        dropped_mean = (scores.sum(1, keepdim=True) - kept.sum(1, keepdim=True)) / (n - k)
-        out = torch.cat([out, package_token(x, scores, idx, prefix)], dim=1)
+        return x, carry, None
+    idx = top_tokens(rank, k)
+    out, kept = gather_tokens(x, idx, prefix), carry.gather(1, idx)
+    if package:
+        dropped_mean = (carry.sum(1, keepdim=True) - kept.sum(1, keepdim=True)) / (n - k)
+        out = torch.cat([out, package_token(x, weight, idx, prefix)], dim=1)
         kept = torch.cat([kept, dropped_mean], dim=1)
-    return out, kept
+    return out, kept, idx
 
 
 @dataclass(frozen=True)
@@ -75,8 +90,17 @@ class SparseConfig:
     attention: str = "dense"  # dense | topk | gather (sparsevit.attention)
     rho: float = 1.0  # topk: fraction of keys each query keeps
     key_keep: float = 0.5  # gather: fraction of patch keys all queries attend to
+    selector_blocks: tuple[int, ...] = ()  # a learned selector drops `keep` of the tokens entering each
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "online_blocks", tuple(self.online_blocks))  # lists from JSON
+        object.__setattr__(self, "selector_blocks", tuple(sorted(set(self.selector_blocks))))
+        if self.selector_blocks and self.drop_by != "importance":
+            raise ValueError("a token selector learns from the importance maps: use drop_by importance")
+        if self.selector_blocks and self.online_blocks and max(self.selector_blocks) > min(self.online_blocks):
+            raise ValueError(f"selector blocks {self.selector_blocks} must not come after online blocks "
+                             f"{self.online_blocks}: the maps the selector learns from are not carried past a "
+                             "CLS-attention drop")
         if self.drop_by not in DROP_BY:
             raise ValueError(f"drop_by must be one of {DROP_BY}, got {self.drop_by!r}")
         if self.attention not in attention.MODES:
@@ -95,33 +119,91 @@ class SparseViT(nn.Module):
         self.prefix = vit.num_prefix_tokens
         self.num_patches = vit.patch_embed.num_patches
         self.attend = partial(attention.MODES[cfg.attention], rho=cfg.rho, key_keep=cfg.key_keep)
+        if cfg.selector_blocks and max(cfg.selector_blocks) >= len(vit.blocks):
+            raise ValueError(f"selector_blocks {cfg.selector_blocks} beyond depth {len(vit.blocks)}")
+        self.selectors = nn.ModuleDict({str(b): TokenSelector(vit.embed_dim, vit.blocks[b].attn.num_heads)
+                                        for b in cfg.selector_blocks})
 
     def forward(self, x: torch.Tensor, importance: torch.Tensor | None = None, keep: float = 1.0,
-                online_keep: float = 1.0) -> torch.Tensor:
-        """x (B, 3, H, W); importance (B, N) aligned with the patch tokens; keep: input keep ratio."""
-        return self.vit.forward_head(self.forward_features(x, importance, keep, online_keep))
+                online_keep: float = 1.0, selector_share: float = 0.0, with_losses: bool = False) -> Any:
+        """x (B, 3, H, W); importance (B, N) aligned with the patch tokens; keep: input keep ratio
+        (at each selector block when there are selectors). selector_share: the share of rows
+        whose tokens the selector ranks (1: the selector alone, no maps needed); the rest are
+        ranked by the maps. with_losses: also return the selectors' losses (training)."""
+        losses: dict[str, torch.Tensor] = {}
+        logits = self.vit.forward_head(self.forward_features(x, importance, keep, online_keep, selector_share,
+                                                             losses))
+        return (logits, losses) if with_losses else logits
 
     def forward_features(self, x: torch.Tensor, importance: torch.Tensor | None, keep: float,
-                         online_keep: float) -> torch.Tensor:
+                         online_keep: float, selector_share: float = 0.0,
+                         losses: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         vit = self.vit
         x = vit._pos_embed(vit.patch_embed(x))  # (B, P + N, D)
-        scores = self.token_scores(x, importance, keep)
-        x, scores = drop_tokens(x, scores, keep, self.prefix, self.cfg.package)
+        scores = self.token_scores(x, importance, keep, selector_share)
+        if not self.selectors:
+            x, scores = drop_tokens(x, scores, keep, self.prefix, self.cfg.package)
         x = vit.norm_pre(x)
         for i, blk in enumerate(vit.blocks):
+            if str(i) in self.selectors:
+                x, scores = self.select(i, x, scores, keep, selector_share, importance is not None, losses)
             online = online_keep < 1 and i in self.cfg.online_blocks
             x, cls = self.block(blk, x, scores, want_cls=online)
             if online:
                 x, scores = drop_tokens(x, cls, online_keep, self.prefix, self.cfg.package)
         return vit.norm(x)
 
-    def token_scores(self, x: torch.Tensor, importance: torch.Tensor | None, keep: float) -> torch.Tensor:
+    def select(self, block: int, x: torch.Tensor, maps: torch.Tensor, keep: float, share: float, have_maps: bool,
+               losses: dict[str, torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The drop before `block`: ranked by the maps or by the selector (per row, `share` of
+        them), the maps carried on for later selectors; in training the selector is distilled
+        towards the maps' top k, and the kept tokens are scaled by 1 + p - p.detach() (equal to
+        1 in value) so the task loss reaches the selector too (straight-through)."""
+        logits = self.selectors[str(block)](x[:, self.prefix:])
+        probs = torch.sigmoid(logits.float())
+        k = num_keep(logits.shape[1], keep)
+        if losses is not None and self.training:
+            losses[f"distill{block}"] = selector.distill_loss(logits, maps, k)
+            losses[f"ratio{block}"] = selector.ratio_loss(logits, k)
+        rank, weight = maps, maps
+        if share > 0:
+            mine = selector.gumbel(logits) if self.training else logits.float()
+            if share >= 1:  # no random draw: the deployed path stays deterministic and compiles
+                rank, weight = mine, probs
+            else:
+                rows = torch.rand(len(x), 1, device=x.device) < share
+                rank, weight = torch.where(rows, mine, maps), torch.where(rows, probs, maps)
+        carry = maps if have_maps else probs  # with no maps, the selector's view ranks later keys
+        out, kept, idx = drop_ranked(x, rank, carry, weight, keep, self.prefix, self.cfg.package)
+        if idx is not None and self.training:
+            p = probs.gather(1, idx)
+            patches = out[:, self.prefix:self.prefix + k]
+            patches = patches + patches * (p - p.detach())[..., None].to(patches.dtype)
+            out = torch.cat([out[:, :self.prefix], patches, out[:, self.prefix + k:]], dim=1)
+        return out, kept
+
+    def selector_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The first selector's scores for every patch token of x (B, 3, H, W): for comparing
+        its ranking with the maps'. Runs the blocks before it with all tokens."""
+        if not self.selectors:
+            raise ValueError("this model has no token selector")
+        vit, first = self.vit, self.cfg.selector_blocks[0]
+        x = vit.norm_pre(vit._pos_embed(vit.patch_embed(x)))
+        for blk in vit.blocks[:first]:
+            x, _ = self.block(blk, x, x.new_zeros(x.shape[0], x.shape[1] - self.prefix), want_cls=False)
+        return self.selectors[str(first)](x[:, self.prefix:])
+
+    def token_scores(self, x: torch.Tensor, importance: torch.Tensor | None, keep: float,
+                     selector_share: float = 0.0) -> torch.Tensor:
         """The ranking used to drop: stored importance, or uniform noise for the random control."""
         n = x.shape[1] - self.prefix
+        if selector_share and not self.selectors:
+            raise ValueError("selector_share > 0 needs a model with selector_blocks")
         if self.cfg.drop_by == "random" and keep < 1:
             return torch.rand(x.shape[0], n, device=x.device)
         if importance is None:
-            if keep < 1 or self.cfg.attention == "gather":
+            selector_decides = self.selectors and selector_share >= 1
+            if (keep < 1 and not selector_decides) or self.cfg.attention == "gather":
                 raise ValueError("dropping tokens by importance needs the importance maps (B, N)")
             return torch.zeros(x.shape[0], n, device=x.device)
         if importance.shape != (x.shape[0], n):
@@ -140,8 +222,11 @@ class SparseViT(nn.Module):
     def tokens_per_block(self, keep: float, online_keep: float = 1.0) -> list[int]:
         """Tokens (prefix included) entering each block: for the FLOPs estimate."""
         n, counts = self.num_patches, []
-        n = _after_drop(n, keep, self.cfg.package)
+        if not self.cfg.selector_blocks:
+            n = _after_drop(n, keep, self.cfg.package)
         for i in range(len(self.vit.blocks)):
+            if i in self.cfg.selector_blocks:
+                n = _after_drop(n, keep, self.cfg.package)
             counts.append(self.prefix + n)
             if online_keep < 1 and i in self.cfg.online_blocks:
                 n = _after_drop(n, online_keep, self.cfg.package)

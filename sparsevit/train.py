@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.distributed as tdist
 import torch.nn.functional as F
-from timm.optim import create_optimizer_v2
+from timm.optim import create_optimizer_v2, param_groups_weight_decay
 from timm.utils import ModelEmaV3
 from tqdm import tqdm
 
@@ -33,8 +33,8 @@ from curate.common.runfolder import RunFolder, mode_of
 from curate.common.runtime import load_weights, save_weights
 from curate.common.schedule import warmup_cosine
 from curate.shard import format as shard_format
-from sparsevit import data, device_decode, prune, schedule
-from sparsevit.model import SparseConfig, SparseViT, create_sparse
+from sparsevit import data, device_decode, prune, schedule, selector
+from sparsevit.model import SparseConfig, SparseViT, create_sparse, num_keep
 
 COMMAND = "train"
 CHECKPOINT = "checkpoint.pt"
@@ -70,6 +70,10 @@ class TrainConfig:
     keep_schedule: str = "constant"  # constant | trilevel | toe
     sparse: SparseConfig = field(default_factory=SparseConfig)
     online_keep: float = 1.0  # keep ratio at each of sparse.online_blocks
+    select_by: str = "maps"  # with sparse.selector_blocks: who ranks tokens in training (maps | selector | mix)
+    distill_weight: float = 1.0  # selector: loss towards the maps' top k
+    ratio_weight: float = 2.0  # selector: loss holding the mean keep probability at the keep ratio (DynamicViT)
+    selector_lr_scale: float = 10.0  # selectors' lr / the ViT's (demo pilot: 10 agrees better than 1)
     example_pruning: str = "none"  # none | infobatch | trilevel
     workers: int = 2  # loader processes per rank
     decode: str = "cpu"  # cpu: loader workers decode (PIL) | gpu: nvJPEG in the main process (device_decode)
@@ -86,6 +90,12 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if not 0 < self.keep <= 1 or not 0 < self.online_keep <= 1:
             raise ValueError(f"keep ratios must be in (0, 1], got {self.keep}, {self.online_keep}")
+        if self.select_by not in selector.SELECT_BY:
+            raise ValueError(f"select_by must be one of {selector.SELECT_BY}, got {self.select_by!r}")
+        if self.select_by != "maps" and not self.sparse.selector_blocks:
+            raise ValueError(f"select_by {self.select_by} needs selector blocks (--selector-blocks)")
+        if self.sparse.selector_blocks and self.keep >= 1:
+            raise ValueError("a token selector learns which tokens to drop: set keep < 1")
         if self.keep_schedule not in schedule.KEEP_SCHEDULES:
             raise ValueError(f"keep schedule must be one of {sorted(schedule.KEEP_SCHEDULES)}")
         if self.example_pruning not in prune.PRUNERS:
@@ -238,7 +248,8 @@ def _build(cfg: TrainConfig, ctx: dist.Dist, device: torch.device, split: shard_
                         drop_path_rate=cfg.drop_path, **cfg.model_kwargs).to(device)
     if cfg.keep < 1 and cfg.sparse.drop_by == "importance" and not split.has_maps:
         raise ValueError(f"{cfg.shards}: the train split has no importance maps; use --drop-by random or keep 1")
-    opt = create_optimizer_v2(core.vit, "adamw", lr=base_lr(cfg, ctx.world_size), weight_decay=cfg.weight_decay)
+    opt = create_optimizer_v2(param_groups(core, cfg), "adamw", lr=base_lr(cfg, ctx.world_size),
+                              weight_decay=cfg.weight_decay)
     net: torch.nn.Module = core
     if ctx.enabled:
         net = torch.nn.parallel.DistributedDataParallel(core, device_ids=[device.index] if device.index is not None
@@ -248,6 +259,16 @@ def _build(cfg: TrainConfig, ctx: dist.Dist, device: torch.device, split: shard_
                           num_classes=core.vit.num_classes) if cfg.mixup > 0 or cfg.cutmix > 0 else None
     pruner = prune.make_pruner(cfg.example_pruning, cfg.epochs, cfg.seed)
     return Run(cfg, net, core, opt, ema, pruner, mixer, ctx, device)
+
+
+def param_groups(core: SparseViT, cfg: TrainConfig) -> list[dict[str, Any]]:
+    """timm's weight-decay groups for the ViT (no decay on norms, biases, pos_embed, cls_token),
+    then the selectors' with their learning-rate scale (read by _set_lr)."""
+    groups = param_groups_weight_decay(core.vit, cfg.weight_decay, no_weight_decay_list=core.vit.no_weight_decay())
+    if core.selectors:
+        groups += [g | {"lr_scale": cfg.selector_lr_scale}
+                   for g in param_groups_weight_decay(core.selectors, cfg.weight_decay)]
+    return groups
 
 
 # --- one epoch ----------------------------------------------------------------------------
@@ -279,7 +300,7 @@ def train_epoch(run: Run, split: shard_format.Split, epoch: int) -> dict[str, An
     _seed_epoch(run, epoch)
     run.net.train()
     batches, plan = train_loader(run, split, epoch)
-    totals = {"loss": 0.0, "correct": 0, "seen": 0, "trained": 0, "gflops": 0.0, "skipped": 0}
+    totals = {"loss": 0.0, "correct": 0, "seen": 0, "trained": 0, "gflops": 0.0, "skipped": 0, "distill": 0.0}
     skipped: list[tuple[str, str]] = []  # (key, error) of samples that could not be decoded
     records: list[prune.Record] = []
     keys: list[str] = []  # what this rank trained on, for --record-keys
@@ -317,7 +338,8 @@ def train_epoch(run: Run, split: shard_format.Split, epoch: int) -> dict[str, An
             "skipped": int(sums["skipped"]), "skipped_keys": skipped,
             "train_loss": sums["loss"] / max(1, sums["trained"]), "train_acc": sums["correct"] / max(1, sums["trained"]),
             "images": int(sums["seen"]), "trained": int(sums["trained"]), "unused": plan.unused,
-            "images_per_s": sums["seen"] / max(1e-9, seconds), "est_tflops": sums["gflops"] / 1e3}
+            "images_per_s": sums["seen"] / max(1e-9, seconds), "est_tflops": sums["gflops"] / 1e3,
+            "distill_loss": sums["distill"] / max(1, sums["trained"]) if run.core.selectors else None}
 
 
 def _check_skipped(run: Run, skipped: list[tuple[str, str]], sums: dict[str, float]) -> list[dict[str, str]]:
@@ -345,10 +367,12 @@ def train_step(run: Run, batch: dict[str, Any], progress: float, epoch: int, ste
     if run.mixer is not None:
         x, target, maps = run.mixer.mix(x, y, maps, data.Geometry(cfg.img_size, _patch(run)).grid)
     with _autocast(run):
-        logits = run.net(x, maps, keep, cfg.online_keep)
+        logits, aux = run.net(x, maps, keep, cfg.online_keep, selector_share(cfg, progress), with_losses=True)
         logits = logits[0] if isinstance(logits, tuple) else logits
         per = torch.sum(-target * F.log_softmax(logits.float(), dim=-1), dim=-1)  # (B,)
         loss = (per * w).sum() / max(1, len(per))
+        distill, ratio = _selector_losses(aux, x)
+        loss = loss + cfg.distill_weight * distill + cfg.ratio_weight * ratio
     run.opt.zero_grad(set_to_none=True)
     loss.backward()
     run.opt.step()
@@ -362,7 +386,20 @@ def train_step(run: Run, batch: dict[str, Any], progress: float, epoch: int, ste
     return {"loss": float((per.detach() * (w > 0)).sum()), "correct": int(correct.sum()), "seen": len(batch["key"]),
             "skipped": len(batch["skipped"]),
             "trained": n, "gflops": n * run.core.train_gflops(keep, cfg.online_keep), "lr": lr, "keep": keep,
-            "tokens": tokens[0], "records": records}
+            "tokens": tokens[0], "records": records, "distill": float(distill.detach()) * n}
+
+
+def selector_share(cfg: TrainConfig, progress: float) -> float:
+    """The share of rows whose tokens the selector ranks at this point of training: none with
+    maps, all with selector; mix hands over linearly from the maps to the selector."""
+    return {"maps": 0.0, "selector": 1.0, "mix": min(1.0, progress / cfg.epochs)}[cfg.select_by]
+
+
+def _selector_losses(aux: dict[str, torch.Tensor], x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed over selector blocks; zeros when the model has none."""
+    zero = x.new_zeros((), dtype=torch.float32)
+    distill = sum((v for k, v in aux.items() if k.startswith("distill")), zero)
+    return distill, sum((v for k, v in aux.items() if k.startswith("ratio")), zero)
 
 
 def _pruned_rows(run: Run, batch: dict[str, Any], epoch: int
@@ -410,7 +447,7 @@ def _set_lr(run: Run, progress: float, step_epochs: float) -> float:
     lr = warmup_cosine(progress, cfg.epochs, cfg.warmup_epochs, base_lr(cfg, run.ctx.world_size), cfg.min_lr,
                        step=step_epochs)
     for g in run.opt.param_groups:
-        g["lr"] = lr
+        g["lr"] = lr * g.get("lr_scale", 1.0)
     return lr
 
 
@@ -435,7 +472,8 @@ def _sum_over_ranks(run: Run, totals: dict[str, float]) -> dict[str, float]:
 def evaluate(run: Run, split: shard_format.Split) -> dict[str, Any]:
     """Accuracy with all tokens and dense attention (how the model is used after training), and
     as trained: keep ratio, drops and attention mode (by importance only where the split carries
-    maps). Each rank reads its own shards."""
+    maps). With a token selector also as deployed: the selector alone picks the tokens (no maps),
+    and how well its ranking agrees with the maps'. Each rank reads its own shards."""
     cfg = run.cfg
     net = run.ema.module if run.ema is not None else run.core
     net.eval()
@@ -443,7 +481,9 @@ def evaluate(run: Run, split: shard_format.Split) -> dict[str, Any]:
     by_importance = cfg.sparse.drop_by == "importance"
     sparse = keep < 1 or cfg.online_keep < 1 or cfg.sparse.attention != "dense"
     can_drop = sparse and (split.has_maps or not (by_importance or cfg.sparse.attention == "gather"))
-    counts = {"n": 0, "all": 0, "dropped": 0, "skipped": 0}
+    has_selector = bool(net.selectors)
+    counts = {"n": 0, "all": 0, "dropped": 0, "selected": 0, "skipped": 0, "overlap": 0.0, "spearman": 0.0,
+              "compared": 0}
     dense = SparseViT(net.vit, SparseConfig())  # the same weights, all tokens, dense attention
     for batch in _eval_batches(run, split):
         counts["skipped"] += len(batch["skipped"])
@@ -455,12 +495,26 @@ def evaluate(run: Run, split: shard_format.Split) -> dict[str, Any]:
             counts["all"] += int((_logits(dense(x)).argmax(-1) == y).sum())
             if can_drop:
                 counts["dropped"] += int((_logits(net(x, maps, keep, cfg.online_keep)).argmax(-1) == y).sum())
+            if has_selector:
+                out = net(x, None, keep, cfg.online_keep, selector_share=1.0)
+                counts["selected"] += int((_logits(out).argmax(-1) == y).sum())
+                if maps is not None:
+                    _add(counts, selector.agreement(net.selector_logits(x), maps, num_keep(maps.shape[1], keep)))
+                    counts["compared"] += len(y)
         counts["n"] += len(y)
     net.train()
     s = _sum_over_ranks(run, counts)
-    n = max(1, s["n"])
+    n, compared = max(1, s["n"]), s["compared"]
     return {"val_images": int(s["n"]), "val_skipped": int(s["skipped"]), "val_acc": s["all"] / n,
-            "val_acc_dropped": s["dropped"] / n if can_drop else None}
+            "val_acc_dropped": s["dropped"] / n if can_drop else None,
+            "val_acc_selected": s["selected"] / n if has_selector else None,
+            "val_selector_overlap": s["overlap"] / compared if compared else None,
+            "val_selector_spearman": s["spearman"] / compared if compared else None}
+
+
+def _add(counts: dict[str, float], more: dict[str, float]) -> None:
+    for k, v in more.items():
+        counts[k] += v
 
 
 def _logits(out: Any) -> torch.Tensor:
@@ -483,7 +537,8 @@ def _eval_batches(run: Run, split: shard_format.Split) -> Iterator[dict[str, Any
 # --- checkpoints and logs -----------------------------------------------------------------
 
 def _save_checkpoint(run: Run) -> None:
-    state = {"model": run.core.vit.state_dict(), "opt": run.opt.state_dict(),
+    state = {"model": run.core.vit.state_dict(), "selectors": run.core.selectors.state_dict(),
+             "opt": run.opt.state_dict(),
              "ema": run.ema.module.state_dict() if run.ema is not None else None,
              "pruner": run.pruner.state_dict(), "epoch": run.epoch, "step": run.step, "wall": run.wall,
              "config": run.cfg.to_json()}
@@ -498,6 +553,7 @@ def _load_checkpoint(run: Run) -> None:
         return  # --resume on an empty run folder starts from scratch
     state = load_weights(path, run.device)
     run.core.vit.load_state_dict(state["model"])
+    run.core.selectors.load_state_dict(state.get("selectors", {}))  # absent in checkpoints before selectors
     run.opt.load_state_dict(state["opt"])
     if run.ema is not None and state["ema"] is not None:
         run.ema.module.load_state_dict(state["ema"])
@@ -533,6 +589,8 @@ def _log(run: Run, rec: dict[str, Any]) -> None:
     if run.cfg.progress:
         acc = f" val {rec['val_acc']:.1%}" if rec.get("val_acc") is not None else ""
         dropped = f" (dropped {rec['val_acc_dropped']:.1%})" if rec.get("val_acc_dropped") is not None else ""
+        if rec.get("val_acc_selected") is not None:
+            dropped += f" (selected {rec['val_acc_selected']:.1%})"
         print(f"epoch {rec['epoch'] + 1}/{run.cfg.epochs}: loss {rec['train_loss']:.3f} train "
               f"{rec['train_acc']:.1%}{acc}{dropped} {rec['images_per_s']:.0f} img/s {rec['seconds']:.1f}s",
               file=sys.stderr, flush=True)  # progress: stderr; the summary (the result) goes to stdout
@@ -554,5 +612,6 @@ def _summary(run: Run) -> dict[str, Any]:
         if path.is_file() else []
     last = epochs[-1] if epochs else {}
     return {"epochs": run.epoch, "steps": run.step, "wall_s": run.wall, "val_acc": last.get("val_acc"),
-            "val_acc_dropped": last.get("val_acc_dropped"), "train_acc": last.get("train_acc")}
+            "val_acc_dropped": last.get("val_acc_dropped"), "val_acc_selected": last.get("val_acc_selected"),
+            "train_acc": last.get("train_acc")}
 

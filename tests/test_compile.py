@@ -34,3 +34,24 @@ def test_compiled_token_dropping_does_not_recompile_per_step(device: str):
         if step == 3:  # the compiled graph computes what eager mode does
             torch.testing.assert_close(out, model(x, maps, 0.5), atol=1e-4, rtol=1e-4)
     assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+
+
+def test_the_deployed_selector_model_compiles_to_one_graph_without_maps():
+    """What `curate predict` ships: the selector picks k tokens with no maps; new images (other
+    tokens chosen) reuse the one compiled graph."""
+    from torch._dynamo.utils import counters
+
+    from sparsevit.predict import Deployed
+
+    torch.manual_seed(0)
+    core = create_sparse("vit_tiny_patch16_224", SparseConfig(selector_blocks=(0,), package=True), num_classes=4,
+                         img_size=32, patch_size=8, depth=2).eval()
+    model = Deployed(core, keep=0.5)
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(model)
+    with torch.no_grad():
+        for _ in range(3):
+            x = torch.randn(8, 3, 32, 32)
+            torch.testing.assert_close(compiled(x), model(x), atol=1e-4, rtol=1e-4)
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])

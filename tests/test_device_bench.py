@@ -35,8 +35,10 @@ def test_every_measurement_runs_and_is_tabled(tmp_path: Path):
     assert len(res["end_to_end"]) == len(bench.LOADERS) * len(bench.KEEPS)
     assert all(r["img_s"] > 0 for part in ("model_only", "loader", "end_to_end") for r in res[part])
     assert res["score"]["bare_img_s"] > 0 and res["score"]["score_img_s"] > 0
+    assert set(res["predict"]["deit_tiny_patch16_224"]) == {"dense", "keep 0.7", "keep 0.5"}
+    assert all(v > 0 for v in res["predict"]["deit_tiny_patch16_224"].values())
     text = bench.table(plan, res, "# header")
-    assert text.count("| deit_tiny_patch16_224 |") == len(bench.KEEPS) + len(bench.LOADERS)
+    assert text.count("| deit_tiny_patch16_224 |") == len(bench.KEEPS) + len(bench.LOADERS) + 1  # + predict
     assert "| --decode gpu |" in text
-    assert len(lines) == sum(len(res[part]) for part in ("model_only", "loader", "end_to_end")) + 1  # + score
+    assert len(lines) == sum(len(res[part]) for part in ("model_only", "loader", "end_to_end")) + 2  # + score, predict
     json.dumps(res)  # device.json must hold it

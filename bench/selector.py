@@ -1,0 +1,165 @@
+"""The learned token selector on the demo: does a model that picks its own tokens (no maps at
+test time) match one that is handed the proxy's maps?
+
+For each seed and keep ratio, two runs of the demo's ViT and recipe on the curated 70% shards:
+- `selector`: `curate train --keep K --selector-blocks B --select-by S`, then its final weights
+  evaluated on the clean validation split with the tokens chosen three ways at the same keep:
+  by its selector (no maps: how it ships), by the stored maps, and at random; plus all tokens,
+  and the selector's agreement with the maps (top-k overlap, Spearman);
+- `maps`: today's recipe, `curate train --keep K` (input drop by the maps, no selector),
+  evaluated as trained (it needs the maps at test time) and with random tokens.
+
+    curate demo --out demo-run; curate demo --seed 1 --out demo-s1; curate demo --seed 2 --out demo-s2
+    python bench/selector.py --out sel-demo --data 0:demo-run --data 1:demo-s1 --data 2:demo-s2 \\
+        [--keeps 0.7,0.5] [--blocks 0] [--select-by mix] [--resume]
+
+Results go to OUT/results.json (one record per run, so --resume trains only what is missing) and
+the table to stdout.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import subprocess
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from curate.common.atomic import write_json
+from curate.demo.train import DEMO_MODEL, DemoTrain
+from curate.shard.format import read_split
+from sparsevit import data, predict, selector
+from sparsevit.model import SparseConfig, SparseViT, num_keep
+from sparsevit.train import TrainConfig, run_train
+
+
+def _dataset(text: str) -> tuple[int, Path]:
+    seed, _, root = text.partition(":")
+    return int(seed), Path(root)
+
+
+def train(shards: Path, out: Path, seed: int, keep: float, blocks: tuple[int, ...], select_by: str,
+          epochs: int, lr_scale: float) -> None:
+    cfg = DemoTrain(epochs=epochs, seed=seed)
+    sparse = SparseConfig(selector_blocks=blocks)
+    tc = TrainConfig(shards=shards, out=out, epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, keep=keep,
+                     sparse=sparse, select_by=select_by if blocks else "maps", selector_lr_scale=lr_scale,
+                     workers=cfg.workers, seed=seed,
+                     overwrite=True, progress=False, **DEMO_MODEL)
+    run_train(tc)
+
+
+def validation(shards: Path) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """The validation split as (images, labels, maps) batches, decoded once for every model."""
+    split = read_split(shards, "validation")
+    if not split.has_maps:
+        raise SystemExit(f"{shards}: the validation split has no importance maps (curate shard --val-scores)")
+    geo = data.Geometry(DEMO_MODEL["img_size"], DEMO_MODEL["patch_size"])
+    aug = data.Augment(data.EvalTransform(geo), need_maps=True, on_error="raise")
+    pipe = data.make_pipeline(data.EpochPlan(split.urls, 0, 0), aug, 250, 0, 0, 0, partial=True, split_nodes=False)
+    return [(b["image"], b["label"], b["importance"]) for b in data.make_loader(pipe, 0)]
+
+
+@torch.no_grad()
+def evaluate(core: SparseViT, val: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], keep: float,
+             seed: int) -> dict[str, float]:
+    """Accuracy with all tokens, and at `keep` with tokens chosen by the maps, at random, and (when
+    the model has one) by its selector alone; the selector's agreement with the maps."""
+    core.eval()
+    gen = torch.Generator().manual_seed(seed)
+    hits = {"all": 0, "maps": 0, "random": 0, "selector": 0}
+    agree, n = {"overlap": 0.0, "spearman": 0.0}, 0
+    dense = SparseViT(core.vit, SparseConfig())
+    for x, y, maps in val:
+        noise = torch.rand(maps.shape, generator=gen)  # a random ranking: random tokens kept
+        runs = {"all": dense(x), "maps": core(x, maps, keep), "random": core(x, noise, keep)}
+        if core.selectors:
+            runs["selector"] = core(x, None, keep, selector_share=1.0)
+            for k, v in selector.agreement(core.selector_logits(x), maps, num_keep(maps.shape[1], keep)).items():
+                agree[k] += v
+        for k, logits in runs.items():
+            hits[k] += int((logits.argmax(-1) == y).sum())
+        n += len(y)
+    out = {k: v / n for k, v in hits.items() if k != "selector" or core.selectors}
+    if core.selectors:
+        out |= {k: v / n for k, v in agree.items()}
+    return out
+
+
+def _mean_sd(values: list[float]) -> str:
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{100 * statistics.mean(values):.1f} ± {100 * sd:.1f}"
+
+
+def report(results: dict[str, Any], keeps: list[float], seeds: list[int]) -> list[str]:
+    lines = ["| keep | model | tokens chosen by | " + " | ".join(f"seed {s}" for s in seeds) + " | mean ± sd |",
+             "|---|---|---|" + "---|" * (len(seeds) + 1)]
+    rows = [("selector", "selector", "selector (no maps)"), ("selector", "maps", "stored maps"),
+            ("selector", "random", "random"), ("selector", "all", "all tokens"),
+            ("maps", "maps", "stored maps (as trained)"), ("maps", "random", "random"), ("maps", "all", "all tokens")]
+    for keep in keeps:
+        for model, key, label in rows:
+            vals = [results[f"{model}-keep{keep}-seed{s}"][key] for s in seeds
+                    if f"{model}-keep{keep}-seed{s}" in results]
+            if vals:
+                lines.append(f"| {keep} | {model} | {label} | " + " | ".join(f"{100 * v:.1f}" for v in vals)
+                             + f" | {_mean_sd(vals)} |")
+    lines.append("")
+    for keep in keeps:
+        runs = [results[f"selector-keep{keep}-seed{s}"] for s in seeds if f"selector-keep{keep}-seed{s}" in results]
+        if runs:
+            lines.append(f"keep {keep}: selector vs maps top-k overlap {_mean_sd([r['overlap'] for r in runs])} %, "
+                         f"Spearman {statistics.mean(r['spearman'] for r in runs):.3f} "
+                         f"(chance: overlap {100 * keep:.0f} %, Spearman 0)")
+    return lines
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--data", type=_dataset, action="append", required=True, help="SEED:DEMO_ROOT, repeatable")
+    ap.add_argument("--keeps", default="0.7,0.5")
+    ap.add_argument("--blocks", default="0", help="selector blocks, comma-separated")
+    ap.add_argument("--select-by", default="mix", choices=selector.SELECT_BY)
+    ap.add_argument("--epochs", type=int, default=DemoTrain.epochs)
+    ap.add_argument("--lr-scale", type=float, default=TrainConfig.selector_lr_scale,
+                    help="the selector's learning rate / the ViT's")
+    ap.add_argument("--models", default="selector,maps")
+    ap.add_argument("--resume", action="store_true", help="keep the runs already in OUT/results.json")
+    args = ap.parse_args()
+    keeps = [float(k) for k in args.keeps.split(",")]
+    blocks = tuple(int(b) for b in args.blocks.split(","))
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / "results.json"
+    results: dict[str, Any] = json.loads(path.read_text()) if args.resume and path.is_file() else {}
+    for seed, root in args.data:
+        shards = root / "shards"
+        val = validation(shards)
+        for keep in keeps:
+            for model in args.models.split(","):
+                name = f"{model}-keep{keep}-seed{seed}"
+                if name in results:
+                    continue
+                run = args.out / name
+                train(shards, run, seed, keep, blocks if model == "selector" else (), args.select_by, args.epochs,
+                      args.lr_scale)
+                core, _ = predict.load_model(run)
+                summary = json.loads((run / "summary.json").read_text())
+                logged = {"wall_s": summary["wall_s"], "logged_val_acc_selected": summary["val_acc_selected"]}
+                results[name] = evaluate(core, val, keep, seed) | logged
+                write_json(path, results)
+                print(name, {k: round(v, 4) for k, v in results[name].items() if v is not None}, flush=True)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    print(f"\n# {platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}, commit "
+          f"{commit}; selector blocks {blocks}, select-by {args.select_by}, selector lr x{args.lr_scale}, "
+          f"{args.epochs} epochs, demo ViT "
+          f"{DEMO_MODEL['model_kwargs']}")
+    print("\n".join(report(results, keeps, [s for s, _ in args.data])))
+
+
+if __name__ == "__main__":
+    main()
