@@ -52,6 +52,8 @@ class Deployed(nn.Module):
 
     def __init__(self, core: SparseViT, keep: float = 1.0, online_keep: float = 1.0) -> None:
         super().__init__()
+        if not 0 < keep <= 1:
+            raise ValueError(f"--keep must be in (0, 1], got {keep}")
         if keep < 1 and not core.selectors:
             raise ValueError(f"--keep {keep}: this model has no token selector, and dropping by importance needs "
                              "the proxy's maps; predict with --keep 1, or train with --selector-blocks")
@@ -76,7 +78,7 @@ def export(model: Deployed, img_size: int, path: Path) -> None:
     """torch.export with a dynamic batch size: a .pt2 that `torch.export.load` runs with no
     sparsevit code, its token drop included."""
     batch = torch.export.Dim("batch", min=1, max=4096)
-    example = torch.zeros(2, 3, img_size, img_size)
+    example = torch.zeros(2, 3, img_size, img_size, device=next(model.parameters()).device)
     program = torch.export.export(model, (example,), dynamic_shapes=({0: batch},))
     with atomic_path(path) as tmp:
         torch.export.save(program, tmp)

@@ -98,12 +98,15 @@ def _cli(*args: str) -> list[str]:
 
 
 def _final_weights(run: Path) -> dict[str, torch.Tensor]:
-    return torch.load(run / "checkpoint.pt", weights_only=True)["model"]
+    state = torch.load(run / "checkpoint.pt", weights_only=True)
+    return state["model"] | {f"selectors.{k}": v for k, v in state["selectors"].items()}
 
 
 @pytest.mark.slow
-def test_sigkill_after_an_epoch_then_resume_equals_an_uninterrupted_run(toy: Path, tmp_path: Path):
-    args = ["train", str(toy), *TINY, "--epochs", "3", "--keep", "0.5", "--workers", "1"]
+@pytest.mark.parametrize("extra", [(), ("--selector-blocks", "0", "--select-by", "mix")], ids=["maps", "selector"])
+def test_sigkill_after_an_epoch_then_resume_equals_an_uninterrupted_run(toy: Path, tmp_path: Path,
+                                                                        extra: tuple[str, ...]):
+    args = ["train", str(toy), *TINY, "--epochs", "3", "--keep", "0.5", "--workers", "1", *extra]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     clean = tmp_path / "clean"
     subprocess.run(_cli(*args, "--out", str(clean)), check=True, env=env, cwd=ROOT)
@@ -156,7 +159,8 @@ def test_torchrun_two_cpu_ranks_train_disjoint_samples_in_equal_steps(toy: Path,
     run = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
            "--master_port", str(_free_port()), str(ROOT / "cli.py"), "train", str(toy), "--out", str(run), *TINY,
-           "--epochs", "2", "--keep", "0.5", "--workers", "2", "--record-keys", "--example-pruning", "infobatch"]
+           "--epochs", "2", "--keep", "0.5", "--workers", "2", "--record-keys", "--example-pruning", "infobatch",
+           "--selector-blocks", "0", "--select-by", "mix"]  # the selector's parameters under DDP too
     subprocess.run(cmd, check=True, cwd=ROOT, timeout=300)
     for epoch in (0, 1):
         per_rank = [(run / f"keys-rank{r}-epoch{epoch}.txt").read_text().split() for r in range(2)]
@@ -168,3 +172,4 @@ def test_torchrun_two_cpu_ranks_train_disjoint_samples_in_equal_steps(toy: Path,
     epochs = [r for r in recs if r["kind"] == "epoch"]
     assert [e["epoch"] for e in epochs] == [0, 1]
     assert all(e["images"] + e["unused"] == 64 and e["val_images"] == 16 for e in epochs)
+    assert all(0 <= e["val_acc_selected"] <= 1 and e["val_selector_overlap"] is not None for e in epochs)
