@@ -30,11 +30,11 @@ from typing import Any
 import torch
 
 from curate.common.atomic import write_json
-from curate.demo.train import DEMO_MODEL, DemoTrain
+from curate.demo.train import DEMO_MODEL, DemoTrain, Variant, train_one
 from curate.shard.format import read_split
 from sparsevit import data, predict, selector
 from sparsevit.model import SparseConfig, SparseViT, num_keep
-from sparsevit.train import TrainConfig, run_train
+from sparsevit.train import TrainConfig
 
 
 def _dataset(text: str) -> tuple[int, Path]:
@@ -44,13 +44,11 @@ def _dataset(text: str) -> tuple[int, Path]:
 
 def train(shards: Path, out: Path, seed: int, keep: float, blocks: tuple[int, ...], select_by: str,
           epochs: int, lr_scale: float) -> None:
-    cfg = DemoTrain(epochs=epochs, seed=seed)
-    sparse = SparseConfig(selector_blocks=blocks)
-    tc = TrainConfig(shards=shards, out=out, epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, keep=keep,
-                     sparse=sparse, select_by=select_by if blocks else "maps", selector_lr_scale=lr_scale,
-                     workers=cfg.workers, seed=seed,
-                     overwrite=True, progress=False, **DEMO_MODEL)
-    run_train(tc)
+    """`curate train` with the demo's model and recipe (the demo's own train_one), plus the selector."""
+    selector_opts = {"sparse": SparseConfig(selector_blocks=blocks), "select_by": select_by,
+                     "selector_lr_scale": lr_scale} if blocks else {}
+    train_one(shards, out, Variant("selector" if blocks else "maps", str(shards), keep=keep),
+              replace(DemoTrain(epochs=epochs, seed=seed), extra=selector_opts))
 
 
 def validation(shards: Path) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:

@@ -17,9 +17,8 @@ from typing import Any, Iterator, Sequence
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-from torch import nn
-
 from PIL import Image
+from torch import nn
 
 from curate.common.atomic import atomic_path
 from curate.common.runtime import load_weights
