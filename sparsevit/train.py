@@ -371,8 +371,11 @@ def train_step(run: Run, batch: dict[str, Any], progress: float, epoch: int, ste
         logits = logits[0] if isinstance(logits, tuple) else logits
         per = torch.sum(-target * F.log_softmax(logits.float(), dim=-1), dim=-1)  # (B,)
         loss = (per * w).sum() / max(1, len(per))
-        distill, ratio = _selector_losses(aux, x)
-        loss = loss + cfg.distill_weight * distill + cfg.ratio_weight * ratio
+        distill_value = 0.0  # for the epoch's distill_loss
+        if aux:  # a model with selectors: their distillation and ratio losses join the task loss
+            distill, ratio = _selector_losses(aux)
+            loss = loss + cfg.distill_weight * distill + cfg.ratio_weight * ratio
+            distill_value = float(distill.detach())
     run.opt.zero_grad(set_to_none=True)
     loss.backward()
     run.opt.step()
@@ -386,7 +389,7 @@ def train_step(run: Run, batch: dict[str, Any], progress: float, epoch: int, ste
     return {"loss": float((per.detach() * (w > 0)).sum()), "correct": int(correct.sum()), "seen": len(batch["key"]),
             "skipped": len(batch["skipped"]),
             "trained": n, "gflops": n * run.core.train_gflops(keep, cfg.online_keep), "lr": lr, "keep": keep,
-            "tokens": tokens[0], "records": records, "distill": float(distill.detach()) * n}
+            "tokens": tokens[0], "records": records, "distill": distill_value * n}
 
 
 def selector_share(cfg: TrainConfig, progress: float) -> float:
@@ -395,11 +398,11 @@ def selector_share(cfg: TrainConfig, progress: float) -> float:
     return {"maps": 0.0, "selector": 1.0, "mix": min(1.0, progress / cfg.epochs)}[cfg.select_by]
 
 
-def _selector_losses(aux: dict[str, torch.Tensor], x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed over selector blocks; zeros when the model has none."""
-    zero = x.new_zeros((), dtype=torch.float32)
-    distill = sum((v for k, v in aux.items() if k.startswith("distill")), zero)
-    return distill, sum((v for k, v in aux.items() if k.startswith("ratio")), zero)
+def _selector_losses(aux: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Distillation and ratio losses, each summed over the selector blocks."""
+    def total(kind: str) -> torch.Tensor:
+        return torch.stack([v for k, v in aux.items() if k.startswith(kind)]).sum()
+    return total("distill"), total("ratio")
 
 
 def _pruned_rows(run: Run, batch: dict[str, Any], epoch: int
