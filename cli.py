@@ -182,15 +182,25 @@ def report_line(info: "ReportInfo") -> str:
 
 
 def _keep(value: str) -> float | int:
-    """--keep 0.7 (or 70%) is a fraction, --keep 5000 a count."""
+    """--keep 0.7 or 70% is a fraction of the candidates, --keep 5000 (an integer) a count; 1.0 or
+    100% keeps all, 1 keeps one. Anything else is refused with the forms it may take."""
     text = value.strip()
+    forms = "give a fraction in (0, 1] (0.7), a percentage (70%) or a whole count >= 1 (5000)"
     try:
         if text.endswith("%"):
-            return float(text[:-1]) / 100
-        number = float(text)
+            number, kind = float(text[:-1]) / 100, "fraction"
+        elif text.lstrip("+").isdigit():
+            number, kind = int(text), "count"
+        else:
+            number, kind = float(text), "fraction"
     except ValueError:
-        raise ValueError(f"--keep {value!r}: give a fraction (0.7), a percentage (70%) or a count (5000)") from None
-    return int(number) if number > 1 and number.is_integer() else number
+        raise ValueError(f"--keep {value!r}: {forms}") from None
+    if kind == "fraction" and not 0 < number <= 1:
+        count = f"; for a count of {int(number)} write {int(number)}" if number > 1 and number.is_integer() else ""
+        raise ValueError(f"--keep {value!r} is not a fraction in (0, 1]{count}: {forms}")
+    if kind == "count" and number < 1:
+        raise ValueError(f"--keep {value!r}: a count keeps at least 1; {forms}")
+    return number
 
 
 @main.command()
@@ -199,7 +209,8 @@ def _keep(value: str) -> float | int:
               type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="A `curate score` output; repeat for several proxies (joined by key).")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Output folder for the shards.")
-@click.option("--keep", default="0.7", show_default=True, help="Fraction of the candidates, or a count.")
+@click.option("--keep", default="0.7", show_default=True,
+              help="Fraction of the candidates (0.7, 70%; 1.0 keeps all), or a whole count (5000).")
 @click.option("--by", multiple=True, default=("el2n",), show_default=True,
               help="Score column to rank by; repeat to rank-average several.")
 @click.option("--policy", type=click.Choice(["hard", "easy", "ccs", "random"]), default="ccs", show_default=True)
@@ -297,7 +308,7 @@ def _model_args(values: tuple[str, ...]) -> dict[str, object]:
 @click.option("--model-arg", multiple=True, help="Extra timm.create_model argument KEY=VALUE (e.g. depth=6).")
 @click.option("--img-size", default=224, show_default=True)
 @click.option("--patch-size", type=int, help="Override the model's patch size [default: the model's].")
-@click.option("--num-classes", type=int, help="[default: from the shards' selection.parquet]")
+@click.option("--num-classes", type=int, help="[default: the shards' manifest.json num_classes]")
 @click.option("--epochs", default=10, show_default=True)
 @click.option("--batch-size", default=64, show_default=True, help="Per rank.")
 @click.option("--lr", default=1e-3, show_default=True, help="For a global batch of 512; scaled linearly.")
@@ -359,46 +370,86 @@ def train(shards: Path, out: Path, model_arg: tuple[str, ...], drop_by: str, pac
         cfg = TrainConfig(shards=shards, out=out, model_kwargs=_model_args(model_arg), sparse=sparse,
                           progress=not quiet, **opts)  # type: ignore[arg-type]
         summary = run_train(cfg)
-    except (ValueError, TypeError, OSError, KeyError, RuntimeError) as e:
+    except (ValueError, OSError, KeyError) as e:
         _fail(e)
-    click.echo(json.dumps(summary))  # the result: stdout (progress went to stderr)
+    click.echo(train_summary(summary, out))
+
+
+def train_summary(summary: dict, out: Path) -> str:
+    """What the run reached, in how long, where it is, and what to do with it."""
+    def pct(key: str) -> str:
+        return f"{summary[key]:.1%}" if summary.get(key) is not None else "n/a"
+
+    acc = f"val accuracy {pct('val_acc')}"
+    if summary.get("val_acc_dropped") is not None:
+        acc += f" (as trained, tokens dropped: {pct('val_acc_dropped')})"
+    if summary.get("val_acc_selected") is not None:
+        acc += f" (selector alone: {pct('val_acc_selected')})"
+    lost = [f"{summary[k]} {w} per epoch" for k, w in (("unused_per_epoch", "unused"),
+                                                     ("skipped_per_epoch", "skipped")) if summary.get(k)]
+    return "\n".join([
+        f"trained {summary['epochs']} epochs ({summary['steps']} steps) in {summary['wall_s']:.0f}s: {acc}, "
+        f"train accuracy {pct('train_acc')}" + (f"; {', '.join(lost)}" if lost else ""),
+        f"checkpoint {out / 'checkpoint.pt'}; metrics {out / 'metrics.jsonl'}, summary {out / 'summary.json'}",
+        f"next: curate predict {out} IMAGES --out predictions.parquet",
+    ])
 
 
 @main.command()
 @click.argument("checkpoint", type=click.Path(exists=True, path_type=Path))
 @click.argument("images", type=click.Path(exists=True, path_type=Path))
-@click.option("--out", type=click.Path(path_type=Path), help="Predictions as Parquet (path, label, prob, error).")
-@click.option("--keep", type=float, help="Tokens the selector keeps [default: the run's keep with a selector, else 1].")
+@click.option("--out", type=click.Path(path_type=Path),
+              help="Predictions as Parquet: path, label, class_name, prob, error (one row per file).")
+@click.option("--keep", type=click.FloatRange(0, 1, min_open=True),
+              help="Tokens the selector keeps [default: the run's keep with a selector, else 1].")
 @click.option("--export", "export_to", type=click.Path(path_type=Path),
               help="Also write the model as it ships (torch.export, .pt2; dynamic batch).")
-@click.option("--batch-size", default=64, show_default=True)
-@click.option("--workers", default=2, show_default=True)
+@click.option("--allow-root", "allow_roots", multiple=True, type=click.Path(file_okay=False, path_type=Path),
+              help="A folder that symlinks in IMAGES may point into (repeatable); others are error rows, not read.")
+@click.option("--max-pixels", default=DEFAULT_MAX_PIXELS, show_default=True, type=click.IntRange(min=1),
+              help="Decompression-bomb guard: larger images become error rows.")
+@click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1))
+@click.option("--workers", default=2, show_default=True, type=click.IntRange(min=0))
 @click.option("--device", default="cpu", show_default=True)
+@click.option("--overwrite", is_flag=True, help="Replace an existing --out or --export file.")
 def predict(checkpoint: Path, images: Path, out: Path | None, keep: float | None, export_to: Path | None,
-            batch_size: int, workers: int, device: str) -> None:
+            allow_roots: tuple[Path, ...], max_pixels: int, batch_size: int, workers: int, device: str,
+            overwrite: bool) -> None:
     """Classify IMAGES (a file or a folder) with the model of a `curate train` run (CHECKPOINT: the
-    run folder or its checkpoint.pt); a model with a token selector picks its own tokens."""
+    run folder or its checkpoint.pt); a model with a token selector picks its own tokens.
+
+    Every file under IMAGES becomes one row (files that are not images, or cannot be read, as
+    error rows), read by the rules of `curate score`."""
+    from curate.common.runfolder import check_output_file
     from curate.common.runtime import resolve_device
+    from curate.ingest.sources import from_files
     from sparsevit import predict as pred
 
     if out is None and export_to is None:
         raise click.UsageError("give --out for predictions, --export for the model, or both")
+    if out is not None and export_to is not None and out.resolve() == export_to.resolve():
+        raise click.UsageError("--out and --export name the same file")
     try:
+        items = from_files(images, allow_roots)
+        for option, path in (("--out", out), ("--export", export_to)):
+            if path is not None:  # before any work: a bad path is found now, not after inference
+                check_output_file(path, option, overwrite, [images, checkpoint])
         dev = resolve_device(device)
-        model, cfg = pred.deployed(checkpoint, keep, dev)
+        model, run = pred.deployed(checkpoint, keep, dev)
         if export_to is not None:
-            pred.export(model, cfg["img_size"], export_to)
+            pred.export(model, run.config.img_size, export_to)
             click.echo(f"exported {export_to} (keep {model.keep})", err=True)
         if out is not None:
-            files = pred.image_files(images)
             t0 = time.perf_counter()
-            table = pred.predict(model, files, cfg["img_size"], batch_size, workers, dev)
+            table = pred.predict(model, items, run.config.img_size, batch_size, workers, dev, run.class_names,
+                                 max_pixels)
             seconds = time.perf_counter() - t0
             pred.write_predictions(table, out)
             errors = sum(1 for e in table.column("error").to_pylist() if e)
-            click.echo(f"{len(files)} images ({errors} unreadable, listed in {out}) at keep {model.keep}: "
-                       f"{len(files) / seconds:.0f} images/s end to end", err=True)
-    except (ValueError, TypeError, OSError, KeyError, RuntimeError) as e:
+            names = "" if run.class_names else " (the run records no class names: labels are class indices)"
+            click.echo(f"{len(items)} files ({errors} unreadable, listed in {out}) at keep {model.keep}: "
+                       f"{len(items) / seconds:.0f} images/s end to end{names}", err=True)
+    except (ValueError, OSError) as e:
         _fail(e)
 
 

@@ -43,7 +43,7 @@ def shards_ips(root: Path, size: int, patch: int, batch: int, workers: int) -> f
     plan = data.plan_epoch(split, 0, seed=0, world=1, workers=workers, batch_size=batch)
     aug = data.Augment(data.TrainTransform(data.Geometry(size, patch)), need_maps=True)
     pipe = data.make_pipeline(plan, aug, batch, shuffle_buffer=256, seed=0, epoch=0)
-    return _drain(data.iterate(data.make_loader(pipe, workers), plan.steps))
+    return _drain(data.iterate(data.make_loader(pipe, workers), plan.steps, batch))
 
 
 def _drain(batches) -> float:

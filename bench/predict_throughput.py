@@ -85,7 +85,7 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=5)
     args = ap.parse_args()
     device = torch.device(args.device)
-    core = load_model(args.checkpoint)[0] if args.checkpoint else demo_model(
+    core = load_model(args.checkpoint).core if args.checkpoint else demo_model(
         tuple(int(b) for b in args.blocks.split(",")))
     keeps = [float(k) for k in args.keeps.split(",")]
     res = measure(core, keeps, args.batch_size, device, args.compile, args.rounds, args.iters, amp=True)

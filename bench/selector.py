@@ -145,7 +145,7 @@ def main() -> None:
                 run = args.out / name
                 train(shards, run, seed, keep, blocks if model == "selector" else (), args.select_by, args.epochs,
                       args.lr_scale)
-                core, _ = predict.load_model(run)
+                core = predict.load_model(run).core
                 summary = json.loads((run / "summary.json").read_text())
                 logged = {"wall_s": summary["wall_s"], "logged_val_acc_selected": summary["val_acc_selected"]}
                 results[name] = evaluate(core, val, keep, seed) | logged

@@ -76,7 +76,7 @@ def endless(cfg: TrainConfig, run: Any, split: fmt.Split) -> Iterator[dict[str, 
         geo = data.Geometry(cfg.img_size, run.core.vit.patch_embed.patch_size[0])
         pipe = data.make_pipeline(plan, data.Augment(data.TrainTransform(geo), True), cfg.batch_size,
                                   cfg.shuffle_buffer, cfg.seed, epoch)
-        yield from data.make_loader(pipe, cfg.workers)
+        yield from data.rebatch(data.make_loader(pipe, cfg.workers), cfg.batch_size)
 
 
 def time_setting(base: TrainConfig, opts: dict[str, Any], split: fmt.Split, steps: int, warmup: int) -> float:

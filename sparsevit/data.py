@@ -7,17 +7,20 @@ policy); everything about the shard format itself (index, members, the decoder) 
 
 Equal epochs on every rank without duplicates: shards are shuffled with a seed that all ranks
 share, split `urls[rank::world]` (wds.split_by_node) and `[worker::workers]` (wds.split_by_worker),
-batched per worker with the partial batch dropped. `plan_epoch` computes, from the shard
-lengths in the index, how many full batches the poorest rank gets; every rank stops there, so
-no rank waits on another in an all-reduce. The surplus (at most a few batches per rank) is
-counted in `EpochPlan.unused`, and changes from epoch to epoch with the shard order.
+and batched per worker. A worker's last, partial batch is not dropped: it travels to the main
+process as loose samples (`Rest`), where `rebatch` joins the rests of all workers into full
+batches, so a rank trains all of its samples but fewer than one batch. `plan_epoch` computes,
+from the shard lengths in the index, how many full batches the poorest rank gets; every rank
+stops there, so no rank waits on another in an all-reduce. What is left (less than a batch per
+rank, plus what a richer rank holds beyond the poorest) is counted in `EpochPlan.unused`, and
+which samples those are changes from epoch to epoch with the shuffle.
 """
 from __future__ import annotations
 
 import math
 import random
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -29,7 +32,7 @@ from timm.data.mixup import Mixup, cutmix_bbox_and_lam, mixup_target
 from torchvision.transforms import functional as TF
 
 from curate.common.runtime import die_with_parent
-from curate.shard.format import Split, decode_sample
+from curate.shard.format import FormatError, Split, decode_sample
 
 @dataclass(frozen=True)
 class EpochPlan:
@@ -48,14 +51,20 @@ def plan_epoch(split: Split, epoch: int, seed: int, world: int, workers: int, ba
         raise ValueError(f"{len(order)} shards for {world} ranks x {max(1, workers)} loader workers: "
                          f"every worker needs a shard; write more (curate shard --shard-multiple)")
     lengths = [split.lengths[i] for i in order]
-    steps = min(_rank_batches(lengths[r::world], workers, batch_size) for r in range(world))
+    steps = min(sum(lengths[r::world]) // batch_size for r in range(world))  # rests rebatched: see `rebatch`
     return EpochPlan([split.urls[i] for i in order], steps, split.num_samples - steps * batch_size * world)
 
 
-def _rank_batches(lengths: list[int], workers: int, batch_size: int) -> int:
-    """Full batches one rank's loader yields: each worker batches its own shards."""
-    workers = max(1, workers)
-    return sum(sum(lengths[w::workers]) // batch_size for w in range(workers))
+def unused_reason(plan: EpochPlan, world: int, batch_size: int) -> str:
+    """Why an epoch leaves `plan.unused` samples untrained, and what avoids it ("" for none)."""
+    if not plan.unused:
+        return ""
+    if world == 1:
+        return (f"they do not fill a last batch of {batch_size}; which ones changes with every epoch's shuffle "
+                f"(a --batch-size that divides the sample count trains all)")
+    return (f"every rank stops at the poorest rank's {plan.steps} batches of {batch_size} (fewer than a batch "
+            "left per rank, and what a rank holds beyond the poorest; shards of equal length, from curate "
+            "shard --shard-multiple, keep that small); which ones changes with every epoch's shuffle")
 
 
 # --- augmentation that carries the map ----------------------------------------------------
@@ -213,6 +222,36 @@ class Augment:
         return {"key": d["key"], "image": x, "label": d["label"], "importance": grid}
 
 
+@dataclass(frozen=True)
+class Rest:
+    """A worker's last, partial batch, as loose samples: `rebatch` joins it with the other
+    workers' rests in the main process instead of training a small batch or dropping it."""
+    samples: list[dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class Collate:
+    """`collate` for full batches; a shorter one (a worker's last) becomes a `Rest`."""
+    batch_size: int
+
+    def __call__(self, samples: list[dict[str, Any]]) -> dict[str, Any] | Rest:
+        return collate(samples) if len(samples) >= self.batch_size else Rest(samples)
+
+
+def rebatch(batches: Iterable[dict[str, Any] | Rest], batch_size: int) -> Iterator[dict[str, Any]]:
+    """Full batches as they come; the workers' rests joined into full batches as soon as they
+    fill one. Fewer than `batch_size` samples are left over at the end (counted by `plan_epoch`)."""
+    loose: list[dict[str, Any]] = []
+    for batch in batches:
+        if not isinstance(batch, Rest):
+            yield batch
+            continue
+        loose += batch.samples
+        while len(loose) >= batch_size:
+            yield collate(loose[:batch_size])
+            loose = loose[batch_size:]
+
+
 def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
     """A batch of the decoded samples; those that failed are listed under "skipped" as
     (key, error). "image" is None when every sample of the batch failed. Samples left for the
@@ -236,13 +275,16 @@ def make_pipeline(plan: EpochPlan, augment: Callable[[dict[str, Any]], dict[str,
                   shuffle_buffer: int, seed: int, epoch: int, partial: bool = False, split_nodes: bool = True
                   ) -> wds.DataPipeline:
     """Per rank and worker: its shards, samples shuffled in a buffer, decoded, batched.
-    split_nodes=False: the caller already chose this rank's shards (evaluation)."""
+    partial=False (training): a worker's last, short batch comes as a `Rest` for `rebatch`;
+    partial=True (evaluation): as a small batch. split_nodes=False: the caller already chose
+    this rank's shards (evaluation)."""
     stages: list[Any] = [wds.SimpleShardList(plan.urls), *([wds.split_by_node] if split_nodes else []),
                          wds.split_by_worker, wds.tarfile_to_samples()]
     if shuffle_buffer > 1:
         stages.append(wds.shuffle(shuffle_buffer, initial=shuffle_buffer,
                                   rng=random.Random(seed * 7919 + epoch)))
-    stages += [wds.map(augment), wds.batched(batch_size, collation_fn=collate, partial=partial)]
+    collation = collate if partial else Collate(batch_size)
+    stages += [wds.map(augment), wds.batched(batch_size, collation_fn=collation, partial=True)]
     return wds.DataPipeline(*stages)
 
 
@@ -260,11 +302,16 @@ def _seed_worker(worker_id: int) -> None:
     np.random.seed(torch.initial_seed() % 2**32)
 
 
-def iterate(loader: torch.utils.data.DataLoader, steps: int) -> Iterator[dict[str, Any]]:
-    """Exactly `steps` batches: the same count on every rank (see the module docstring)."""
-    it = iter(loader)
-    for _ in range(steps):
-        yield next(it)
+def iterate(loader: torch.utils.data.DataLoader, steps: int, batch_size: int) -> Iterator[dict[str, Any]]:
+    """Exactly `steps` full batches, the workers' rests rebatched: the same count on every rank
+    (see the module docstring). Fewer means the shards hold fewer samples than their index says."""
+    it = rebatch(loader, batch_size)
+    for step in range(steps):
+        batch = next(it, None)
+        if batch is None:
+            raise FormatError(f"the loader ran out after {step} of {steps} batches: the shards hold fewer samples "
+                              "than their index says (check them with `curate verify`)")
+        yield batch
 
 
 # --- mixup / cutmix on batches, maps included ----------------------------------------------

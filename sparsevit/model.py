@@ -22,6 +22,7 @@ import torch
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 
+from curate.ingest.limits import MAX_IMAGE_SIDE, MIN_IMAGE_SIDE
 from sparsevit import attention, selector
 from sparsevit.selector import TokenSelector
 
@@ -250,21 +251,35 @@ def _after_drop(n: int, keep: float, package: bool) -> int:
 
 def _check_supported(vit: nn.Module, cfg: SparseConfig) -> None:
     if not isinstance(vit, VisionTransformer):
-        raise TypeError(f"sparsevit wraps timm VisionTransformer models, got {type(vit).__name__}")
+        raise ValueError(f"sparsevit wraps timm VisionTransformer models, got {type(vit).__name__}")
     bad = {type(b).__name__ for b in vit.blocks if type(b) is not Block}
     if bad:
-        raise TypeError(f"unsupported block type(s) {sorted(bad)}: token dropping needs timm's Block")
+        raise ValueError(f"unsupported block type(s) {sorted(bad)}: token dropping needs timm's Block")
     if any(getattr(b.attn, "gate", None) is not None for b in vit.blocks):
-        raise TypeError("gated attention is not supported")
+        raise ValueError("gated attention is not supported")
     if getattr(vit, "dynamic_img_size", False):
-        raise TypeError("dynamic_img_size models are not supported: maps are pooled to one fixed grid")
+        raise ValueError("dynamic_img_size models are not supported: maps are pooled to one fixed grid")
     if cfg.online_blocks and max(cfg.online_blocks) >= len(vit.blocks):
         raise ValueError(f"online_blocks {cfg.online_blocks} beyond depth {len(vit.blocks)}")
+
+
+def check_geometry(img_size: Any, patch_size: Any = None) -> None:
+    """Refuse an input side or patch size no ViT can be built with, before timm allocates one."""
+    def integer(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    if not integer(img_size) or not MIN_IMAGE_SIDE <= img_size <= MAX_IMAGE_SIDE:
+        raise ValueError(f"img_size must be an integer from {MIN_IMAGE_SIDE} to {MAX_IMAGE_SIDE} pixels, "
+                         f"got {img_size!r:.40}")
+    if patch_size is not None and (not integer(patch_size) or not 1 <= patch_size <= img_size
+                                   or img_size % patch_size):
+        raise ValueError(f"patch_size must be an integer that divides img_size {img_size}, got {patch_size!r:.40}")
 
 
 def create_sparse(name: str, cfg: SparseConfig, num_classes: int, img_size: int, patch_size: int | None = None,
            **kwargs: object) -> SparseViT:
     """timm.create_model(name, ...) wrapped; patch_size overrides the model's (maps are resampled)."""
+    check_geometry(img_size, patch_size)
     if patch_size is not None:
         kwargs["patch_size"] = patch_size
     if not timm.is_model(name):
@@ -272,7 +287,9 @@ def create_sparse(name: str, cfg: SparseConfig, num_classes: int, img_size: int,
     try:
         vit = timm.create_model(name, num_classes=num_classes, img_size=img_size, **kwargs)
     except TypeError as e:  # a model family without img_size/patch_size: not a ViT
-        raise TypeError(f"sparsevit wraps timm VisionTransformer models (deit_*, vit_*); {name} is not one "
-                        f"({e})") from e
+        raise ValueError(f"sparsevit wraps timm VisionTransformer models (deit_*, vit_*); {name} is not one "
+                         f"({e})") from e
+    except AssertionError as e:  # timm checks its settings with asserts (embed_dim % num_heads, ...)
+        raise ValueError(f"timm refuses {name} with {kwargs}: {e}") from e
     return SparseViT(vit, cfg)
 

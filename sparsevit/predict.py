@@ -6,10 +6,15 @@ k per batch, so shapes are static, the saving is real and the model exports and 
 without a selector predicts with all tokens (dropping by importance would need the proxy's maps).
 
 The weights are the run's EMA when it kept one (what its validation accuracy was measured on).
+
+The rules of every other command hold: the images are read as `curate score` reads its inputs
+(`curate.ingest.sources.from_files`: one row per file, bad files as error rows, nothing read
+outside the folder, no device or FIFO opened for reading, the size and pixel limits), and a
+checkpoint is data to check, never trusted: its config is validated and its model built on the
+meta device and compared with its weights before anything real is allocated.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -17,32 +22,88 @@ from typing import Any, Iterator, Sequence
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-from PIL import Image
 from torch import nn
 
 from curate.common.atomic import atomic_path
 from curate.common.runtime import load_weights
-from curate.shard.format import decode_rgb  # the shards' decoder: the pixels the model trained on
+from curate.ingest.decode import DEFAULT_MAX_PIXELS, decode_rgb  # the one decoder: the pixels training saw
+from curate.ingest.sources import Item, read_bytes
 from sparsevit import data
-from sparsevit.model import SparseConfig, SparseViT, create_sparse
+from sparsevit.model import SparseViT, create_sparse
+from sparsevit.train import CHECKPOINT, TrainConfig
 
 
-def load_model(checkpoint: Path, device: torch.device | str = "cpu") -> tuple[SparseViT, dict[str, Any]]:
-    """The model of a `curate train` checkpoint (a run folder or its checkpoint.pt), in eval
-    mode, and the run's config."""
-    path = checkpoint / "checkpoint.pt" if checkpoint.is_dir() else checkpoint
-    state = load_weights(path, device)
-    if not isinstance(state, dict) or "config" not in state or "model" not in state:
+@dataclass(frozen=True)
+class TrainedRun:
+    """What a `curate train` checkpoint holds for inference."""
+    core: SparseViT  # in eval mode, EMA weights when the run kept them
+    config: TrainConfig  # the run's settings, checked as the CLI checks them
+    class_names: list[str] | None  # by class index, from the shards' manifest (None: not recorded)
+
+
+def load_model(checkpoint: Path, device: torch.device | str = "cpu") -> TrainedRun:
+    """The model of a `curate train` checkpoint (a run folder or its checkpoint.pt). A file that
+    is not one, a config no run could have, or weights that do not fit the config: a ValueError
+    naming the file, raised before the model is allocated."""
+    path = checkpoint / CHECKPOINT if checkpoint.is_dir() else checkpoint
+    state = load_weights(path, "cpu")
+    if not isinstance(state, dict) or not isinstance(state.get("config"), dict) \
+            or not isinstance(state.get("model"), dict):
         raise ValueError(f"{path}: not a `curate train` checkpoint (no config or model)")
-    cfg = state["config"]
-    num_classes = state["model"]["head.weight"].shape[0]
-    core = create_sparse(cfg["model"], SparseConfig(**cfg["sparse"]), num_classes, cfg["img_size"],
-                         cfg["patch_size"], **cfg["model_kwargs"])
+    cfg = _config(state["config"], path)
+    num_classes = _num_classes(state["model"], path)
+    args = (cfg.model, cfg.sparse, num_classes, cfg.img_size, cfg.patch_size)
+    with torch.device("meta"):  # shapes only: a hostile config allocates nothing
+        skeleton = _create(args, cfg.model_kwargs, path)
+    _check_fits(skeleton, state, path)
+    core = _create(args, cfg.model_kwargs, path)
     core.vit.load_state_dict(state["model"])
-    core.selectors.load_state_dict(state.get("selectors", {}))
+    core.selectors.load_state_dict(state.get("selectors") or {})
     if state.get("ema") is not None:
         core.load_state_dict(state["ema"])
-    return core.to(device).eval(), cfg
+    return TrainedRun(core.to(device).eval(), cfg, _class_names(state.get("class_names"), num_classes))
+
+
+def _config(raw: dict[str, Any], path: Path) -> TrainConfig:
+    try:
+        return TrainConfig.from_json(raw)
+    except (TypeError, ValueError, KeyError) as e:
+        raise ValueError(f"{path}: its config is not one `curate train` writes: {e}") from None
+
+
+def _num_classes(weights: dict[str, Any], path: Path) -> int:
+    head = weights.get("head.weight")
+    if not isinstance(head, torch.Tensor) or head.ndim != 2 or head.shape[0] < 1:
+        raise ValueError(f"{path}: the weights have no classifier head (head.weight)")
+    return head.shape[0]
+
+
+def _create(args: tuple[Any, ...], kwargs: dict[str, Any], path: Path) -> SparseViT:
+    try:
+        return create_sparse(*args, **kwargs)
+    except (TypeError, ValueError, ZeroDivisionError) as e:
+        raise ValueError(f"{path}: its config does not build a model: {e}") from None
+
+
+def _check_fits(skeleton: SparseViT, state: dict[str, Any], path: Path) -> None:
+    """The checkpoint's tensors have the shapes the config's model has: then building it for
+    real allocates no more than the file already holds."""
+    for part, weights in (("model", skeleton.vit.state_dict()), ("selectors", skeleton.selectors.state_dict()),
+                          *((("ema", skeleton.state_dict()),) if state.get("ema") is not None else ())):
+        given = state.get(part) or {}
+        if not isinstance(given, dict):
+            raise ValueError(f"{path}: {part} is not a state dict")
+        want = {k: tuple(v.shape) for k, v in weights.items()}
+        have = {k: tuple(v.shape) if isinstance(v, torch.Tensor) else None for k, v in given.items()}
+        if want != have:
+            wrong = sorted(k for k in want.keys() | have.keys() if want.get(k) != have.get(k))
+            raise ValueError(f"{path}: the {part} weights do not fit the model its config describes "
+                             f"({len(wrong)} tensors differ, e.g. {wrong[0]!r})")
+
+
+def _class_names(names: Any, num_classes: int) -> list[str] | None:
+    ok = isinstance(names, list) and len(names) == num_classes and all(isinstance(n, str) for n in names)
+    return names if ok else None
 
 
 class Deployed(nn.Module):
@@ -64,13 +125,13 @@ class Deployed(nn.Module):
 
 
 def deployed(checkpoint: Path, keep: float | None = None, device: torch.device | str = "cpu"
-             ) -> tuple[Deployed, dict[str, Any]]:
+             ) -> tuple[Deployed, TrainedRun]:
     """The run's model as it ships; keep defaults to the run's own with a selector, else 1."""
-    core, cfg = load_model(checkpoint, device)
+    run = load_model(checkpoint, device)
     if keep is None:
-        keep = cfg["keep"] if core.selectors else 1.0
-    online = cfg.get("online_keep", 1.0) if keep < 1 else 1.0
-    return Deployed(core, keep, online).eval(), cfg
+        keep = run.config.keep if run.core.selectors else 1.0
+    online = run.config.online_keep if keep < 1 else 1.0
+    return Deployed(run.core, keep, online).eval(), run
 
 
 def export(model: Deployed, img_size: int, path: Path) -> None:
@@ -83,46 +144,38 @@ def export(model: Deployed, img_size: int, path: Path) -> None:
         torch.export.save(program, tmp)
 
 
-def image_files(root: Path) -> list[Path]:
-    """Every file under root (or root itself) with an extension PIL opens, sorted."""
-    if root.is_file():
-        return [root]
-    exts = {e for e, fmt in Image.registered_extensions().items() if fmt in Image.OPEN}
-    found = [Path(d) / f for d, _, files in os.walk(root) for f in files if Path(f).suffix.lower() in exts]
-    if not found:
-        raise ValueError(f"{root}: no image files (none with an extension PIL opens)")
-    return sorted(found)
-
-
 @dataclass(frozen=True)
 class _Images(torch.utils.data.Dataset):
-    files: Sequence[Path]
+    items: Sequence[Item]
     transform: data.EvalTransform
+    max_pixels: int
 
     def __len__(self) -> int:
-        return len(self.files)
+        return len(self.items)
 
     def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None, str]:
-        try:
-            image = decode_rgb(self.files[i].read_bytes())
-        except (OSError, ValueError) as e:  # unreadable, or not an image (DecodeError)
+        try:  # read_bytes: regular files inside the folder, at most 1 GiB; never waits on a FIFO
+            image = decode_rgb(read_bytes(self.items[i]), self.max_pixels)
+        except (OSError, ValueError) as e:  # unreadable, refused, or not an image (DecodeError)
             return i, None, f"{type(e).__name__}: {e}"
         return i, self.transform(image, None)[0], ""
 
 
-def _batches(files: Sequence[Path], img_size: int, patch: int, batch_size: int, workers: int
+def _batches(items: Sequence[Item], img_size: int, patch: int, batch_size: int, workers: int, max_pixels: int
              ) -> Iterator[list[tuple[int, torch.Tensor | None, str]]]:
-    ds = _Images(files, data.EvalTransform(data.Geometry(img_size, patch)))
+    ds = _Images(items, data.EvalTransform(data.Geometry(img_size, patch)), max_pixels)
     yield from torch.utils.data.DataLoader(ds, batch_size=batch_size, num_workers=workers, collate_fn=list)
 
 
 @torch.inference_mode()
-def predict(model: Deployed, files: Sequence[Path], img_size: int, batch_size: int = 64, workers: int = 2,
-            device: torch.device | str = "cpu") -> pa.Table:
-    """One row per file: top-1 class and probability, or the error that kept it from being read."""
+def predict(model: Deployed, items: Sequence[Item], img_size: int, batch_size: int = 64, workers: int = 2,
+            device: torch.device | str = "cpu", class_names: Sequence[str] | None = None,
+            max_pixels: int = DEFAULT_MAX_PIXELS) -> pa.Table:
+    """One row per input: top-1 class (index and name), probability, or the error that kept it
+    from being read. `path` is the file's name as text (non-UTF-8 bytes as escapes)."""
     patch = model.core.vit.patch_embed.patch_size[0]
-    pred, prob, error = [None] * len(files), [None] * len(files), [""] * len(files)
-    for batch in _batches(files, img_size, patch, batch_size, workers):
+    pred, prob, error = [None] * len(items), [None] * len(items), [""] * len(items)
+    for batch in _batches(items, img_size, patch, batch_size, workers, max_pixels):
         ok = [(i, x) for i, x, _ in batch if x is not None]
         for i, x, err in batch:
             error[i] = err
@@ -131,8 +184,10 @@ def predict(model: Deployed, files: Sequence[Path], img_size: int, batch_size: i
             top = p.max(-1)
             for (i, _), c, q in zip(ok, top.indices.tolist(), top.values.tolist()):
                 pred[i], prob[i] = c, q
-    return pa.table({"path": [str(f) for f in files], "label": pa.array(pred, pa.int32()),
-                     "prob": pa.array(prob, pa.float32()), "error": error})
+    names = [None if c is None or class_names is None else class_names[c] for c in pred]
+    return pa.table({"path": [it.source for it in items], "label": pa.array(pred, pa.int32()),
+                     "class_name": pa.array(names, pa.string()), "prob": pa.array(prob, pa.float32()),
+                     "error": error})
 
 
 def write_predictions(table: pa.Table, path: Path) -> None:

@@ -15,7 +15,7 @@ import random
 import sys
 import time
 from contextlib import ExitStack, nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -34,7 +34,7 @@ from curate.common.runtime import load_weights, save_weights
 from curate.common.schedule import warmup_cosine
 from curate.shard import format as shard_format
 from sparsevit import data, device_decode, prune, schedule, selector
-from sparsevit.model import SparseConfig, SparseViT, create_sparse, num_keep
+from sparsevit.model import SparseConfig, SparseViT, check_geometry, create_sparse, num_keep
 
 COMMAND = "train"
 CHECKPOINT = "checkpoint.pt"
@@ -104,6 +104,10 @@ class TrainConfig:
             raise ValueError(f"decode must be cpu or gpu, got {self.decode!r}")
         if self.epochs < 1 or self.batch_size < 1:
             raise ValueError("epochs and batch size must be >= 1")
+        check_geometry(self.img_size, self.patch_size)
+        if self.num_classes is not None and not 2 <= self.num_classes <= shard_format.DEFAULT_MAX_CLASSES:
+            raise ValueError(f"--num-classes must be from 2 to {shard_format.DEFAULT_MAX_CLASSES}, "
+                             f"got {self.num_classes}")
         object.__setattr__(self, "crop_scale", tuple(self.crop_scale))  # a list from JSON or click
         if len(self.crop_scale) != 2 or not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
             raise ValueError(f"crop_scale must be (lo, hi) with 0 < lo <= hi <= 1, got {self.crop_scale}")
@@ -113,6 +117,21 @@ class TrainConfig:
         d = asdict(self)
         d["shards"], d["out"] = str(self.shards), str(self.out)
         return d
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "TrainConfig":
+        """The config `to_json` wrote (a checkpoint's, config.json), checked as a new one is:
+        a damaged or hostile file fails here, with the setting it got wrong. Keys of other
+        versions are ignored; the run-folder flags are cleared."""
+        known = {k: v for k, v in d.items() if k in {f.name for f in fields(cls)}}
+        sparse = known.get("sparse", {})
+        if not isinstance(sparse, dict) or not isinstance(known.get("model_kwargs", {}), dict):
+            raise ValueError("sparse and model_kwargs must be objects")
+        known |= {"sparse": SparseConfig(**sparse), "resume": False, "overwrite": False,
+                  "shards": Path(str(known.get("shards", ""))), "out": Path(str(known.get("out", "")))}
+        if not isinstance(known.get("model", ""), str):
+            raise ValueError(f"model must be a timm model name, got {known['model']!r:.40}")
+        return cls(**known)
 
 
 @dataclass
@@ -131,6 +150,7 @@ class Run:
     step: int = 0  # optimizer steps taken
     wall: float = 0.0  # training seconds so far (resume adds to it)
     folder: RunFolder | None = None  # the run folder, on rank 0
+    class_names: list[str] | None = None  # by class index, from the shards; kept in the checkpoint
 
 
 def run_train(cfg: TrainConfig) -> dict[str, Any]:
@@ -144,6 +164,7 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
         train_split = shard_format.read_split(cfg.shards, "train")
         val_split = _validation(cfg.shards)
         _check_trainable(cfg, train_split, ctx.world_size)
+        ctx.from_main(lambda: check_shards(cfg, [train_split, *([val_split] if val_split else [])]))
         warning = resolution_warning(cfg.shards, cfg.img_size)
         if warning:
             ctx.main_only(lambda: print(f"warning: {warning}", file=sys.stderr, flush=True))
@@ -209,8 +230,18 @@ def _check_trainable(cfg: TrainConfig, split: shard_format.Split, world_size: in
     plan = data.plan_epoch(split, 0, cfg.seed, world_size, cfg.workers, cfg.batch_size)
     if plan.steps == 0:
         raise ValueError(f"{cfg.shards}: {split.num_samples} training samples give no full batch of "
-                         f"{cfg.batch_size} per rank ({world_size} rank(s), {max(1, cfg.workers)} loader "
-                         "worker(s) each): lower --batch-size or --workers")
+                         f"{cfg.batch_size} per rank ({world_size} rank(s)): lower --batch-size")
+
+
+def check_shards(cfg: TrainConfig, splits: list[shard_format.Split]) -> None:
+    """What `curate verify` would refuse and training would die on (sample counts against the
+    index, keys held twice, a cls that is no class index), found from the tar headers before
+    anything is trained or written; the message names the shard and the key."""
+    classes = num_classes(cfg)
+    faults = [f"{split.name}: {fault}" for split in splits for fault in shard_format.scan_split(split, classes)]
+    if faults:
+        raise shard_format.FormatError(f"{cfg.shards}: {len(faults)} fault(s) that would break training: "
+                                       + "; ".join(faults) + f"; check every shard with: curate verify {cfg.shards}")
 
 
 def resolution_warning(shards: Path, img_size: int) -> str:
@@ -238,8 +269,15 @@ def keys_name(rank: int, epoch: int) -> str:
 
 
 def num_classes(cfg: TrainConfig) -> int:
-    """--num-classes, else the class count the shard writer recorded."""
+    """--num-classes, else the class count the shard writer recorded (checked)."""
     return cfg.num_classes or shard_format.num_classes(cfg.shards)
+
+
+def class_names(cfg: TrainConfig) -> list[str] | None:
+    """The shards' class names by index, for the checkpoint (predictions name their class), or
+    None when the shards record none or --num-classes counts differently."""
+    names = shard_format.class_names(shard_format.read_manifest(cfg.shards))
+    return names if names is not None and len(names) == num_classes(cfg) else None
 
 
 def _build(cfg: TrainConfig, ctx: dist.Dist, device: torch.device, split: shard_format.Split) -> Run:
@@ -258,7 +296,7 @@ def _build(cfg: TrainConfig, ctx: dist.Dist, device: torch.device, split: shard_
     mixer = data.MapMixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, label_smoothing=cfg.smoothing,
                           num_classes=core.vit.num_classes) if cfg.mixup > 0 or cfg.cutmix > 0 else None
     pruner = prune.make_pruner(cfg.example_pruning, cfg.epochs, cfg.seed)
-    return Run(cfg, net, core, opt, ema, pruner, mixer, ctx, device)
+    return Run(cfg, net, core, opt, ema, pruner, mixer, ctx, device, class_names=class_names(cfg))
 
 
 def param_groups(core: SparseViT, cfg: TrainConfig) -> list[dict[str, Any]]:
@@ -289,7 +327,7 @@ def train_loader(run: Run, split: shard_format.Split, epoch: int) -> tuple[Itera
     if cfg.decode == "gpu":
         aug = device_decode.DeferredAugment(aug)
     pipe = data.make_pipeline(plan, aug, cfg.batch_size, cfg.shuffle_buffer, cfg.seed, epoch)
-    batches = data.iterate(data.make_loader(pipe, cfg.workers), plan.steps)
+    batches = data.iterate(data.make_loader(pipe, cfg.workers), plan.steps, cfg.batch_size)
     if cfg.decode == "gpu":
         batches = (device_decode.finish_batch(b, cfg.img_size, run.device) for b in batches)
     return batches, plan
@@ -348,7 +386,7 @@ def _check_skipped(run: Run, skipped: list[tuple[str, str]], sums: dict[str, flo
     listed = [{"key": k, "error": e} for part in run.ctx.all_gather(skipped) for k, e in part]
     if sums["skipped"] and not sums["seen"]:
         example = listed[0] if listed else {"key": "?", "error": "?"}
-        raise RuntimeError(f"{run.cfg.shards}: every training sample failed to decode "
+        raise shard_format.FormatError(f"{run.cfg.shards}: every training sample failed to decode "
                            f"({int(sums['skipped'])}; e.g. {example['key']}: {example['error']}): check the "
                            "shards with `curate verify`")
     return listed[:MAX_SKIPPED_LISTED]
@@ -544,7 +582,7 @@ def _save_checkpoint(run: Run) -> None:
              "opt": run.opt.state_dict(),
              "ema": run.ema.module.state_dict() if run.ema is not None else None,
              "pruner": run.pruner.state_dict(), "epoch": run.epoch, "step": run.step, "wall": run.wall,
-             "config": run.cfg.to_json()}
+             "config": run.cfg.to_json(), "class_names": run.class_names}
     save_weights(state, run.cfg.out / CHECKPOINT)
 
 
@@ -594,9 +632,11 @@ def _log(run: Run, rec: dict[str, Any]) -> None:
         dropped = f" (dropped {rec['val_acc_dropped']:.1%})" if rec.get("val_acc_dropped") is not None else ""
         if rec.get("val_acc_selected") is not None:
             dropped += f" (selected {rec['val_acc_selected']:.1%})"
+        lost = f", {rec['skipped']} skipped (undecodable; keys in {METRICS})" if rec["skipped"] else ""
+        lost += f", {rec['unused']} unused" if rec["unused"] else ""
         print(f"epoch {rec['epoch'] + 1}/{run.cfg.epochs}: loss {rec['train_loss']:.3f} train "
-              f"{rec['train_acc']:.1%}{acc}{dropped} {rec['images_per_s']:.0f} img/s {rec['seconds']:.1f}s",
-              file=sys.stderr, flush=True)  # progress: stderr; the summary (the result) goes to stdout
+              f"{rec['train_acc']:.1%}{acc}{dropped} {rec['images_per_s']:.0f} img/s {rec['seconds']:.1f}s"
+              f"{lost}", file=sys.stderr, flush=True)  # progress: stderr; the summary (the result) goes to stdout
 
 
 def _log_header(run: Run, split: shard_format.Split, val: shard_format.Split | None) -> None:
@@ -607,6 +647,11 @@ def _log_header(run: Run, split: shard_format.Split, val: shard_format.Split | N
            "est_train_gflops_per_image": run.core.train_gflops(cfg.keep, cfg.online_keep),
            "dense_train_gflops_per_image": run.core.train_gflops(1.0), "resumed_at_epoch": run.epoch}
     run.ctx.main_only(lambda: _append_metrics(run, msg))
+    plan = data.plan_epoch(split, run.epoch, cfg.seed, run.ctx.world_size, cfg.workers, cfg.batch_size)
+    if plan.unused and cfg.progress and run.ctx.is_main:
+        print(f"note: each epoch trains {split.num_samples - plan.unused} of {split.num_samples} samples; "
+              f"{plan.unused} unused: {data.unused_reason(plan, run.ctx.world_size, cfg.batch_size)}",
+              file=sys.stderr, flush=True)
 
 
 def _summary(run: Run) -> dict[str, Any]:
@@ -616,5 +661,6 @@ def _summary(run: Run) -> dict[str, Any]:
     last = epochs[-1] if epochs else {}
     return {"epochs": run.epoch, "steps": run.step, "wall_s": run.wall, "val_acc": last.get("val_acc"),
             "val_acc_dropped": last.get("val_acc_dropped"), "val_acc_selected": last.get("val_acc_selected"),
-            "train_acc": last.get("train_acc")}
+            "train_acc": last.get("train_acc"), "unused_per_epoch": last.get("unused"),
+            "skipped_per_epoch": last.get("skipped")}
 

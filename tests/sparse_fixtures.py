@@ -36,15 +36,21 @@ def object_image(rng: random.Random, label: int, side: int = 24) -> tuple[bytes,
     return buf.getvalue(), grid / grid.sum(), (top, left, side)
 
 
+CLASS_NAMES = ("red", "green", "blue", "yellow")
+
+
 def write_shards(out: Path, per_class: int = 16, classes: int = 4, per_shard: int = 8, multiple: int = 4,
                  val_per_class: int = 4, seed: int = 0, maps_on_val: bool = True,
-                 corrupt: Callable[[str], bool] = lambda key: False) -> Path:
+                 corrupt: Callable[[str], bool] = lambda key: False, train_samples: int | None = None) -> Path:
     """`curate shard`-style output (train + validation) in `out`; returns `out`. Keys for which
-    `corrupt` is true get a JPEG cut after its first 100 bytes (it no longer decodes)."""
+    `corrupt` is true get a JPEG cut after its first 100 bytes (it no longer decodes).
+    `train_samples`: only the first N training keys (a count that is no multiple of anything)."""
     rng = random.Random(seed)
     splits, samples = {}, {}
     for split, n in (("train", per_class), ("validation", val_per_class)):
         data = {f"{split}-{c}-{i:04d}": (c, *object_image(rng, c)) for c in range(classes) for i in range(n)}
+        if split == "train" and train_samples is not None:
+            data = {k: data[k] for k in sorted(data)[:train_samples]}
         samples.update(data)
         plan = plan_shards(sorted(data), split, "toy", per_shard, multiple if split == "train" else 1, seed)
 
@@ -56,5 +62,6 @@ def write_shards(out: Path, per_class: int = 16, classes: int = 4, per_shard: in
                 yield fmt.SampleData(k, img, label, {"box": list(box)}, imp)
 
         splits[split] = write_split(out, plan, load, resume=False, progress=False)
-    fmt.write_index(out, "toy", splits, {"train": True, "validation": maps_on_val}, classes)
+    fmt.write_index(out, "toy", splits, {"train": True, "validation": maps_on_val}, classes,
+                    names=list(CLASS_NAMES[:classes]))
     return out

@@ -141,8 +141,8 @@ def test_predict_and_export_ship_the_runs_model_with_its_selector(selector_run: 
     assert res.exit_code == 0, res.output
     table = pl.read_parquet(out).sort("path")
     assert table.height == 7 and table.filter(pl.col("error") != "")["path"].to_list() == [str(images / "broken.jpg")]
-    model, cfg = predict.deployed(selector_run)
-    assert model.keep == 0.5 == cfg["keep"]  # the run's keep, selector-chosen
+    model, run = predict.deployed(selector_run)
+    assert model.keep == 0.5 == run.config.keep  # the run's keep, selector-chosen
     good = table.filter(pl.col("error") == "")
     tf = data.EvalTransform(data.Geometry(64, 8))
     x = torch.stack([tf(Image.open(io.BytesIO(Path(p).read_bytes())).convert("RGB"), None)[0]

@@ -41,7 +41,7 @@ def rank_keys(toy: Path, rank: int, world: int, epoch: int, monkeypatch: pytest.
     monkeypatch.setenv("WORLD_SIZE", str(world))
     aug = data.Augment(data.TrainTransform(data.Geometry(64, 8)), need_maps=True)
     pipe = data.make_pipeline(plan, aug, batch, shuffle_buffer=8, seed=0, epoch=epoch)
-    batches = list(data.iterate(data.make_loader(pipe, 2), plan.steps))
+    batches = list(data.iterate(data.make_loader(pipe, 2), plan.steps, batch))
     assert len(batches) == plan.steps and all(len(b["key"]) == batch for b in batches)
     assert batches[0]["importance"].shape == (batch, 64)
     return [k for b in batches for k in b["key"]]
@@ -280,7 +280,7 @@ def test_flop_estimate_in_metrics_matches_torchs_flop_counter(cfg: SparseConfig,
 
 
 def test_unsupported_models_are_refused():
-    with pytest.raises(TypeError, match="VisionTransformer"):
+    with pytest.raises(ValueError, match="VisionTransformer"):
         SparseViT(timm.create_model("resnet10t", num_classes=2), SparseConfig())
     with pytest.raises(ValueError, match="drop_by"):
         SparseConfig(drop_by="magic")

@@ -235,6 +235,42 @@ def _read_marker(root: Path) -> dict[str, Any] | None:
                              "choose another --out") from e
 
 
+def check_output_file(path: Path, option: str, overwrite: bool, inputs: Sequence[Path] = ()) -> None:
+    """The rules of an `--out` folder for a command that writes one file (`curate predict`),
+    checked before any work: the file's folder exists, the path is not a folder, an existing file
+    is replaced only with --overwrite, and never one of `inputs` (files, or folders whose every
+    file is an input) nor anything inside an input folder, --overwrite or not."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise RunFolderError(f"{option} {path}: the folder {path.parent} does not exist; create it first")
+    if path.is_dir():
+        raise RunFolderError(f"{option} {path} is a folder; give a file name")
+    real = os.path.realpath(path)
+    for source in inputs:
+        theirs = os.path.realpath(source)
+        if real == theirs or (os.path.isdir(theirs) and real.startswith(theirs.rstrip(os.sep) + os.sep)):
+            raise RunFolderError(f"{option} {path} is an input or inside an input folder ({source}): "
+                                 "it is never written; choose a path outside the inputs")
+    if (path.exists() or path.is_symlink()) and not overwrite:
+        raise RunFolderError(f"{option} {path} exists; pass --overwrite to replace it")
+
+
+def written_by(root: Path) -> str | None:
+    """The command whose run folder `root` is ("score", "shard", "train", ...), or None: lets a
+    reader given the wrong kind of folder say what it was given instead of what is missing."""
+    marker = _read_marker(Path(root)) if Path(root).is_dir() else None
+    return marker["command"] if marker is not None else None
+
+
+def wrong_kind(root: Path, expected: str, hint: str) -> str:
+    """"ROOT is the output of `curate X`, not of `curate EXPECTED`: HINT", or "" when `root` is
+    not another command's run folder."""
+    command = written_by(root)
+    if command is None or command == expected:
+        return ""
+    return f"{root} is the output of `curate {command}`, not of `curate {expected}`: {hint}"
+
+
 def _check_same_config(path: Path, config: dict[str, Any], free: Collection[str]) -> None:
     if not path.is_file():
         return  # killed before its config was written: nothing ran that could differ

@@ -55,13 +55,20 @@ def rank_device(name: str, group: Dist) -> torch.device:
 def load_weights(path: Path, map_location: Any = "cpu") -> Any:
     """`torch.load(path, weights_only=True)`: tensors and plain containers only, never code. A file
     that holds other Python objects, or is not a torch file at all, is a ValueError naming it."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head != b"PK\x03\x04" and head[:1] != b"\x80":  # torch.save writes a zip; before 1.6, a pickle
+        raise ValueError(f"{path}: not a torch checkpoint (torch.save writes a zip archive; this file is neither "
+                         "that nor a pickle)")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ValueError(f"{path}: refused: not a weights-only checkpoint (it holds Python objects "
                          f"that loading would run): {first}") from e
-    except (RuntimeError, EOFError) as e:
+    except OSError:
+        raise  # the file itself: missing, unreadable (the message names it)
+    except Exception as e:  # noqa: BLE001 - any other failure on foreign bytes (KeyError, EOFError, ...)
         raise ValueError(f"{path}: not a readable torch checkpoint ({type(e).__name__}: {e})") from e
 
 

@@ -264,11 +264,23 @@ def describe_error(exc: BaseException, data: bytes) -> str:
     if isinstance(exc, Image.DecompressionBombError):  # PIL's own header check, at open
         return f"image too large: {_one_line(str(exc))}"
     if isinstance(exc, UnidentifiedImageError):  # its message names a BytesIO address: drop it
-        return f"not an image: cannot identify image file (starts {data[:8]!r})"
+        return f"not an image: cannot identify image file ({_looks_like(data)})"
     message = _one_line(str(exc))
     if isinstance(exc, (OSError, EOFError)) and _looks_truncated(message):
         return f"truncated image: {message}"
     return f"decode failed: {type(exc).__name__}: {message}"
+
+
+def _looks_like(data: bytes) -> str:
+    """What an unidentified file holds, without quoting it: a file named .jpg may be anything
+    (a key, a password file behind a symlink), and error rows end up in tables and reports.
+    Binary data shows its first 4 bytes, the magic number that tells one format from another."""
+    if not data:
+        return "empty file"
+    head = data[:64]
+    if all(32 <= b < 127 or b in b"\t\r\n" for b in head):
+        return f"{len(data)} bytes of text"
+    return f"{len(data)} bytes starting 0x{data[:4].hex()}"
 
 
 def _looks_truncated(message: str) -> bool:

@@ -7,3 +7,7 @@ DEFAULT_MAX_PIXELS = 178_956_970
 DEFAULT_MAX_CLASSES = 100_000
 # One image file; anything larger is not an image this tool should read into memory.
 MAX_INPUT_BYTES = 1 << 30
+# A model input side (a proxy's --image-size, a ViT's --img-size): below this no recipe's
+# augmentation or patch grid works; above it the position table alone would not fit in memory.
+MIN_IMAGE_SIDE = 8
+MAX_IMAGE_SIDE = 4096

@@ -547,13 +547,40 @@ def from_list_file(path: Path, class_map: Path | None = None, allow_roots: Seque
     return _to_items(drafts, f"list file {path}")
 
 
-def _outside(path: str, roots: Sequence[str]) -> str:
-    """Why a list file may not read `path` (its real location is in none of `roots`), or ""."""
+def _outside(path: str, roots: Sequence[str], what: str = "the list file's folder") -> str:
+    """Why `path` may not be read (its real location is in none of `roots`), or ""."""
     real = os.path.realpath(path)
     if any(real == r or real.startswith(r.rstrip(os.sep) + os.sep) for r in roots):
         return ""
-    return (f"outside the list file's folder {roots[0]} and every --allow-root: not read "
-            "(pass --allow-root DIR to score files there)")
+    return (f"outside {what} {roots[0]} and every --allow-root: not read "
+            "(pass --allow-root DIR to read files there)")
+
+
+# --- unlabelled files (`curate predict`) ------------------------------------------------------
+
+
+def from_files(root: Path, allow_roots: Sequence[Path] = ()) -> list[Item]:
+    """Every non-hidden file under `root` (or `root` itself), sorted, unlabelled (label -1).
+
+    The rules of the labelled sources: every file is one item, bad ones included; a symlink whose
+    target lies outside `root` and every `allow_roots` folder is an item that is never read (its
+    `problem` says so), as a list file's outside paths are; devices and FIFOs are refused by
+    `read_bytes` without being opened for reading. Folders behind symlinks are not entered."""
+    root = Path(root)
+    if not root.exists():
+        raise SourceError(f"{root} does not exist")
+    if root.is_dir():
+        base = str(root.resolve())
+        paths = [f"{base}/{rel}" for rel in _class_files(Path(base))]
+        if not paths:
+            raise SourceError(f"{root}: no files (hidden ones are skipped)")
+    else:  # one file, named by the user: its own folder is the root
+        base, paths = str(root.parent.resolve()), [str(root.parent.resolve() / root.name)]
+    roots = [base, *(str(Path(r).resolve()) for r in allow_roots)]
+    raw = [_raw_key(PurePosixPath(p).parent.name, PurePosixPath(p).name) for p in paths]
+    keys = assign_keys(raw, paths)
+    return [Item(k, display_path(p), -1, "", p, problem=_outside(p, roots, "the folder"))
+            for k, p in zip(keys, paths)]
 
 
 # --- sources relative to the input ----------------------------------------------------------

@@ -6,6 +6,7 @@ confident learning needs to find label errors (cleanlab's own recipe is 5-fold c
 """
 from __future__ import annotations
 
+from collections import Counter
 from typing import Sequence
 
 import numpy as np
@@ -31,3 +32,18 @@ def assign_folds(keys: Sequence[str], labels: Sequence[int], k: int, seed: int) 
         rows = rows[np.argsort(u[rows], kind="stable")]
         folds[rows] = (np.arange(len(rows)) + offset) % k
     return folds
+
+
+def check_folds(labels: Sequence[int], class_names: Sequence[str], k: int) -> None:
+    """K folds need K inputs of every class: with fewer, some folds hold out nothing of that
+    class (or nothing at all) and their proxies are trained for nothing. Labels < 0 (error rows)
+    are not dealt into folds and do not count."""
+    if k < 2:
+        return
+    counts = Counter(label for label in labels if label >= 0)
+    names = dict(zip(labels, class_names))
+    label, smallest = min(counts.items(), key=lambda lc: (lc[1], lc[0]))
+    if smallest < k:
+        fix = f"use --folds {smallest} or fewer" if smallest >= 2 else "folds need 2 inputs of every class"
+        raise ValueError(f"--folds {k}: class {names.get(label) or label} has only {smallest} input(s), so some "
+                         f"folds would hold out none of it; {fix}")

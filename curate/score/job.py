@@ -27,9 +27,10 @@ from curate.common.dist import Dist, session
 from curate.common.runfolder import RunFolder, mode_of
 from curate.common.runtime import load_weights, rank_device, save_weights, versions
 from curate.ingest.decode import DEFAULT_MAX_PIXELS
+from curate.ingest.limits import MAX_IMAGE_SIDE, MIN_IMAGE_SIDE
 from curate.ingest.sources import DEFAULT_MAX_CLASSES, Item, index_sha256, open_source
 from curate.score import label_issues, metrics, table
-from curate.score.folds import assign_folds
+from curate.score.folds import assign_folds, check_folds
 from curate.score.loader import DecodedItems, Meta, chunk_batches, make_loader
 from curate.score.proxies import ProxyModel, Recipe, create_model, load_checkpoint, resolve_recipe
 from curate.score.proxy_training import Dynamics, TrainSetup, train_proxy
@@ -93,6 +94,9 @@ class ScoreConfig:
             raise ValueError("batch size and chunk size must be >= 1, workers >= 0")
         if self.max_classes < 2 or self.max_pixels < 1:
             raise ValueError("--max-classes must be >= 2 and --max-pixels >= 1")
+        if self.image_size is not None and not MIN_IMAGE_SIDE <= self.image_size <= MAX_IMAGE_SIDE:
+            raise ValueError(f"--image-size must be from {MIN_IMAGE_SIDE} to {MAX_IMAGE_SIDE} pixels, "
+                             f"got {self.image_size}")
         object.__setattr__(self, "allow_roots", tuple(Path(r) for r in self.allow_roots))
 
     def fingerprint(self) -> dict[str, Any]:
@@ -119,6 +123,8 @@ def _run_score(cfg: ScoreConfig, group: Dist) -> ScoreResult:
     cfg = cfg if group.is_main else replace(cfg, progress=False)  # one set of bars per job
     # Everything that can fail on the user's input fails here, before --out is touched.
     items = open_source(cfg.source, cfg.class_map, cfg.allow_roots, cfg.max_classes)
+    check_folds([it.label for it in items if not it.problem], [it.class_name for it in items if not it.problem],
+                cfg.folds)
     _check_same_index(group, items)
     device = rank_device(cfg.device, group)
     recipe = resolve_recipe(cfg.proxy, cfg.image_size)
@@ -202,6 +208,7 @@ def _make_model(cfg: ScoreConfig, recipe: Recipe, items: Sequence[Item], group: 
         return create_model(recipe, None if cfg.pretrained else num_classes(items), cfg.pretrained)
 
     model = group.main_first(create)  # rank 0 fills the hub cache; the others read it, no download race
+    check_input_size(model, recipe)
     info: dict[str, Any] = {"name": cfg.proxy, "model": recipe.model, "recipe": asdict(recipe)}
     if cfg.checkpoint is not None:
         info.update(weights="checkpoint", checkpoint=str(cfg.checkpoint),
@@ -209,6 +216,23 @@ def _make_model(cfg: ScoreConfig, recipe: Recipe, items: Sequence[Item], group: 
     elif cfg.pretrained:
         info.update(weights="pretrained", pretrained_tag=model.pretrained_cfg.get("tag", ""))
     return model, info
+
+
+def check_input_size(model: torch.nn.Module, recipe: Recipe) -> None:
+    """One forward of two blank images at the proxy's input size, before anything is written: a
+    size the model cannot take (a patch grid that does not divide it, a stem that shrinks it to
+    nothing) fails here, not after the run folder exists."""
+    size = recipe.img_size
+    training = model.training
+    try:
+        with torch.no_grad():
+            model.eval()(torch.zeros(2, 3, size, size))
+    except (RuntimeError, ValueError, AssertionError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"--image-size {size}: the proxy {recipe.model} cannot take {size}x{size} inputs "
+                         f"({first})") from None
+    finally:
+        model.train(training)
 
 
 def _finish_proxy(cfg: ScoreConfig, recipe: Recipe, model: torch.nn.Module, info: dict[str, Any],

@@ -17,6 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from curate.common.atomic import atomic_path, read_json_object
+from curate.common.runfolder import wrong_kind
 
 SCHEMA_VERSION = 2  # 2: probs, out-of-sample scores (folds) and label issues
 PART_GLOB = "part-*.parquet"
@@ -164,6 +165,8 @@ MANIFEST = "manifest.json"
 
 def read_manifest(out: Path) -> dict[str, Any]:
     """manifest.json of a finished `curate score` run, checked for the schema version."""
+    if kind := wrong_kind(Path(out), "score", "--scores takes the folder `curate score --out` wrote"):
+        raise SchemaError(kind)
     manifest = read_json_object(Path(out) / MANIFEST, "is it a finished `curate score` output?")
     if manifest.get("schema_version") != SCHEMA_VERSION:
         raise SchemaError(f"{out}/{MANIFEST} has schema_version {manifest.get('schema_version')!r}; this curate "

@@ -346,6 +346,11 @@ def _check_columns(frame: pl.LazyFrame, cfg: SelectConfig) -> None:
         close = {m: difflib.get_close_matches(m, sorted(names), n=1) for m in missing}
         hint += "".join(f"; did you mean {c[0]!r} for {m!r}?" for m, c in close.items() if c)
         raise ValueError(f"scores lack column(s) {missing}{hint}; have {sorted(names)}")
+    schema = frame.collect_schema()
+    if not_scores := [f"{c} ({schema[c]})" for c in cfg.by if not schema[c].is_numeric()]:
+        numeric = sorted(c for c, t in schema.items()
+                         if t.is_numeric() and c not in ("label", "suggested_label", "fold"))
+        raise ValueError(f"--by {', '.join(not_scores)}: not a numeric score to rank by; numeric columns: {numeric}")
 
 
 def _check_scored(table: pl.DataFrame, cfg: SelectConfig) -> None:

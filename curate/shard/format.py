@@ -14,7 +14,8 @@ Layout of a shard folder (DESIGN.md "Shards" contract)::
     OUT/_info.json              timm's split index (`info_json`)
     OUT/manifest.json           `shard_manifest` plus what the writer adds (selection hash,
                                 scores manifests, config, versions):
-                                {"format_version": 1, "num_classes": C, "splits": {split: {
+                                {"format_version": 1, "num_classes": C, "class_names": [C names],
+                                 "splits": {split: {
                                     "num_samples", "importance": bool, "shards": [
                                     {"filename", "count", "sha256", "bytes"}, ...]}}}
 
@@ -34,9 +35,10 @@ import io
 import json
 import math
 import re
+import tarfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 from numpy.lib import format as npy_format
@@ -44,7 +46,9 @@ from PIL import Image
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from curate.common.atomic import read_json_object, write_json
+from curate.common.runfolder import wrong_kind
 from curate.ingest.decode import DEFAULT_MAX_PIXELS, decode_rgb, decode_upright, plain_jpeg_size, to_rgb
+from curate.ingest.limits import DEFAULT_MAX_CLASSES
 from curate.ingest.sources import MAX_KEY_LEN
 
 FORMAT_VERSION = 1
@@ -219,13 +223,18 @@ def info_json(name: str, splits: Mapping[str, list[ShardInfo]]) -> dict:
                                      for split, infos in splits.items()}}
 
 
-def shard_manifest(splits: Mapping[str, list[ShardInfo]], maps: Mapping[str, bool], num_classes: int) -> dict:
+def shard_manifest(splits: Mapping[str, list[ShardInfo]], maps: Mapping[str, bool], num_classes: int,
+                   names: Sequence[str] | None = None) -> dict:
     """The part of manifest.json every reader relies on. `maps` says, for every split, whether
-    its samples carry importance.npy; there is no default."""
+    its samples carry importance.npy; there is no default. `names`: the class names by index
+    ("" where unknown), which a trained model carries to its predictions."""
     missing = sorted(set(splits) - set(maps))
     if missing:
         raise ValueError(f"say whether split(s) {missing} carry importance maps")
+    if names is not None and len(names) != num_classes:
+        raise ValueError(f"{len(names)} class names for {num_classes} classes")
     return {"format_version": FORMAT_VERSION, "num_classes": int(num_classes),
+            **({"class_names": list(names)} if names is not None else {}),
             "splits": {split: {"num_samples": sum(i.count for i in infos), "importance": bool(maps[split]),
                                "shards": [{"filename": i.filename, "count": i.count, "sha256": i.sha256,
                                            "bytes": i.bytes} for i in infos]}
@@ -233,10 +242,11 @@ def shard_manifest(splits: Mapping[str, list[ShardInfo]], maps: Mapping[str, boo
 
 
 def write_index(out: Path, name: str, splits: Mapping[str, list[ShardInfo]], maps: Mapping[str, bool],
-                num_classes: int, extra: Mapping[str, Any] | None = None) -> dict:
+                num_classes: int, extra: Mapping[str, Any] | None = None, names: Sequence[str] | None = None
+                ) -> dict:
     """Write `_info.json` and `manifest.json` (with `extra` beside the contract's fields), the
     manifest last: a folder with a manifest is complete. Returns the manifest."""
-    manifest = {**(extra or {}), **shard_manifest(splits, maps, num_classes)}
+    manifest = {**(extra or {}), **shard_manifest(splits, maps, num_classes, names)}
     write_json(out / INFO, info_json(name, splits))
     write_json(out / MANIFEST, manifest)
     return manifest
@@ -275,6 +285,8 @@ def filename_fault(name: Any) -> str:
 
 def read_manifest(root: Path) -> dict[str, Any]:
     """manifest.json of a shard folder, checked for its format version."""
+    if kind := wrong_kind(Path(root), "shard", "give the folder `curate shard --out` wrote"):
+        raise FormatError(kind)
     manifest = read_json_object(Path(root) / MANIFEST, "expected the output of `curate shard`")
     fault = version_fault(manifest)
     if fault:
@@ -328,8 +340,90 @@ def _entry_fault(entry: Any) -> str:
     return filename_fault(entry.get("filename"))
 
 
+def num_classes_fault(manifest: Mapping[str, Any]) -> str:
+    """Why the manifest's `num_classes` cannot size a classifier head, or "": an integer from 2 to
+    DEFAULT_MAX_CLASSES (the ceiling `curate score` holds labels to)."""
+    value = manifest.get("num_classes")
+    if isinstance(value, bool) or not isinstance(value, int) or not 2 <= value <= DEFAULT_MAX_CLASSES:
+        return (f"{MANIFEST}: num_classes {value!r:.40} is not a class count from 2 to {DEFAULT_MAX_CLASSES} "
+                "(write the shards again with `curate shard`)")
+    return ""
+
+
 def num_classes(root: Path) -> int:
-    return int(read_manifest(root)["num_classes"])
+    """The class count the writer recorded, checked (`num_classes_fault`)."""
+    manifest = read_manifest(root)
+    if fault := num_classes_fault(manifest):
+        raise FormatError(f"{root}: {fault}")
+    return manifest["num_classes"]
+
+
+def class_names(manifest: Mapping[str, Any]) -> list[str] | None:
+    """Class names by index ("" where the writer knew none), or None when the manifest has
+    none (shards written before curate recorded them) or they do not fit `num_classes`."""
+    names = manifest.get("class_names")
+    if not isinstance(names, list) or len(names) != manifest.get("num_classes") \
+            or not all(isinstance(n, str) for n in names):
+        return None
+    return names
+
+
+def scan_split(split: Split, classes: int, max_faults: int = 20) -> list[str]:
+    """What would break training in a split, from the tar headers and `cls` members alone (no
+    image is read, no sha256 computed: cheap enough to run before every training run). Faults:
+    a shard missing or unreadable, its sample count against the index, a key held by two
+    shards, a `cls` that is not a class index below `classes`. At most `max_faults`, then a
+    count of the rest."""
+    faults: list[str] = []
+    owner: dict[str, str] = {}
+    for url, expected in zip(split.urls, split.lengths):
+        faults += _scan_shard(Path(url), expected, classes, owner)
+    if len(faults) > max_faults:
+        faults = faults[:max_faults] + [f"... and {len(faults) - max_faults} more"]
+    return faults
+
+
+def _scan_shard(path: Path, expected: int, classes: int, owner: dict[str, str]) -> list[str]:
+    faults: list[str] = []
+    count, last = 0, None
+    try:
+        with tarfile.open(path, "r:") as tf:
+            for info in tf:
+                key, _, field = info.name.partition(".")
+                if not info.isfile() or not field:
+                    continue
+                if key != last:  # webdataset groups consecutive members by key
+                    count, last = count + 1, key
+                    if key in owner:
+                        faults.append(f"{path.name}: key {key!r} also in {owner[key]}")
+                    owner.setdefault(key, path.name)
+                if field == "cls":
+                    faults += [f"{path.name}: {key}: {f}" for f in cls_faults(_member(tf, info), classes)]
+    except (OSError, tarfile.TarError) as exc:
+        return faults + [f"{path.name}: unreadable after {count} samples: {exc}"]
+    if count != expected:
+        faults.append(f"{path.name}: {count} samples in the tar, the index says {expected}")
+    return faults
+
+
+def _member(tf: tarfile.TarFile, info: tarfile.TarInfo) -> bytes:
+    if info.size > 64:  # a class index is a few digits: anything larger is not one
+        return b"?" * 8
+    handle = tf.extractfile(info)
+    return handle.read() if handle is not None else b""
+
+
+def cls_faults(data: bytes | None, classes: int | None = None) -> list[str]:
+    """Why a `cls` member is not a class index (below `classes`, when given), or []."""
+    try:
+        label = int((data or b"").decode("ascii"))
+    except ValueError:
+        return [f"cls is not an ASCII integer: {data!r:.40}"]
+    if label < 0:
+        return [f"cls {label} is negative: not a class index"]
+    if classes is not None and label >= classes:
+        return [f"cls {label} is not a class index below num_classes {classes} ({MANIFEST})"]
+    return []
 
 
 def read_samples(path: Path) -> Iterator[dict[str, Any]]:

@@ -138,9 +138,9 @@ def run_shard(cfg: ShardConfig) -> ShardResult:
         maps = {"train": maps_dir is not None}
         if val is not None:
             splits["validation"], maps["validation"] = _write_validation(cfg, val), bool(val.maps)
-        labels = [int(sel["label"].max())] + ([max(it.label for it in val.items.values())] if val else [])
-        manifest = fmt.write_index(cfg.out, cfg.name, splits, maps, num_classes=max(labels) + 1,
-                                   extra=_manifest(cfg, sel, manifests, time.perf_counter() - t0))
+        names = class_names(sel, list(val.items.values()) if val is not None else [])
+        manifest = fmt.write_index(cfg.out, cfg.name, splits, maps, num_classes=len(names),
+                                   extra=_manifest(cfg, sel, manifests, time.perf_counter() - t0), names=names)
         report = write_report(cfg.scores, cfg.out / REPORT, sel) if cfg.report else None
     return ShardResult(cfg.out, sel, per_class, manifest, time.perf_counter() - t0, report)
 
@@ -153,6 +153,19 @@ def _open_out(cfg: ShardConfig, plans: Sequence[ShardPlan]) -> RunFolder:
     folder.claim(SELECTION, fmt.INFO, fmt.MANIFEST, *(name for p in plans for name in p.filenames),
                  *((REPORT,) if cfg.report else ()))
     return folder
+
+
+def class_names(sel: pl.DataFrame, val_items: Sequence[Item]) -> list[str]:
+    """Class names by index, over both splits ("" for an index no input names): what a trained
+    model's predictions are read with. A relabelled row's class_name is its given label's."""
+    given = sel.filter(pl.col("relabelled_from").is_null() & (pl.col("label") >= 0))
+    pairs = list(given.select("label", "class_name").unique().iter_rows()) + [
+        (it.label, it.class_name) for it in val_items if it.label >= 0]
+    count = max([int(sel["label"].max())] + [label for label, _ in pairs]) + 1
+    names = [""] * count
+    for label, name in sorted(pairs):
+        names[label] = names[label] or (name or "")
+    return names
 
 
 def per_class_counts(sel: pl.DataFrame) -> pl.DataFrame:

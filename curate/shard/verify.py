@@ -9,8 +9,8 @@ import numpy as np
 
 from curate.common.atomic import file_sha256
 from curate.ingest.decode import decode_image
-from curate.shard.format import (IMAGE_FIELDS, INFO, MANIFEST, MAP_FIELD, FormatError, filename_fault, load_npy,
-                                 max_side_of, read_samples, version_fault)
+from curate.shard.format import (IMAGE_FIELDS, INFO, MANIFEST, MAP_FIELD, FormatError, cls_faults, filename_fault,
+                                 load_npy, max_side_of, num_classes_fault, read_samples, version_fault)
 
 MAX_FAULTS_PER_SHARD = 10  # a systematically broken shard would otherwise flood the report
 
@@ -20,9 +20,10 @@ def verify(out: Path) -> list[str]:
 
     An empty list means: the manifest is of this format version, indexes agree, every shard
     name stays inside OUT, every shard exists with the recorded sha256, size and count, every
-    sample has one decodable jpg/png/webp, an int cls, a json dict and (in splits whose manifest
-    entry says "importance": true) a float16 2-D importance map of the recorded shape, keys are
-    unique within each split, and no `.tmp` leftovers or unlisted `.tar` files lie in OUT. With
+    sample has one decodable jpg/png/webp, a cls that is a class index below the manifest's
+    num_classes (itself a class count), a json dict and (in splits whose manifest entry says
+    "importance": true) a float16 2-D importance map of the recorded shape, keys are unique
+    within each split, and no `.tmp` leftovers or unlisted `.tar` files lie in OUT. With
     `images.max_side` in the manifest (`curate shard --max-side`), every reduced image is within
     it and every image kept as original bytes has its recorded original size.
     """
@@ -41,6 +42,9 @@ def verify(out: Path) -> list[str]:
         faults.append(str(exc))
         max_side = None
     faults += _check_info(info, shards)
+    if fault := num_classes_fault(manifest):
+        faults.append(fault)
+    classes = None if fault else manifest["num_classes"]
     for split, entries in shards.items():
         owner: dict[str, str] = {}  # key -> shard that holds it; keys are unique per split
         maps = manifest["splits"][split].get("importance")
@@ -48,7 +52,7 @@ def verify(out: Path) -> list[str]:
             faults.append(f"{MANIFEST}: split {split!r} does not say whether it carries maps (importance)")
             continue
         for entry in entries:
-            faults += _check_shard(out, entry, owner, maps, max_side)
+            faults += _check_shard(out, entry, owner, maps, max_side, classes)
     faults += _stray_files(out, {e.get("filename") for es in shards.values() for e in es})
     return faults
 
@@ -118,7 +122,8 @@ def _check_info_split(split: str, part: Any, entries: list[dict]) -> list[str]:
     return faults
 
 
-def _check_shard(out: Path, entry: dict, owner: dict[str, str], maps: bool, max_side: int | None) -> list[str]:
+def _check_shard(out: Path, entry: dict, owner: dict[str, str], maps: bool, max_side: int | None,
+                 classes: int | None) -> list[str]:
     name = str(entry.get("filename"))
     path = out / name
     if not path.is_file():
@@ -128,13 +133,14 @@ def _check_shard(out: Path, entry: dict, owner: dict[str, str], maps: bool, max_
         faults.append(f"{name}: size {path.stat().st_size} != manifest bytes {entry.get('bytes')}")
     if file_sha256(path) != entry.get("sha256"):
         faults.append(f"{name}: sha256 differs from manifest.json (corrupt or rewritten)")
-    count, sample_faults = _check_samples(path, owner, maps, max_side)
+    count, sample_faults = _check_samples(path, owner, maps, max_side, classes)
     if count != entry.get("count"):
         faults.append(f"{name}: {count} samples read, manifest count is {entry.get('count')}")
     return faults + _capped(name, sample_faults)
 
 
-def _check_samples(path: Path, owner: dict[str, str], maps: bool, max_side: int | None) -> tuple[int, list[str]]:
+def _check_samples(path: Path, owner: dict[str, str], maps: bool, max_side: int | None, classes: int | None
+                   ) -> tuple[int, list[str]]:
     count, faults = 0, []
     try:
         for sample in read_samples(path):
@@ -143,7 +149,7 @@ def _check_samples(path: Path, owner: dict[str, str], maps: bool, max_side: int 
             if key in owner:
                 faults.append(f"key {key!r} also in {owner[key]}")
             owner[key] = path.name
-            problems = sample_faults(sample, require_importance=maps, max_side=max_side)
+            problems = sample_faults(sample, require_importance=maps, max_side=max_side, classes=classes)
             faults += [f"{key}: {f}" for f in problems]
     except Exception as exc:  # truncated or corrupt tar: report, keep checking other shards
         # webdataset appends the stream and url to args: keep only the message
@@ -159,9 +165,11 @@ def _capped(name: str, faults: list[str]) -> list[str]:
     return shown
 
 
-def sample_faults(sample: dict[str, Any], require_importance: bool, max_side: int | None = None) -> list[str]:
+def sample_faults(sample: dict[str, Any], require_importance: bool, max_side: int | None = None,
+                  classes: int | None = None) -> list[str]:
     """What is wrong with one raw sample (field -> bytes) as timm and sparsevit read it; with
-    `max_side`, also its image size against what `curate shard --max-side` promised."""
+    `max_side`, also its image size against what `curate shard --max-side` promised; with
+    `classes`, its cls against the class count."""
     images = [f for f in IMAGE_FIELDS if f in sample]
     if len(images) != 1:
         return [f"has {len(images)} jpg/png/webp members, needs exactly one"]
@@ -169,7 +177,7 @@ def sample_faults(sample: dict[str, Any], require_importance: bool, max_side: in
     decoded = decode_image(sample[images[0]], 8)  # tiny target: JPEG draft keeps it fast
     if decoded.error:
         faults.append(f"{images[0]} does not decode: {decoded.error}")
-    faults += _cls_faults(sample.get("cls"))
+    faults += cls_faults(sample.get("cls"), classes)
     meta = _json_field(sample.get("json"), faults)
     if max_side is not None and decoded.ok:
         faults += _size_faults((decoded.width, decoded.height), meta, max_side)
@@ -187,14 +195,6 @@ def _size_faults(size: tuple[int, int], meta: dict, max_side: int) -> list[str]:
         return [f"reduced image is {size[0]}x{size[1]}, over max_side {max_side}"]
     if stored == "original" and list(size) != original:
         return [f"image is {size[0]}x{size[1]}, json says original bytes of {original[0]}x{original[1]}"]
-    return []
-
-
-def _cls_faults(data: bytes | None) -> list[str]:
-    try:
-        int((data or b"").decode("ascii"))
-    except ValueError:
-        return [f"cls is not an ASCII integer: {data!r:.40}"]
     return []
 
 
