@@ -36,8 +36,8 @@ def _cli(*args: str) -> object:
 def _one_line_error(res: object, *needles: str) -> None:
     """Failed with a message, not a traceback, and the message says what it should."""
     assert res.exit_code != 0, res.output
-    assert "Traceback" not in res.output and res.exception is None or isinstance(res.exception, SystemExit), \
-        res.output
+    assert "Traceback" not in res.output, res.output
+    assert res.exception is None or isinstance(res.exception, SystemExit), res.output
     for needle in needles:
         assert needle in res.output, res.output
 
