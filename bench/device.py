@@ -48,7 +48,8 @@ from curate.score.job import ScoreConfig, run_score  # noqa: E402
 from curate.score.proxies import create_model, normalizer, resolve_recipe  # noqa: E402
 from curate.shard import format as fmt  # noqa: E402
 from sparsevit.model import SparseConfig, create_sparse  # noqa: E402
-from sparsevit.train import TrainConfig, _build, train_loader, train_step  # noqa: E402
+from sparsevit.data import Batch  # noqa: E402
+from sparsevit.train import TrainConfig, build, train_loader, train_step  # noqa: E402
 
 KEEPS = (1.0, 0.7, 0.5)
 LOADERS = ("original bytes", "--max-side 256", "--decode gpu")
@@ -106,14 +107,14 @@ def _timed(fn: Callable[[], int], steps: int, warmup: int, device: torch.device)
 def model_only(plan: Plan, model: str, shards: Path, tmp: Path, keep: float, compiled: bool) -> float:
     """(a) training steps on one batch already on the device: the model's ceiling."""
     split = fmt.read_split(shards, "train")
-    run = _build(_config(plan, model, shards, tmp, keep), Dist(), plan.device, split)
+    run = build(_config(plan, model, shards, tmp, keep), Dist(), plan.device, split)
     if compiled:
         run.net = torch.compile(run.core)
     n_tokens = run.core.num_patches
-    batch = {"key": [f"k{i}" for i in range(plan.batch)], "skipped": [],
-             "image": torch.randn(plan.batch, 3, plan.img_size, plan.img_size, device=plan.device),
-             "label": torch.randint(0, 4, (plan.batch,), device=plan.device),
-             "importance": torch.rand(plan.batch, n_tokens, device=plan.device)}
+    batch = Batch(keys=[f"k{i}" for i in range(plan.batch)], skipped=[],
+                  image=torch.randn(plan.batch, 3, plan.img_size, plan.img_size, device=plan.device),
+                  label=torch.randint(0, 4, (plan.batch,), device=plan.device),
+                  importance=torch.rand(plan.batch, n_tokens, device=plan.device))
 
     def step() -> int:
         train_step(run, batch, 0.5, 0, 0.01)
@@ -122,7 +123,7 @@ def model_only(plan: Plan, model: str, shards: Path, tmp: Path, keep: float, com
     return _timed(step, plan.steps, plan.warmup + (2 if compiled else 0), plan.device)
 
 
-def batches(run: Any, split: fmt.Split) -> Iterator[dict[str, Any]]:
+def batches(run: Any, split: fmt.Split) -> Iterator[Batch]:
     """`curate train`'s own loader (sparsevit.train.train_loader) across epochs."""
     for epoch in itertools.count():
         yield from train_loader(run, split, epoch)[0]
@@ -137,12 +138,12 @@ def loader_only(plan: Plan, model: str, shards: dict[str, Path], tmp: Path, name
     """(b) batches as the training step receives them (on the device), nothing trained."""
     root, decode = _loader_source(name, shards)
     split = fmt.read_split(root, "train")
-    it = batches(_build(_config(plan, model, root, tmp, 1.0, decode), Dist(), plan.device, split), split)
+    it = batches(build(_config(plan, model, root, tmp, 1.0, decode), Dist(), plan.device, split), split)
 
     def take() -> int:
         b = next(it)
-        b["image"].to(plan.device, non_blocking=True)
-        return len(b["key"])
+        b.image.to(plan.device, non_blocking=True)
+        return len(b)
 
     return _timed(take, plan.steps, plan.warmup, plan.device)
 
@@ -151,13 +152,13 @@ def end_to_end(plan: Plan, model: str, shards: dict[str, Path], tmp: Path, name:
     """(c) `curate train`'s step fed by the loader: what a user's epoch runs at."""
     root, decode = _loader_source(name, shards)
     split = fmt.read_split(root, "train")
-    run = _build(_config(plan, model, root, tmp, keep, decode), Dist(), plan.device, split)
+    run = build(_config(plan, model, root, tmp, keep, decode), Dist(), plan.device, split)
     it = batches(run, split)
 
     def step() -> int:
         b = next(it)
         train_step(run, b, 0.5, 0, 0.01)
-        return len(b["key"])
+        return len(b)
 
     return _timed(step, plan.steps, plan.warmup, plan.device)
 

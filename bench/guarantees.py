@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from tests.sparse_fixtures import write_shards  # noqa: E402
-from tests.test_guarantees import SECRET, TINY, _broken, _hostile_images, _images  # noqa: E402
+from tests.test_guarantees import SECRET, TINY, broken, hostile_images, image_folder  # noqa: E402
 
 Row = tuple[str, str]
 
@@ -60,7 +60,7 @@ def outcome(code: int, out: str, err: str) -> str:
 
 def predict_cases(work: Path, run: Path) -> list[Row]:
     rows: list[Row] = []
-    images = _images(work / "valcopy")
+    images = image_folder(work / "valcopy")
     precious = work / "precious.txt"
     precious.write_text("mine")
     image_bytes = (images / "img0.jpg").read_bytes()
@@ -75,7 +75,7 @@ def predict_cases(work: Path, run: Path) -> list[Row]:
     leftovers = sorted(p.name for p in work.glob(".*.tmp"))
     rows.append(("predict: files after the refusals", f"precious.txt and the images intact: {intact}; "
                                                       f".tmp left: {leftovers or 'none'}"))
-    hostile = _hostile_images(work / "hostile")
+    hostile = hostile_images(work / "hostile")
     with open(hostile / "three-gib.jpg", "wb") as f:  # the 3 GiB file (sparse: no disk used)
         f.truncate(3 << 30)
     files = len(list(hostile.iterdir()))
@@ -113,7 +113,7 @@ def shard_cases(work: Path) -> list[Row]:
     for kind in ("cls=1000000000000", "cls=-1", "cls=-100", "cls=4", "num_classes=0", "num_classes=-1",
                  "num_classes=1000000000", 'num_classes="three"', "count=50", "count=-2", "duplicate"):
         shards = write_shards(work / f"shards-{kind}", per_class=4, multiple=2, per_shard=4)
-        _broken(kind, shards)
+        broken(kind, shards)
         rows.append((f"verify: {kind}", outcome(*curate("verify", shards))))
         rows.append((f"train: {kind}", outcome(*curate("train", shards, "--out", work / f"run-{kind}", *TINY,
                                                       "--epochs", "1", "--workers", "0"))))

@@ -26,7 +26,7 @@ from score_throughput import make_photos  # noqa: E402  (ImageNet-sized JPEGs)
 from train_step import write_bench_shards  # noqa: E402
 
 from curate.shard.format import read_split  # noqa: E402
-from sparsevit import data  # noqa: E402
+from sparsevit.train import TrainConfig, build, train_loader  # noqa: E402
 
 
 def imagefolder_ips(root: Path, size: int, batch: int, workers: int) -> float:
@@ -39,18 +39,19 @@ def imagefolder_ips(root: Path, size: int, batch: int, workers: int) -> float:
 
 
 def shards_ips(root: Path, size: int, patch: int, batch: int, workers: int) -> float:
+    """`curate train`'s loader for one epoch (its model built first, outside the timing)."""
     split = read_split(root, "train")
-    plan = data.plan_epoch(split, 0, seed=0, world=1, workers=workers, batch_size=batch)
-    aug = data.Augment(data.TrainTransform(data.Geometry(size, patch)), need_maps=True)
-    pipe = data.make_pipeline(plan, aug, batch, shuffle_buffer=256, seed=0, epoch=0)
-    return _drain(data.iterate(data.make_loader(pipe, workers), plan.steps, batch))
+    cfg = TrainConfig(shards=root, out=root / "unused-run", img_size=size, patch_size=patch, num_classes=4,
+                      batch_size=batch, workers=workers, shuffle_buffer=256, progress=False)
+    batches, _ = train_loader(build(cfg, device=torch.device("cpu"), split=split), split, 0)
+    return _drain(batches)
 
 
 def _drain(batches) -> float:
     """images/s over one epoch, worker start-up included (both loaders pay it)."""
     t0, n = time.perf_counter(), 0
     for b in batches:
-        n += len(b[1]) if isinstance(b, (list, tuple)) else len(b["label"])
+        n += len(b[1]) if isinstance(b, (list, tuple)) else len(b)
     return n / (time.perf_counter() - t0)
 
 

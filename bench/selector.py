@@ -31,10 +31,10 @@ import torch
 
 from curate.common.atomic import write_json
 from curate.demo.train import DEMO_MODEL, DemoTrain, Variant, train_one
-from curate.shard.format import read_split
-from sparsevit import data, predict, selector
-from sparsevit.model import SparseConfig, SparseViT, num_keep
-from sparsevit.train import TrainConfig
+from curate.shard.format import Split, read_split
+from sparsevit import selector
+from sparsevit.model import SparseConfig
+from sparsevit.train import TrainConfig, evaluate, restore
 
 
 def _dataset(text: str) -> tuple[int, Path]:
@@ -51,41 +51,16 @@ def train(shards: Path, out: Path, seed: int, keep: float, blocks: tuple[int, ..
               replace(DemoTrain(epochs=epochs, seed=seed), extra=selector_opts))
 
 
-def validation(shards: Path) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """The validation split as (images, labels, maps) batches, decoded once for every model."""
-    split = read_split(shards, "validation")
-    if not split.has_maps:
-        raise SystemExit(f"{shards}: the validation split has no importance maps (curate shard --val-scores)")
-    geo = data.Geometry(DEMO_MODEL["img_size"], DEMO_MODEL["patch_size"])
-    aug = data.Augment(data.EvalTransform(geo), need_maps=True, on_error="raise")
-    pipe = data.make_pipeline(data.EpochPlan(split.urls, 0, 0), aug, 250, 0, 0, 0, partial=True, split_nodes=False)
-    return [(b["image"], b["label"], b["importance"]) for b in data.make_loader(pipe, 0)]
-
-
-@torch.no_grad()
-def evaluate(core: SparseViT, val: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], keep: float,
-             seed: int) -> dict[str, float]:
-    """Accuracy with all tokens, and at `keep` with tokens chosen by the maps, at random, and (when
-    the model has one) by its selector alone; the selector's agreement with the maps."""
-    core.eval()
-    gen = torch.Generator().manual_seed(seed)
-    hits = {"all": 0, "maps": 0, "random": 0, "selector": 0}
-    agree, n = {"overlap": 0.0, "spearman": 0.0}, 0
-    dense = SparseViT(core.vit, SparseConfig())
-    for x, y, maps in val:
-        noise = torch.rand(maps.shape, generator=gen)  # a random ranking: random tokens kept
-        runs = {"all": dense(x), "maps": core(x, maps, keep), "random": core(x, noise, keep)}
-        if core.selectors:
-            runs["selector"] = core(x, None, keep, selector_share=1.0)
-            for k, v in selector.agreement(core.selector_logits(x), maps, num_keep(maps.shape[1], keep)).items():
-                agree[k] += v
-        for k, logits in runs.items():
-            hits[k] += int((logits.argmax(-1) == y).sum())
-        n += len(y)
-    out = {k: v / n for k, v in hits.items() if k != "selector" or core.selectors}
-    if core.selectors:
-        out |= {k: v / n for k, v in agree.items()}
-    return out
+def evaluated(run_dir: Path, val: Split, seed: int) -> dict[str, float]:
+    """`curate train`'s own evaluation of the finished run (EMA weights when kept) on the clean
+    validation split: all tokens, and at the run's keep with the tokens chosen by the maps, at
+    random and (with a selector) by the selector alone; the selector's agreement with the maps."""
+    torch.manual_seed(seed)  # the random ranking
+    r = evaluate(restore(run_dir, device=torch.device("cpu")), val, random_tokens=True)
+    named = {"all": r["val_acc"], "maps": r["val_acc_dropped"], "random": r["val_acc_random"],
+             "selector": r["val_acc_selected"], "overlap": r["val_selector_overlap"],
+             "spearman": r["val_selector_spearman"]}
+    return {k: v for k, v in named.items() if v is not None}
 
 
 def _mean_sd(values: list[float]) -> str:
@@ -136,7 +111,9 @@ def main() -> None:
     results: dict[str, Any] = json.loads(path.read_text()) if args.resume and path.is_file() else {}
     for seed, root in args.data:
         shards = root / "shards"
-        val = validation(shards)
+        val = read_split(shards, "validation")
+        if not val.has_maps:
+            raise SystemExit(f"{shards}: the validation split has no importance maps (curate shard --val-scores)")
         for keep in keeps:
             for model in args.models.split(","):
                 name = f"{model}-keep{keep}-seed{seed}"
@@ -145,10 +122,9 @@ def main() -> None:
                 run = args.out / name
                 train(shards, run, seed, keep, blocks if model == "selector" else (), args.select_by, args.epochs,
                       args.lr_scale)
-                core = predict.load_model(run).core
                 summary = json.loads((run / "summary.json").read_text())
                 logged = {"wall_s": summary["wall_s"], "logged_val_acc_selected": summary["val_acc_selected"]}
-                results[name] = evaluate(core, val, keep, seed) | logged
+                results[name] = evaluated(run, val, seed) | logged
                 write_json(path, results)
                 print(name, {k: round(v, 4) for k, v in results[name].items() if v is not None}, flush=True)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()

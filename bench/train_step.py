@@ -30,10 +30,9 @@ from score_throughput import make_photos  # noqa: E402  (ImageNet-sized JPEGs)
 from curate.shard import format as fmt  # noqa: E402
 from curate.shard.plan import plan_shards  # noqa: E402
 from curate.shard.writer import write_split  # noqa: E402
-from curate.common.dist import Dist  # noqa: E402
-from sparsevit import data  # noqa: E402
+from sparsevit.data import Batch  # noqa: E402
 from sparsevit.model import SparseConfig  # noqa: E402
-from sparsevit.train import TrainConfig, _build, train_step  # noqa: E402
+from sparsevit.train import Run, TrainConfig, build, train_loader, train_step  # noqa: E402
 
 SETTINGS: dict[str, dict[str, Any]] = {
     "dense": {"keep": 1.0},
@@ -69,20 +68,16 @@ def write_bench_shards(src: Path, out: Path, grid: int = 14, per_shard: int = 64
     return out
 
 
-def endless(cfg: TrainConfig, run: Any, split: fmt.Split) -> Iterator[dict[str, Any]]:
-    """Loader batches across epochs, without the step cap: the benchmark decides when to stop."""
+def endless(run: Run, split: fmt.Split) -> Iterator[Batch]:
+    """`curate train`'s loader across epochs: the benchmark decides when to stop."""
     for epoch in itertools.count():
-        plan = data.plan_epoch(split, epoch, cfg.seed, 1, cfg.workers, cfg.batch_size)
-        geo = data.Geometry(cfg.img_size, run.core.vit.patch_embed.patch_size[0])
-        pipe = data.make_pipeline(plan, data.Augment(data.TrainTransform(geo), True), cfg.batch_size,
-                                  cfg.shuffle_buffer, cfg.seed, epoch)
-        yield from data.rebatch(data.make_loader(pipe, cfg.workers), cfg.batch_size)
+        yield from train_loader(run, split, epoch)[0]
 
 
 def time_setting(base: TrainConfig, opts: dict[str, Any], split: fmt.Split, steps: int, warmup: int) -> float:
     cfg = TrainConfig(**{**base.__dict__, **opts})
-    run = _build(cfg, Dist(), torch.device("cpu"), split)
-    batches = endless(cfg, run, split)
+    run = build(cfg, device=torch.device("cpu"), split=split)
+    batches = endless(run, split)
     for _ in range(warmup):  # loader start-up, allocator, first-call costs
         train_step(run, next(batches), 1.0, 0, 0.01)
     t0 = time.perf_counter()

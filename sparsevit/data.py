@@ -19,19 +19,20 @@ from __future__ import annotations
 
 import math
 import random
-from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Iterator
+from dataclasses import dataclass, field, replace
+from functools import cached_property
+from typing import Any, Callable, Iterable, Iterator, NamedTuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 import webdataset as wds
 from PIL import Image
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.data.mixup import Mixup, cutmix_bbox_and_lam, mixup_target
 from torchvision.transforms import functional as TF
 
 from curate.common.runtime import die_with_parent
+from curate.common.vit import IMAGENET_MEAN, IMAGENET_STD, mean_std
 from curate.shard.format import FormatError, Split, decode_sample
 
 @dataclass(frozen=True)
@@ -82,6 +83,32 @@ class Geometry:
     @property
     def grid(self) -> int:
         return self.img_size // self.patch_size
+
+
+@dataclass(frozen=True)
+class Normalize:
+    """Pixels in 0..255 to the model's input scale, with the mean and std of its timm config
+    (`of(model)`), as timm's own transforms do."""
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
+
+    @classmethod
+    def of(cls, model: torch.nn.Module) -> "Normalize":
+        return cls(*mean_std(model))
+
+    @cached_property
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """mean and std as (3, 1, 1) float tensors, made once per process."""
+        return torch.tensor(self.mean).view(3, 1, 1), torch.tensor(self.std).view(3, 1, 1)
+
+    def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(..., 3, H, W) uint8 or float in 0..255 -> normalised float, in place when float."""
+        mean, std = self.tensors
+        return pixels.float().div_(255).sub_(mean.to(pixels.device)).div_(std.to(pixels.device))
+
+
+def to_tensor(img: Image.Image, normalize: Normalize = Normalize()) -> torch.Tensor:
+    return normalize(torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1))  # (3, H, W)
 
 
 def crop_map(importance: np.ndarray, box: tuple[float, float, float, float], image_hw: tuple[int, int],
@@ -143,6 +170,7 @@ class TrainTransform:
     scale: tuple[float, float] = (0.08, 1.0)
     ratio: tuple[float, float] = (3 / 4, 4 / 3)
     hflip: float = 0.5
+    normalize: Normalize = Normalize()
 
     def draw(self, height: int, width: int) -> tuple[tuple[int, int, int, int], bool]:
         """The random crop box (top, left, h, w) and flip for an image of this size: the only
@@ -159,7 +187,7 @@ class TrainTransform:
             img = TF.hflip(img)
         grid = None if importance is None else crop_map(
             importance, (top, left, h, w), (image.height, image.width), self.geometry.grid, flip)
-        return to_tensor(img), grid
+        return to_tensor(img, self.normalize), grid
 
 
 @dataclass(frozen=True)
@@ -167,6 +195,7 @@ class EvalTransform:
     """Resize the short side to img_size / crop_pct, centre crop: timm's eval transform."""
     geometry: Geometry
     crop_pct: float = 0.875
+    normalize: Normalize = Normalize()
 
     def __call__(self, image: Image.Image, importance: np.ndarray | None
                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -177,16 +206,9 @@ class EvalTransform:
         img = TF.center_crop(TF.resize(image, math.floor(size / self.crop_pct), antialias=True), [size, size])
         grid = None if importance is None else crop_map(
             importance, (top, left, h, w), (image.height, image.width), self.geometry.grid, False)
-        return to_tensor(img), grid
+        return to_tensor(img, self.normalize), grid
 
 
-_MEAN = torch.tensor(IMAGENET_DEFAULT_MEAN).view(3, 1, 1)
-_STD = torch.tensor(IMAGENET_DEFAULT_STD).view(3, 1, 1)
-
-
-def to_tensor(img: Image.Image) -> torch.Tensor:
-    x = torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1)  # (3, H, W)
-    return x.float().div_(255).sub_(_MEAN).div_(_STD)
 
 
 # --- pipeline -----------------------------------------------------------------------------
@@ -197,13 +219,13 @@ class Augment:
 
     Error policy: with `skip` (training's), a sample that cannot be decoded or transformed
     becomes {"key", "error"} and travels on to `collate`, which sets it aside in the batch's
-    "skipped" list, so the loop can count it with its key; with `raise` the error stops the run."""
+    `skipped` list, so the loop can count it with its key; with `raise` the error stops the run."""
     transform: TrainTransform | EvalTransform
     need_maps: bool
     on_error: str = "skip"  # skip | raise
 
     def __call__(self, sample: dict[str, Any]) -> dict[str, Any]:
-        return self.guarded(self._apply, sample)
+        return self.guarded(self.apply, sample)
 
     def guarded(self, fn: Callable[[dict[str, Any]], dict[str, Any]], sample: dict[str, Any]) -> dict[str, Any]:
         """fn(sample) under the error policy: raise, or a {"key", "error"} record."""
@@ -214,12 +236,46 @@ class Augment:
                 raise
             return {"key": str(sample.get("__key__")), "error": f"{type(e).__name__}: {e}"}
 
-    def _apply(self, sample: dict[str, Any]) -> dict[str, Any]:
+    def apply(self, sample: dict[str, Any]) -> dict[str, Any]:
+        """decode + transform with no error policy: what `guarded` guards."""
         d = decode_sample(sample)
         if self.need_maps and d["importance"] is None:
             raise ValueError("no importance.npy, but token dropping by importance needs one")
         x, grid = self.transform(d["image"], d["importance"])
         return {"key": d["key"], "image": x, "label": d["label"], "importance": grid}
+
+
+class Pending(NamedTuple):
+    """A plain JPEG left for the training device to decode (`sparsevit.device_decode`)."""
+    index: int  # its row in the batch
+    jpeg: torch.Tensor  # the file's bytes, uint8
+    box: tuple[int, int, int, int]  # the crop drawn in the worker: top, left, height, width
+    flip: bool
+
+
+@dataclass(frozen=True)
+class Batch:
+    """What the loader hands the training step: the decoded samples of one batch, in order.
+
+    Samples that failed to decode are not rows: they are listed in `skipped` with their error.
+    With device decoding, `image` holds only the rows listed in `ready` until
+    `device_decode.finish_batch` decodes the `pending` ones."""
+    keys: list[str]
+    image: torch.Tensor | None  # (B, 3, S, S) normalised; None when no row is decoded yet
+    label: torch.Tensor  # (B,) long
+    importance: torch.Tensor | None  # (B, N) the maps pooled to the patch grid; None without maps
+    skipped: list[tuple[str, str]]  # (key, error) of the samples that failed
+    ready: list[int] = field(default_factory=list)  # rows of `image` while `pending` is not empty
+    pending: list[Pending] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def pin_memory(self) -> "Batch":
+        """Called by the DataLoader with pin_memory (CUDA): page-locked tensors copy faster."""
+        def pin(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.pin_memory()
+        return replace(self, image=pin(self.image), label=pin(self.label), importance=pin(self.importance))
 
 
 @dataclass(frozen=True)
@@ -234,11 +290,11 @@ class Collate:
     """`collate` for full batches; a shorter one (a worker's last) becomes a `Rest`."""
     batch_size: int
 
-    def __call__(self, samples: list[dict[str, Any]]) -> dict[str, Any] | Rest:
+    def __call__(self, samples: list[dict[str, Any]]) -> Batch | Rest:
         return collate(samples) if len(samples) >= self.batch_size else Rest(samples)
 
 
-def rebatch(batches: Iterable[dict[str, Any] | Rest], batch_size: int) -> Iterator[dict[str, Any]]:
+def rebatch(batches: Iterable[Batch | Rest], batch_size: int) -> Iterator[Batch]:
     """Full batches as they come; the workers' rests joined into full batches as soon as they
     fill one. Fewer than `batch_size` samples are left over at the end (counted by `plan_epoch`)."""
     loose: list[dict[str, Any]] = []
@@ -252,23 +308,19 @@ def rebatch(batches: Iterable[dict[str, Any] | Rest], batch_size: int) -> Iterat
             loose = loose[batch_size:]
 
 
-def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
-    """A batch of the decoded samples; those that failed are listed under "skipped" as
-    (key, error). "image" is None when every sample of the batch failed. Samples left for the
-    device to decode (`sparsevit.device_decode`) go under "pending"; "image" then holds only
-    the others, at the positions listed in "ready", until `device_decode.finish_batch`."""
+def collate(samples: list[dict[str, Any]]) -> Batch:
+    """The batch of the decoded samples (`Augment`'s output); those that failed go to `skipped`.
+    Samples left for the device to decode carry "jpeg" instead of "image" and become `pending`."""
     good = [s for s in samples if "error" not in s]
     maps = [s["importance"] for s in good]
     ready = [i for i, s in enumerate(good) if "image" in s]
-    batch = {"key": [s["key"] for s in good],
-             "image": torch.stack([good[i]["image"] for i in ready]) if ready else None,
-             "label": torch.tensor([s["label"] for s in good], dtype=torch.long),
-             "importance": torch.stack(maps).flatten(1) if good and all(m is not None for m in maps) else None,
-             "skipped": [(s["key"], s["error"]) for s in samples if "error" in s]}
-    if len(ready) < len(good):
-        batch["ready"] = ready
-        batch["pending"] = [(i, s["jpeg"], s["box"], s["flip"]) for i, s in enumerate(good) if "jpeg" in s]
-    return batch
+    pending = [Pending(i, s["jpeg"], s["box"], s["flip"]) for i, s in enumerate(good) if "jpeg" in s]
+    return Batch(keys=[s["key"] for s in good],
+                 image=torch.stack([good[i]["image"] for i in ready]) if ready else None,
+                 label=torch.tensor([s["label"] for s in good], dtype=torch.long),
+                 importance=torch.stack(maps).flatten(1) if good and all(m is not None for m in maps) else None,
+                 skipped=[(s["key"], s["error"]) for s in samples if "error" in s],
+                 ready=ready if pending else [], pending=pending)
 
 
 def make_pipeline(plan: EpochPlan, augment: Callable[[dict[str, Any]], dict[str, Any]], batch_size: int,
@@ -302,7 +354,7 @@ def _seed_worker(worker_id: int) -> None:
     np.random.seed(torch.initial_seed() % 2**32)
 
 
-def iterate(loader: torch.utils.data.DataLoader, steps: int, batch_size: int) -> Iterator[dict[str, Any]]:
+def iterate(loader: torch.utils.data.DataLoader, steps: int, batch_size: int) -> Iterator[Batch]:
     """Exactly `steps` full batches, the workers' rests rebatched: the same count on every rank
     (see the module docstring). Fewer means the shards hold fewer samples than their index says."""
     it = rebatch(loader, batch_size)

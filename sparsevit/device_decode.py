@@ -15,7 +15,7 @@ join the batch already decoded.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from curate.shard.format import DEFAULT_MAX_PIXELS, plain_jpeg, sample_importance, sample_label
-from sparsevit.data import _MEAN, _STD, Augment, TrainTransform, crop_map
+from sparsevit.data import Augment, Batch, Normalize, TrainTransform, crop_map
 
 
 @dataclass(frozen=True)
@@ -44,7 +44,7 @@ class DeferredAugment:
     def _defer(self, sample: dict[str, Any]) -> dict[str, Any]:
         size = plain_jpeg(sample, self.max_pixels)
         if size is None:
-            return self.augment._apply(sample)
+            return self.augment.apply(sample)
         width, height = size
         label, importance = sample_label(sample), sample_importance(sample)
         if self.augment.need_maps and importance is None:
@@ -59,31 +59,31 @@ class DeferredAugment:
                 "importance": grid}
 
 
-def finish_batch(batch: dict[str, Any], img_size: int, device: torch.device) -> dict[str, Any]:
+def finish_batch(batch: Batch, img_size: int, device: torch.device, normalize: Normalize = Normalize()) -> Batch:
     """The batch with every image decoded, on `device`, in key order: the pending JPEGs decoded
     there in one call, cropped, resized, flipped and normalised; the ready ones copied in. A JPEG
-    the device decoder refuses leaves the batch and is listed under "skipped", as in the CPU path."""
-    pending = batch.get("pending")
-    if not pending:
+    the device decoder refuses leaves the batch and is listed under `skipped`, as in the CPU path."""
+    if not batch.pending:
         return batch
-    decoded = _decode_all([jpeg for _, jpeg, _, _ in pending], device)
-    failed = {pos for (pos, *_), image in zip(pending, decoded) if isinstance(image, str)}
-    rows = [i for i in range(len(batch["key"])) if i not in failed]
-    images = torch.empty(len(batch["key"]), 3, img_size, img_size, device=device)
-    if batch["ready"]:
-        images[batch["ready"]] = batch["image"].to(device, non_blocking=True)
-    for (pos, _, box, flip), image in zip(pending, decoded):
-        if not isinstance(image, str):
-            images[pos] = crop_resize(image, box, flip, img_size)
-    skipped = batch["skipped"] + [(batch["key"][pos], image) for (pos, *_), image in zip(pending, decoded)
-                                  if isinstance(image, str)]
+    decoded = _decode_all([p.jpeg for p in batch.pending], device)
+    images = torch.empty(len(batch), 3, img_size, img_size, device=device)
+    if batch.ready:
+        images[batch.ready] = batch.image.to(device, non_blocking=True)
+    failed: dict[int, str] = {}
+    for p, image in zip(batch.pending, decoded):
+        if isinstance(image, str):
+            failed[p.index] = image
+        else:
+            images[p.index] = crop_resize(image, p.box, p.flip, img_size, normalize)
+    done = replace(batch, image=images, ready=[], pending=[])
     if not failed:
-        return {**batch, "image": images, "pending": [], "ready": []}
+        return done
+    rows = [i for i in range(len(batch)) if i not in failed]
     keep = torch.tensor(rows, dtype=torch.long)
-    maps = batch["importance"]
-    return {**batch, "key": [batch["key"][i] for i in rows], "image": images[keep.to(device)] if rows else None,
-            "label": batch["label"][keep], "importance": None if maps is None else maps[keep],
-            "skipped": skipped, "pending": [], "ready": []}
+    maps = batch.importance
+    return replace(done, keys=[batch.keys[i] for i in rows], image=images[keep.to(device)] if rows else None,
+                   label=batch.label[keep], importance=None if maps is None else maps[keep],
+                   skipped=batch.skipped + [(batch.keys[i], error) for i, error in failed.items()])
 
 
 def _decode_all(jpegs: list[torch.Tensor], device: torch.device) -> list[torch.Tensor | str]:
@@ -103,7 +103,8 @@ def _decode_all(jpegs: list[torch.Tensor], device: torch.device) -> list[torch.T
     return out
 
 
-def crop_resize(image: torch.Tensor, box: tuple[int, int, int, int], flip: bool, size: int) -> torch.Tensor:
+def crop_resize(image: torch.Tensor, box: tuple[int, int, int, int], flip: bool, size: int,
+                normalize: Normalize = Normalize()) -> torch.Tensor:
     """uint8 (3, H, W) -> the normalised float (3, size, size) crop, as `TrainTransform` makes it
     with PIL: bilinear with antialiasing, rounded to uint8 before normalising."""
     top, left, h, w = box
@@ -112,4 +113,4 @@ def crop_resize(image: torch.Tensor, box: tuple[int, int, int, int], flip: bool,
     out = out.round_().clamp_(0, 255).squeeze(0)
     if flip:
         out = out.flip(-1)
-    return out.div_(255).sub_(_MEAN.to(out.device)).div_(_STD.to(out.device))
+    return normalize(out)

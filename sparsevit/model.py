@@ -9,6 +9,11 @@ distilled towards the map; at inference the selector alone decides, no maps need
 
 The saving is real: dropped tokens are gathered away, so every later matmul is smaller. k is
 fixed per batch (one keep ratio per step), so shapes stay static and fused SDPA stays on.
+
+timm is followed, not copied: a call that sparsifies nothing (all tokens, dense attention, no
+selector) is the model's own `forward`; the sparse path runs timm's modules in timm's order and
+honours `set_grad_checkpointing`; options that would change the tokens behind sparsevit's back
+(`patch_drop_rate`) or blocks it cannot re-run (other block or attention types) are refused.
 """
 from __future__ import annotations
 
@@ -19,8 +24,10 @@ from typing import Any
 
 import timm
 import torch
+from timm.layers import Attention
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from curate.ingest.limits import MAX_IMAGE_SIDE, MIN_IMAGE_SIDE
 from sparsevit import attention, selector
@@ -132,9 +139,18 @@ class SparseViT(nn.Module):
         whose tokens the selector ranks (1: the selector alone, no maps needed); the rest are
         ranked by the maps. with_losses: also return the selectors' losses (training)."""
         losses: dict[str, torch.Tensor] = {}
-        logits = self.vit.forward_head(self.forward_features(x, importance, keep, online_keep, selector_share,
-                                                             losses))
+        if self.is_dense(keep, online_keep):
+            logits = self.vit(x)  # nothing to change: timm's own forward, all of its options included
+        else:
+            logits = self.vit.forward_head(self.forward_features(x, importance, keep, online_keep, selector_share,
+                                                                 losses))
         return (logits, losses) if with_losses else logits
+
+    def is_dense(self, keep: float, online_keep: float = 1.0) -> bool:
+        """Whether a call with these ratios keeps every token and attends densely: then it is
+        timm's forward, exactly."""
+        online = online_keep < 1 and bool(self.cfg.online_blocks)
+        return keep >= 1 and not online and not self.selectors and self.cfg.attention == "dense"
 
     def forward_features(self, x: torch.Tensor, importance: torch.Tensor | None, keep: float,
                          online_keep: float, selector_share: float = 0.0,
@@ -149,7 +165,10 @@ class SparseViT(nn.Module):
             if str(i) in self.selectors:
                 x, scores = self.select(i, x, scores, keep, selector_share, importance is not None, losses)
             online = online_keep < 1 and i in self.cfg.online_blocks
-            x, cls = self.block(blk, x, scores, want_cls=online)
+            if vit.grad_checkpointing and self.training and not online:  # timm's set_grad_checkpointing
+                x, cls = checkpoint(self.block, blk, x, scores, False, use_reentrant=False)
+            else:
+                x, cls = self.block(blk, x, scores, want_cls=online)
             if online:
                 x, scores = drop_tokens(x, cls, online_keep, self.prefix, self.cfg.package)
         return vit.norm(x)
@@ -255,8 +274,16 @@ def _check_supported(vit: nn.Module, cfg: SparseConfig) -> None:
     bad = {type(b).__name__ for b in vit.blocks if type(b) is not Block}
     if bad:
         raise ValueError(f"unsupported block type(s) {sorted(bad)}: token dropping needs timm's Block")
+    odd = {type(b.attn).__name__ for b in vit.blocks if type(b.attn) is not Attention}
+    if odd:
+        raise ValueError(f"unsupported attention type(s) {sorted(odd)}: the attention modes need timm's Attention")
     if any(getattr(b.attn, "gate", None) is not None for b in vit.blocks):
         raise ValueError("gated attention is not supported")
+    if not isinstance(getattr(vit, "patch_drop", nn.Identity()), nn.Identity):
+        # timm's PatchDropout drops random tokens after the position embedding: token dropping's
+        # own random control does the same, and the two would compound unseen
+        raise ValueError("patch_drop_rate is not supported: sparsevit drops the tokens itself; for random token "
+                         "dropping use --keep K --drop-by random")
     if getattr(vit, "dynamic_img_size", False):
         raise ValueError("dynamic_img_size models are not supported: maps are pooled to one fixed grid")
     if cfg.online_blocks and max(cfg.online_blocks) >= len(vit.blocks):

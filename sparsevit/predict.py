@@ -161,9 +161,9 @@ class _Images(torch.utils.data.Dataset):
         return i, self.transform(image, None)[0], ""
 
 
-def _batches(items: Sequence[Item], img_size: int, patch: int, batch_size: int, workers: int, max_pixels: int
+def _batches(items: Sequence[Item], transform: data.EvalTransform, batch_size: int, workers: int, max_pixels: int
              ) -> Iterator[list[tuple[int, torch.Tensor | None, str]]]:
-    ds = _Images(items, data.EvalTransform(data.Geometry(img_size, patch)), max_pixels)
+    ds = _Images(items, transform, max_pixels)
     yield from torch.utils.data.DataLoader(ds, batch_size=batch_size, num_workers=workers, collate_fn=list)
 
 
@@ -173,9 +173,11 @@ def predict(model: Deployed, items: Sequence[Item], img_size: int, batch_size: i
             max_pixels: int = DEFAULT_MAX_PIXELS) -> pa.Table:
     """One row per input: top-1 class (index and name), probability, or the error that kept it
     from being read. `path` is the file's name as text (non-UTF-8 bytes as escapes)."""
-    patch = model.core.vit.patch_embed.patch_size[0]
+    vit = model.core.vit
+    transform = data.EvalTransform(data.Geometry(img_size, vit.patch_embed.patch_size[0]),
+                                   normalize=data.Normalize.of(vit))  # as the run trained
     pred, prob, error = [None] * len(items), [None] * len(items), [""] * len(items)
-    for batch in _batches(items, img_size, patch, batch_size, workers, max_pixels):
+    for batch in _batches(items, transform, batch_size, workers, max_pixels):
         ok = [(i, x) for i, x, _ in batch if x is not None]
         for i, x, err in batch:
             error[i] = err

@@ -15,7 +15,7 @@ import random
 import sys
 import time
 from contextlib import ExitStack, nullcontext
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -113,6 +113,10 @@ class TrainConfig:
             raise ValueError(f"crop_scale must be (lo, hi) with 0 < lo <= hi <= 1, got {self.crop_scale}")
         mode_of(self.resume, self.overwrite)
 
+    def class_count(self) -> int:
+        """--num-classes, else the class count the shard writer recorded (checked)."""
+        return self.num_classes or shard_format.num_classes(self.shards)
+
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
         d["shards"], d["out"] = str(self.shards), str(self.out)
@@ -157,24 +161,24 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
     """Train, evaluate each epoch, checkpoint; returns the summary written to summary.json."""
     with ExitStack() as stack:
         ctx = stack.enter_context(_process_group())
-        device = _device(ctx)
+        device = default_device(ctx)
         # Everything that can fail on the shards or the settings fails before --out is touched.
         if cfg.decode == "gpu" and device.type != "cuda":
             raise ValueError("--decode gpu decodes JPEGs with nvJPEG on a CUDA device; none is available here")
         train_split = shard_format.read_split(cfg.shards, "train")
-        val_split = _validation(cfg.shards)
+        val_split = validation_split(cfg.shards)
         _check_trainable(cfg, train_split, ctx.world_size)
         ctx.from_main(lambda: check_shards(cfg, [train_split, *([val_split] if val_split else [])]))
         warning = resolution_warning(cfg.shards, cfg.img_size)
         if warning:
             ctx.main_only(lambda: print(f"warning: {warning}", file=sys.stderr, flush=True))
-        run = _build(cfg, ctx, device, train_split)
+        run = build(cfg, ctx, device, train_split)
         folder = ctx.main_only(lambda: open_out(cfg, ctx.world_size))
         if folder is not None:
             stack.callback(folder.close)
         run.folder = folder
         if cfg.resume:
-            _load_checkpoint(run)
+            load_checkpoint(run)
             ctx.main_only(lambda: trim_metrics(cfg.out / METRICS, run.epoch))
         _log_header(run, train_split, val_split)
         for epoch in range(run.epoch, cfg.epochs):
@@ -214,11 +218,13 @@ class _owned_session:
         tdist.destroy_process_group()
 
 
-def _device(ctx: dist.Dist) -> torch.device:
+def default_device(ctx: dist.Dist) -> torch.device:
+    """This rank's GPU when there is one, else the CPU."""
     return torch.device("cuda", ctx.local_rank) if torch.cuda.is_available() else torch.device("cpu")
 
 
-def _validation(root: Path) -> shard_format.Split | None:
+def validation_split(root: Path) -> shard_format.Split | None:
+    """The shards' validation split, or None when they were written without one."""
     try:
         return shard_format.read_split(root, "validation")
     except KeyError:
@@ -237,7 +243,7 @@ def check_shards(cfg: TrainConfig, splits: list[shard_format.Split]) -> None:
     """What `curate verify` would refuse and training would die on (sample counts against the
     index, keys held twice, a cls that is no class index), found from the tar headers before
     anything is trained or written; the message names the shard and the key."""
-    classes = num_classes(cfg)
+    classes = cfg.class_count()
     faults = [f"{split.name}: {fault}" for split in splits for fault in shard_format.scan_split(split, classes)]
     if faults:
         raise shard_format.FormatError(f"{cfg.shards}: {len(faults)} fault(s) that would break training: "
@@ -268,21 +274,23 @@ def keys_name(rank: int, epoch: int) -> str:
     return f"keys-rank{rank}-epoch{epoch}.txt"
 
 
-def num_classes(cfg: TrainConfig) -> int:
-    """--num-classes, else the class count the shard writer recorded (checked)."""
-    return cfg.num_classes or shard_format.num_classes(cfg.shards)
-
-
 def class_names(cfg: TrainConfig) -> list[str] | None:
     """The shards' class names by index, for the checkpoint (predictions name their class), or
     None when the shards record none or --num-classes counts differently."""
     names = shard_format.class_names(shard_format.read_manifest(cfg.shards))
-    return names if names is not None and len(names) == num_classes(cfg) else None
+    return names if names is not None and len(names) == cfg.class_count() else None
 
 
-def _build(cfg: TrainConfig, ctx: dist.Dist, device: torch.device, split: shard_format.Split) -> Run:
+def build(cfg: TrainConfig, ctx: dist.Dist | None = None, device: torch.device | None = None,
+          split: shard_format.Split | None = None) -> Run:
+    """The run `curate train` trains: model, optimizer, EMA, mixup and example pruner, from the
+    config and the shards' train split (read when not given). One process by default, on the GPU
+    when there is one; `run_train` passes its process group. Writes nothing."""
+    ctx = ctx or dist.Dist()
+    device = device or default_device(ctx)
+    split = split or shard_format.read_split(cfg.shards, "train")
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-    core = create_sparse(cfg.model, cfg.sparse, num_classes(cfg), cfg.img_size, cfg.patch_size,
+    core = create_sparse(cfg.model, cfg.sparse, cfg.class_count(), cfg.img_size, cfg.patch_size,
                         drop_path_rate=cfg.drop_path, **cfg.model_kwargs).to(device)
     if cfg.keep < 1 and cfg.sparse.drop_by == "importance" and not split.has_maps:
         raise ValueError(f"{cfg.shards}: the train split has no importance maps; use --drop-by random or keep 1")
@@ -319,17 +327,25 @@ def _seed_epoch(run: Run, epoch: int) -> None:
     np.random.seed(s % 2**32)
 
 
-def train_loader(run: Run, split: shard_format.Split, epoch: int) -> tuple[Iterator[dict[str, Any]], data.EpochPlan]:
+def geometry(run: Run) -> data.Geometry:
+    """The model's input: its side and patch grid, which the maps are pooled to."""
+    return data.Geometry(run.cfg.img_size, _patch(run))
+
+
+def train_loader(run: Run, split: shard_format.Split, epoch: int) -> tuple[Iterator[data.Batch], data.EpochPlan]:
+    """This rank's batches of one epoch (`plan.steps` of them, the same on every rank), augmented
+    and normalised for the model, the maps following every crop and flip; and the epoch's plan."""
     cfg = run.cfg
     plan = data.plan_epoch(split, epoch, cfg.seed, run.ctx.world_size, cfg.workers, cfg.batch_size)
-    geo = data.Geometry(cfg.img_size, run.core.vit.patch_embed.patch_size[0])
-    aug = data.Augment(data.TrainTransform(geo, scale=cfg.crop_scale), need_maps=split.has_maps)
+    normalize = data.Normalize.of(run.core.vit)
+    transform = data.TrainTransform(geometry(run), scale=cfg.crop_scale, normalize=normalize)
+    aug: Any = data.Augment(transform, need_maps=split.has_maps)
     if cfg.decode == "gpu":
         aug = device_decode.DeferredAugment(aug)
     pipe = data.make_pipeline(plan, aug, cfg.batch_size, cfg.shuffle_buffer, cfg.seed, epoch)
     batches = data.iterate(data.make_loader(pipe, cfg.workers), plan.steps, cfg.batch_size)
     if cfg.decode == "gpu":
-        batches = (device_decode.finish_batch(b, cfg.img_size, run.device) for b in batches)
+        batches = (device_decode.finish_batch(b, cfg.img_size, run.device, normalize) for b in batches)
     return batches, plan
 
 
@@ -347,13 +363,13 @@ def train_epoch(run: Run, split: shard_format.Split, epoch: int) -> dict[str, An
                disable=not (cfg.progress and ctx.is_main), dynamic_ncols=True)  # stderr, inside the epoch
     for i, batch in enumerate(batches):
         progress = epoch + i / plan.steps
-        skipped += batch["skipped"]
+        skipped += batch.skipped
         stats = train_step(run, batch, progress, epoch, 1 / plan.steps)
         records += stats.pop("records")
         for k in totals:
             totals[k] += stats[k]
         if cfg.record_keys:
-            keys += batch["key"]
+            keys += batch.keys
         bar.update(1)
         bar.set_postfix(loss=f"{stats['loss'] / max(1, stats['trained']):.3f}", refresh=False)
         if ctx.is_main and (run.step % cfg.log_every == 0):
@@ -392,8 +408,7 @@ def _check_skipped(run: Run, skipped: list[tuple[str, str]], sums: dict[str, flo
     return listed[:MAX_SKIPPED_LISTED]
 
 
-def train_step(run: Run, batch: dict[str, Any], progress: float, epoch: int, step_epochs: float
-               ) -> dict[str, Any]:
+def train_step(run: Run, batch: data.Batch, progress: float, epoch: int, step_epochs: float) -> dict[str, Any]:
     """One optimizer step on the rows the example pruner keeps; returns sums for the epoch.
     `progress` is the step's start and `step_epochs` its length, in epochs."""
     cfg = run.cfg
@@ -403,7 +418,7 @@ def train_step(run: Run, batch: dict[str, Any], progress: float, epoch: int, ste
     target = F.one_hot(y, run.core.vit.num_classes).float()
     target = target * (1 - cfg.smoothing) + cfg.smoothing / target.shape[1]
     if run.mixer is not None:
-        x, target, maps = run.mixer.mix(x, y, maps, data.Geometry(cfg.img_size, _patch(run)).grid)
+        x, target, maps = run.mixer.mix(x, y, maps, geometry(run).grid)
     with _autocast(run):
         logits, aux = run.net(x, maps, keep, cfg.online_keep, selector_share(cfg, progress), with_losses=True)
         logits = logits[0] if isinstance(logits, tuple) else logits
@@ -421,11 +436,11 @@ def train_step(run: Run, batch: dict[str, Any], progress: float, epoch: int, ste
     if run.ema is not None:
         run.ema.update(run.core, step=run.step)
     correct = (logits.argmax(-1) == y) & (w > 0)
-    records = _records(batch["key"], rows, per.detach(), correct, w) if run.pruner.tracks else []
+    records = _records(batch.keys, rows, per.detach(), correct, w) if run.pruner.tracks else []
     n = int((w > 0).sum())
     tokens = run.core.tokens_per_block(keep, cfg.online_keep)
-    return {"loss": float((per.detach() * (w > 0)).sum()), "correct": int(correct.sum()), "seen": len(batch["key"]),
-            "skipped": len(batch["skipped"]),
+    return {"loss": float((per.detach() * (w > 0)).sum()), "correct": int(correct.sum()), "seen": len(batch),
+            "skipped": len(batch.skipped),
             "trained": n, "gflops": n * run.core.train_gflops(keep, cfg.online_keep), "lr": lr, "keep": keep,
             "tokens": tokens[0], "records": records, "distill": distill_value * n}
 
@@ -443,17 +458,17 @@ def _selector_losses(aux: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.
     return total("distill"), total("ratio")
 
 
-def _pruned_rows(run: Run, batch: dict[str, Any], epoch: int
+def _pruned_rows(run: Run, batch: data.Batch, epoch: int
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
     """The rows the pruner keeps, on the device, with their loss weights; at least one row
     (weight 0 if all sat out) so every DDP rank joins the all-reduce."""
-    if batch["image"] is None:  # every sample of the batch failed to decode
+    if batch.image is None:  # every sample of the batch failed to decode
         return _placeholder_rows(run)
-    w = run.pruner.weights(batch["key"], epoch)
+    w = run.pruner.weights(batch.keys, epoch)
     rows = torch.nonzero(w > 0).flatten()
     if len(rows) == 0:
         rows = torch.zeros(1, dtype=torch.long)
-    x, y, maps = batch["image"], batch["label"], batch["importance"]
+    x, y, maps = batch.image, batch.label, batch.importance
     if len(rows) < len(w):  # index only when rows sit out: it copies the whole image batch
         x, y, maps, w = x[rows], y[rows], None if maps is None else maps[rows], w[rows]
     dev = run.device
@@ -510,11 +525,13 @@ def _sum_over_ranks(run: Run, totals: dict[str, float]) -> dict[str, float]:
 # --- evaluation ---------------------------------------------------------------------------
 
 @torch.no_grad()
-def evaluate(run: Run, split: shard_format.Split) -> dict[str, Any]:
+def evaluate(run: Run, split: shard_format.Split, random_tokens: bool = False) -> dict[str, Any]:
     """Accuracy with all tokens and dense attention (how the model is used after training), and
     as trained: keep ratio, drops and attention mode (by importance only where the split carries
     maps). With a token selector also as deployed: the selector alone picks the tokens (no maps),
-    and how well its ranking agrees with the maps'. Each rank reads its own shards."""
+    and how well its ranking agrees with the maps'. With `random_tokens`, also at the keep ratio
+    with tokens kept at random (the control for the maps: `val_acc_random`). Each rank reads its
+    own shards."""
     cfg = run.cfg
     net = run.ema.module if run.ema is not None else run.core
     net.eval()
@@ -523,19 +540,23 @@ def evaluate(run: Run, split: shard_format.Split) -> dict[str, Any]:
     sparse = keep < 1 or cfg.online_keep < 1 or cfg.sparse.attention != "dense"
     can_drop = sparse and (split.has_maps or not (by_importance or cfg.sparse.attention == "gather"))
     has_selector = bool(net.selectors)
-    counts = {"n": 0, "all": 0, "dropped": 0, "selected": 0, "skipped": 0, "overlap": 0.0, "spearman": 0.0,
-              "compared": 0}
+    random_tokens = random_tokens and keep < 1
+    counts = {"n": 0, "all": 0, "dropped": 0, "selected": 0, "random": 0, "skipped": 0, "overlap": 0.0,
+              "spearman": 0.0, "compared": 0}
     dense = SparseViT(net.vit, SparseConfig())  # the same weights, all tokens, dense attention
-    for batch in _eval_batches(run, split):
-        counts["skipped"] += len(batch["skipped"])
-        if batch["image"] is None:
+    for batch in eval_loader(run, split):
+        counts["skipped"] += len(batch.skipped)
+        if batch.image is None:
             continue
-        x, y = batch["image"].to(run.device), batch["label"].to(run.device)
-        maps = batch["importance"].to(run.device) if batch["importance"] is not None else None
+        x, y = batch.image.to(run.device), batch.label.to(run.device)
+        maps = batch.importance.to(run.device) if batch.importance is not None else None
         with _autocast(run):
             counts["all"] += int((_logits(dense(x)).argmax(-1) == y).sum())
             if can_drop:
                 counts["dropped"] += int((_logits(net(x, maps, keep, cfg.online_keep)).argmax(-1) == y).sum())
+            if random_tokens:  # a random ranking in place of the maps: random tokens kept
+                noise = torch.rand(len(y), net.num_patches, device=run.device)
+                counts["random"] += int((_logits(net(x, noise, keep, cfg.online_keep)).argmax(-1) == y).sum())
             if has_selector:
                 out = net(x, None, keep, cfg.online_keep, selector_share=1.0)
                 counts["selected"] += int((_logits(out).argmax(-1) == y).sum())
@@ -550,7 +571,8 @@ def evaluate(run: Run, split: shard_format.Split) -> dict[str, Any]:
             "val_acc_dropped": s["dropped"] / n if can_drop else None,
             "val_acc_selected": s["selected"] / n if has_selector else None,
             "val_selector_overlap": s["overlap"] / compared if compared else None,
-            "val_selector_spearman": s["spearman"] / compared if compared else None}
+            "val_selector_spearman": s["spearman"] / compared if compared else None,
+            **({"val_acc_random": s["random"] / n} if random_tokens else {})}
 
 
 def _add(counts: dict[str, float], more: dict[str, float]) -> None:
@@ -562,14 +584,15 @@ def _logits(out: Any) -> torch.Tensor:
     return out[0] if isinstance(out, tuple) else out
 
 
-def _eval_batches(run: Run, split: shard_format.Split) -> Iterator[dict[str, Any]]:
-    """This rank's validation shards (urls[rank::world]), in order, partial last batch kept."""
+def eval_loader(run: Run, split: shard_format.Split, on_error: str = "skip") -> Iterator[data.Batch]:
+    """This rank's validation shards (urls[rank::world]), in order, partial last batch kept,
+    with timm's eval transform (resize, centre crop) and the maps where the split has them."""
     cfg, ctx = run.cfg, run.ctx
     urls = split.urls[ctx.rank::ctx.world_size]
     if not urls:
         return iter(())
-    geo = data.Geometry(cfg.img_size, _patch(run))
-    aug = data.Augment(data.EvalTransform(geo), need_maps=False)
+    transform = data.EvalTransform(geometry(run), normalize=data.Normalize.of(run.core.vit))
+    aug = data.Augment(transform, need_maps=False, on_error=on_error)
     pipe = data.make_pipeline(data.EpochPlan(urls, 0, 0), aug, cfg.batch_size, 0, cfg.seed, 0, partial=True,
                               split_nodes=False)
     return iter(data.make_loader(pipe, min(cfg.workers, len(urls))))
@@ -586,13 +609,28 @@ def _save_checkpoint(run: Run) -> None:
     save_weights(state, run.cfg.out / CHECKPOINT)
 
 
-def _load_checkpoint(run: Run) -> None:
-    """Continue from the last finished epoch; the run folder has already checked that the
-    settings are the ones this run was started with."""
-    path = run.cfg.out / CHECKPOINT
+def load_checkpoint(run: Run, path: Path | None = None) -> None:
+    """Continue from the last finished epoch of the run's checkpoint (or `path`): weights, EMA,
+    optimizer, pruner, counters. `run_train`'s run folder has already checked that the settings
+    are the ones this run was started with."""
+    path = path or run.cfg.out / CHECKPOINT
     if not path.is_file():
         return  # --resume on an empty run folder starts from scratch
-    state = load_weights(path, run.device)
+    _restore(run, load_weights(path, run.device))
+
+
+def restore(checkpoint: Path, device: torch.device | None = None, **changes: Any) -> Run:
+    """A run rebuilt from its checkpoint (a run folder or its checkpoint.pt), in one process,
+    with `changes` to its settings (e.g. keep=0.5 to evaluate it at another keep ratio): for
+    evaluating finished runs. Its shards must still be where it trained from."""
+    path = checkpoint / CHECKPOINT if checkpoint.is_dir() else checkpoint
+    state = load_weights(path, "cpu")
+    run = build(replace(TrainConfig.from_json(state["config"]), **changes), device=device)
+    _restore(run, state)
+    return run
+
+
+def _restore(run: Run, state: dict[str, Any]) -> None:
     run.core.vit.load_state_dict(state["model"])
     run.core.selectors.load_state_dict(state.get("selectors", {}))  # absent in checkpoints before selectors
     run.opt.load_state_dict(state["opt"])

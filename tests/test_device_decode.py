@@ -62,12 +62,12 @@ def test_the_device_half_gives_the_pil_paths_pixels(samples: list[dict]):
     pairs = [_both(s, seed=i) for i, s in enumerate(samples[:16])]
     batch = device_decode.finish_batch(data.collate([d for _, d in pairs]), 64, torch.device("cpu"))
     pil = torch.stack([p["image"] for p, _ in pairs])
-    assert batch["image"].shape == pil.shape and batch["pending"] == []
-    diff = (batch["image"] - pil).abs() * data._STD.view(1, 3, 1, 1) * 255  # in 0..255 levels
+    assert batch.image.shape == pil.shape and batch.pending == []
+    diff = (batch.image - pil).abs() * data.Normalize().tensors[1] * 255  # in 0..255 levels
     # the same libjpeg-turbo on the CPU, two antialiased bilinear resizes: 0.03 levels on average, 1 at
     # most when measured; a crop box off by one pixel would cost tens of levels at the square's edges
     assert diff.mean() < 0.5 and diff.max() <= 4
-    assert torch.equal(batch["importance"], data.collate([p for p, _ in pairs])["importance"])
+    assert torch.equal(batch.importance, data.collate([p for p, _ in pairs]).importance)
 
 
 def test_what_a_plain_decoder_would_get_wrong_takes_the_pil_path(samples: list[dict]):
@@ -90,8 +90,8 @@ def test_what_a_plain_decoder_would_get_wrong_takes_the_pil_path(samples: list[d
             assert deferred["error"] == pil["error"], name
     mixed = [_both(s, seed=i)[1] for i, s in enumerate([samples[1], odd["png"], samples[2], odd["truncated"]])]
     batch = device_decode.finish_batch(data.collate(mixed), 64, torch.device("cpu"))
-    assert batch["image"].shape == (3, 3, 64, 64) and len(batch["skipped"]) == 1
-    assert torch.equal(batch["image"][1], mixed[1]["image"])  # the ready one kept its place
+    assert batch.image.shape == (3, 3, 64, 64) and len(batch.skipped) == 1
+    assert torch.equal(batch.image[1], mixed[1]["image"])  # the ready one kept its place
 
 
 def test_a_jpeg_the_device_decoder_refuses_is_skipped_not_fatal(samples: list[dict], monkeypatch):
@@ -106,9 +106,9 @@ def test_a_jpeg_the_device_decoder_refuses_is_skipped_not_fatal(samples: list[di
 
     monkeypatch.setattr(device_decode, "decode_jpeg", picky)
     batch = device_decode.finish_batch(data.collate(deferred), 64, torch.device("cpu"))
-    assert batch["key"] == [d["key"] for i, d in enumerate(deferred) if i != 2]
-    assert batch["image"].shape[0] == batch["label"].shape[0] == batch["importance"].shape[0] == 3
-    assert batch["skipped"] == [(deferred[2]["key"], "DecodeError: cpu JPEG decoder: nvjpeg: corrupt data")]
+    assert batch.keys == [d["key"] for i, d in enumerate(deferred) if i != 2]
+    assert batch.image.shape[0] == batch.label.shape[0] == batch.importance.shape[0] == 3
+    assert batch.skipped == [(deferred[2]["key"], "DecodeError: cpu JPEG decoder: nvjpeg: corrupt data")]
 
 
 def test_decode_gpu_without_cuda_is_refused_before_out_is_touched(tmp_path: Path):

@@ -6,11 +6,10 @@ import pytest
 import timm
 import torch
 
-from curate.common.dist import Dist
 from curate.score.proxies import ProxyModel
-from curate.shard.format import Split, read_split
+from curate.shard.format import read_split
 from sparsevit import data
-from sparsevit.train import TrainConfig, _build, train_step
+from sparsevit.train import TrainConfig, build, train_loader, train_step
 
 from .sparse_fixtures import write_shards
 
@@ -22,21 +21,14 @@ def toy(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_shards(tmp_path_factory.mktemp("toy"))
 
 
-def _one_batch(cfg: TrainConfig, split: Split | None = None, patch: int = 8) -> dict:
-    split = split or read_split(cfg.shards, "train")
-    plan = data.plan_epoch(split, 0, cfg.seed, 1, 0, cfg.batch_size)
-    aug = data.Augment(data.TrainTransform(data.Geometry(cfg.img_size, patch)), need_maps=True, on_error="raise")
-    return next(iter(data.make_pipeline(plan, aug, cfg.batch_size, 0, cfg.seed, 0)))
-
-
 @pytest.mark.parametrize("keep", [1.0, 0.5])
 def test_bf16_training_step_on_cuda_learns(toy: Path, tmp_path: Path, keep: float):
     cfg = TrainConfig(shards=toy, out=tmp_path / "run", model="vit_tiny_patch16_224", img_size=64, patch_size=8,
                       model_kwargs={"depth": 2}, num_classes=4, batch_size=16, keep=keep, workers=0,
                       warmup_epochs=0.0, progress=False)
-    run = _build(cfg, Dist(), torch.device("cuda"), read_split(toy, "train"))
+    run = build(cfg, device=torch.device("cuda"))
     assert next(run.core.parameters()).device.type == run.device.type == "cuda"
-    batch = _one_batch(cfg)
+    batch = next(train_loader(run, read_split(toy, "train"), 0)[0])
     before = {k: v.detach().clone() for k, v in run.core.vit.state_dict().items()}
     stats = [train_step(run, batch, 0.0, 0, 0.1) for _ in range(5)]
     assert all(torch.isfinite(torch.tensor(s["loss"])) for s in stats)
@@ -76,8 +68,8 @@ def test_decode_gpu_pixels_agree_with_the_pil_path(toy: Path):
         random.seed(i)
         deferred.append(device_decode.DeferredAugment(data.Augment(data.TrainTransform(geo), need_maps=True))(s))
     batch = device_decode.finish_batch(data.collate(deferred), 64, torch.device("cuda"))
-    assert batch["image"].device.type == "cuda"
-    levels = (batch["image"].cpu() - torch.stack([p["image"] for p in pil])).abs() * data._STD.view(1, 3, 1, 1) * 255
+    assert batch.image.device.type == "cuda"
+    levels = (batch.image.cpu() - torch.stack([p["image"] for p in pil])).abs() * data.Normalize().tensors[1] * 255
     assert levels.mean() < 2.0 and levels.max() < 40  # nvJPEG against libjpeg, antialiased resizes
 
 

@@ -52,7 +52,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp / "run"
 
 
-def _images(root: Path, n: int = 3) -> Path:
+def image_folder(root: Path, n: int = 3) -> Path:
     root.mkdir(parents=True)
     for i in range(n):
         (root / f"img{i}.jpg").write_bytes(jpeg_bytes((40 * i, 200, 30), (64, 64)))
@@ -63,7 +63,7 @@ def _images(root: Path, n: int = 3) -> Path:
 
 
 def test_predict_never_overwrites_a_file_without_being_asked_and_never_an_input(run: Path, tmp_path: Path):
-    images = _images(tmp_path / "images")
+    images = image_folder(tmp_path / "images")
     precious = tmp_path / "precious.txt"
     precious.write_text("mine")
     before = (images / "img0.jpg").read_bytes()
@@ -82,7 +82,7 @@ def test_predict_never_overwrites_a_file_without_being_asked_and_never_an_input(
 
 
 def test_predict_checks_its_output_paths_before_any_work(run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    images = _images(tmp_path / "images")
+    images = image_folder(tmp_path / "images")
     (tmp_path / "adir").mkdir()
     monkeypatch.chdir(tmp_path)
     from sparsevit import predict as pred
@@ -102,8 +102,8 @@ def test_predict_checks_its_output_paths_before_any_work(run: Path, tmp_path: Pa
 # --- curate predict: inputs -----------------------------------------------------------------
 
 
-def _hostile_images(tmp_path: Path) -> Path:
-    images = _images(tmp_path / "images", n=2)
+def hostile_images(tmp_path: Path) -> Path:
+    images = image_folder(tmp_path / "images", n=2)
     (tmp_path / "secret.txt").write_text(SECRET)
     (images / "x.jpg").symlink_to(tmp_path / "secret.txt")  # leaves the folder
     (images / "notes.jpg").write_text(SECRET)  # inside it, but text
@@ -116,7 +116,7 @@ def _hostile_images(tmp_path: Path) -> Path:
 
 
 def test_predict_reads_images_by_the_rules_of_score(run: Path, tmp_path: Path):
-    images, out = _hostile_images(tmp_path), tmp_path / "p.parquet"
+    images, out = hostile_images(tmp_path), tmp_path / "p.parquet"
     cmd = [sys.executable, str(ROOT / "cli.py"), "predict", str(run), str(images), "--out", str(out), "--workers", "0"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)  # a FIFO must not hang it
     assert proc.returncode == 0, proc.stderr
@@ -137,7 +137,7 @@ def test_predict_reads_images_by_the_rules_of_score(run: Path, tmp_path: Path):
 
 
 def test_predictions_name_their_class(run: Path, tmp_path: Path):
-    images = _images(tmp_path / "images")
+    images = image_folder(tmp_path / "images")
     assert _cli("predict", run, images, "--out", tmp_path / "p.parquet", "--workers", "0").exit_code == 0
     table = pl.read_parquet(tmp_path / "p.parquet")
     assert table["class_name"].to_list() == [CLASS_NAMES[i] for i in table["label"].to_list()]
@@ -163,14 +163,14 @@ def _tampered_checkpoint(run: Path, path: Path, edit: Callable[[dict], None]) ->
 def test_a_damaged_checkpoint_is_refused_before_a_model_is_allocated(run: Path, tmp_path: Path, name: str,
                                                                      edit: Callable[[dict], None], needle: str):
     bad = _tampered_checkpoint(run, tmp_path / f"{name}.pt", edit)
-    _one_line_error(_cli("predict", bad, _images(tmp_path / "im"), "--out", tmp_path / "p.parquet"), needle)
+    _one_line_error(_cli("predict", bad, image_folder(tmp_path / "im"), "--out", tmp_path / "p.parquet"), needle)
     assert not (tmp_path / "p.parquet").exists()
 
 
 def test_a_checkpoint_that_is_not_one_is_a_message(run: Path, tmp_path: Path):
     for i, text in enumerate(("hello, not a checkpoint\n", "not a checkpoint\n")):  # KeyError, UnpicklingError
         (tmp_path / "text.pt").write_text(text)
-        _one_line_error(_cli("predict", tmp_path / "text.pt", _images(tmp_path / f"im{i}"), "--out",
+        _one_line_error(_cli("predict", tmp_path / "text.pt", image_folder(tmp_path / f"im{i}"), "--out",
                              tmp_path / "p.parquet"), "not a torch checkpoint")
 
 
@@ -221,7 +221,7 @@ def _shift_count(delta: int) -> Callable[[dict, dict], None]:
     return edit
 
 
-def _broken(kind: str, shards: Path) -> str:
+def broken(kind: str, shards: Path) -> str:
     """Break `shards` one way; returns what the messages must name."""
     first = sorted(shards.glob("train-*.tar"))[0]
     if kind.startswith("cls"):
@@ -257,7 +257,7 @@ def _broken(kind: str, shards: Path) -> str:
                                   "count=-2", "duplicate"])
 def test_verify_and_train_refuse_what_would_break_training(tmp_path: Path, kind: str):
     shards = write_shards(tmp_path / "toy", per_class=4, multiple=2, per_shard=4)
-    named = _broken(kind, shards)
+    named = broken(kind, shards)
     faults = verify(shards)
     assert faults and any(named in f for f in faults), faults
     res = _cli("train", shards, "--out", tmp_path / "run", *TINY, "--epochs", "1", "--workers", "0")

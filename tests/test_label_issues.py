@@ -21,7 +21,7 @@ from curate.score.loader import DecodedItems
 from curate.score.proxies import ProxyModel, create_model, resolve_recipe
 
 from .conftest import ROOT
-from .test_score_job import _kill_when
+from .test_score_job import kill_when
 
 
 def test_folds_are_stratified_seeded_and_independent_of_input_order():
@@ -122,7 +122,7 @@ def test_a_run_killed_between_folds_resumes_to_the_clean_table(small_demo: Path,
     killed = tmp_path / "killed"
     cmd = [sys.executable, str(ROOT / "cli.py"), "score", str(src), "--out", str(killed), "--proxy", "demo-cnn",
            "--train-epochs", "1", "--folds", "3", "--workers", "0", "--chunk-size", "32", "--quiet"]
-    _kill_when(cmd, (killed / "proxy", "fold-1/train-state.pt"))  # fold 0 done, fold 1 trained, fold 2 not
+    kill_when(cmd, (killed / "proxy", "fold-1/train-state.pt"))  # fold 0 done, fold 1 trained, fold 2 not
     assert not (killed / fold_files(2)[1]).exists()
     subprocess.run([*cmd, "--resume"], cwd=ROOT, check=True, capture_output=True)
     again = pl.scan_parquet(killed / "*.parquet").collect().sort("key")

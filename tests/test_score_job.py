@@ -139,7 +139,7 @@ def _cli(out: Path, src: Path, *extra: str) -> list[str]:
             "--chunk-size", "4", "--batch-size", "1", "--workers", "0", "--quiet", *extra]
 
 
-def _kill_when(cmd: list[str], path_glob: tuple[Path, str], timeout: float = 120) -> None:
+def kill_when(cmd: list[str], path_glob: tuple[Path, str], timeout: float = 120) -> None:
     """Start `cmd` and SIGKILL it the moment a file matching the glob appears."""
     proc = subprocess.Popen(cmd, cwd=ROOT, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + timeout
@@ -159,10 +159,10 @@ def test_sigkill_in_training_and_in_scoring_then_resume_equals_clean_run(small_d
     run_score(ScoreConfig(str(src), clean, train_epochs=3, chunk_size=4, batch_size=1, workers=0, progress=False))
 
     killed = tmp_path / "killed"
-    _kill_when(_cli(killed, src), (killed / "proxy", "train-state.pt"))  # after epoch 1 of 3
+    kill_when(_cli(killed, src), (killed / "proxy", "train-state.pt"))  # after epoch 1 of 3
     assert torch.load(killed / "proxy" / "train-state.pt", weights_only=True)["epoch"] < 3
     assert not list(killed.glob("part-*.parquet"))
-    _kill_when(_cli(killed, src, "--resume"), (killed, "part-000001.parquet"))  # while scoring
+    kill_when(_cli(killed, src, "--resume"), (killed, "part-000001.parquet"))  # while scoring
     parts_before = len(list(killed.glob("part-*.parquet")))
     assert 0 < parts_before < 24, "the second kill must land while scoring"
     subprocess.run(_cli(killed, src, "--resume"), cwd=ROOT, check=True)

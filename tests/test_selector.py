@@ -144,7 +144,7 @@ def test_predict_and_export_ship_the_runs_model_with_its_selector(selector_run: 
     model, run = predict.deployed(selector_run)
     assert model.keep == 0.5 == run.config.keep  # the run's keep, selector-chosen
     good = table.filter(pl.col("error") == "")
-    tf = data.EvalTransform(data.Geometry(64, 8))
+    tf = data.EvalTransform(data.Geometry(64, 8), normalize=data.Normalize.of(model.core.vit))  # as trained
     x = torch.stack([tf(Image.open(io.BytesIO(Path(p).read_bytes())).convert("RGB"), None)[0]
                      for p in good["path"]])
     with torch.no_grad():

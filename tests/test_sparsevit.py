@@ -42,9 +42,9 @@ def rank_keys(toy: Path, rank: int, world: int, epoch: int, monkeypatch: pytest.
     aug = data.Augment(data.TrainTransform(data.Geometry(64, 8)), need_maps=True)
     pipe = data.make_pipeline(plan, aug, batch, shuffle_buffer=8, seed=0, epoch=epoch)
     batches = list(data.iterate(data.make_loader(pipe, 2), plan.steps, batch))
-    assert len(batches) == plan.steps and all(len(b["key"]) == batch for b in batches)
-    assert batches[0]["importance"].shape == (batch, 64)
-    return [k for b in batches for k in b["key"]]
+    assert len(batches) == plan.steps and all(len(b) == batch for b in batches)
+    assert batches[0].importance.shape == (batch, 64)
+    return [k for b in batches for k in b.keys]
 
 
 def test_ranks_take_equal_steps_over_disjoint_samples(toy: Path, monkeypatch: pytest.MonkeyPatch):

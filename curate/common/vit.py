@@ -24,3 +24,14 @@ def cls_attention(q: torch.Tensor, k: torch.Tensor, prefix: int) -> torch.Tensor
     scale = q.shape[-1] ** -0.5
     logits = (q[:, :, :1] * scale) @ k.transpose(-2, -1)  # (B, H, 1, N)
     return logits.float().softmax(-1).mean(1)[:, 0, prefix:]
+
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def mean_std(model: nn.Module) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The input normalisation a timm model was configured with (`pretrained_cfg`: ImageNet's
+    for deit_*, 0.5 for the augreg vit_*), ImageNet's when the model names none."""
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    return tuple(cfg.get("mean", IMAGENET_MEAN)), tuple(cfg.get("std", IMAGENET_STD))

@@ -17,7 +17,7 @@ from torch import nn
 from curate.common.atomic import file_sha256
 from curate.common.registry import Registry
 from curate.common.runtime import load_weights
-from curate.common.vit import cls_attention, qkv_heads
+from curate.common.vit import cls_attention, mean_std, qkv_heads
 from curate.score import metrics
 
 
@@ -109,10 +109,8 @@ def load_checkpoint(model: nn.Module, path: Path) -> str:
 
 def normalizer(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean and std (3, 1, 1) from the model's pretrained config."""
-    cfg = getattr(model, "pretrained_cfg", {}) or {}
-    mean = torch.tensor(cfg.get("mean", (0.485, 0.456, 0.406))).view(3, 1, 1)
-    std = torch.tensor(cfg.get("std", (0.229, 0.224, 0.225))).view(3, 1, 1)
-    return mean, std
+    mean, std = mean_std(model)
+    return torch.tensor(mean).view(3, 1, 1), torch.tensor(std).view(3, 1, 1)
 
 
 def to_model_input(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
