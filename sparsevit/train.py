@@ -73,7 +73,7 @@ class TrainConfig:
     select_by: str = "maps"  # with sparse.selector_blocks: who ranks tokens in training (maps | selector | mix)
     distill_weight: float = 1.0  # selector: loss towards the maps' top k
     ratio_weight: float = 2.0  # selector: loss holding the mean keep probability at the keep ratio (DynamicViT)
-    selector_lr_scale: float = 10.0  # selectors' lr / the ViT's (demo pilot: 10 agrees better than 1)
+    selector_lr_scale: float = 10.0  # selectors' lr / the ViT's (docs/benchmarks.md, "A learned token selector")
     example_pruning: str = "none"  # none | infobatch | trilevel
     workers: int = 2  # loader processes per rank
     decode: str = "cpu"  # cpu: loader workers decode (PIL) | gpu: nvJPEG in the main process (device_decode)
@@ -253,7 +253,7 @@ def check_shards(cfg: TrainConfig, splits: list[shard_format.Split]) -> None:
 def resolution_warning(shards: Path, img_size: int) -> str:
     """A warning when the shards were written with `--max-side` below the training size, or "":
     every crop is then upsampled, and the model sees less detail than --img-size promises (on the
-    demo's 64-px images, max side 48 moved accuracy by -1.2 and +0.8 points on two seeds)."""
+    demo's images: docs/benchmarks.md, "Shards at `--max-side`")."""
     max_side = shard_format.max_side_of(shard_format.read_manifest(shards))
     if max_side is None or max_side >= img_size:
         return ""
