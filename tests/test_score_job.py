@@ -273,3 +273,53 @@ def test_dry_run_lists_classes_and_a_dataset_root_is_called_out(small_demo: Path
                                     "--dry-run"])
     assert res.exit_code == 0 and "looks like a dataset root" in res.stderr and "train, val" in res.stderr
     assert f"score {small_demo / 'train'}" in res.stderr and not (tmp_path / "o").exists()
+
+
+def _maps(out: Path) -> list[np.ndarray]:
+    df = read(out)
+    return [importance_from_bytes(r["importance"], r["importance_h"], r["importance_w"])
+            for r in df.iter_rows(named=True)]
+
+
+def test_cli_image_size_and_importance_blocks_reach_the_model_and_the_maps(small_demo: Path, tmp_path: Path):
+    """--image-size sizes the proxy's input (so its patch grid and maps); --importance-blocks picks
+    the blocks the maps come from and nothing else."""
+    torch.manual_seed(0)
+    ckpt = tmp_path / "w32.pt"  # weights for 32 px inputs: a 64 px model would not load them
+    torch.save(create_model(resolve_recipe("demo-vit", 32), 4).state_dict(), ckpt)
+    runs = {}
+    for blocks in ("0", "-1"):
+        out = tmp_path / f"blocks{blocks}"
+        res = CliRunner().invoke(main, ["score", str(small_demo / "train"), "--out", str(out), "--checkpoint",
+                                        str(ckpt), "--image-size", "32", "--importance-blocks", blocks,
+                                        "--workers", "0", "--quiet"])
+        assert res.exit_code == 0, res.output
+        runs[blocks] = json.loads((out / "manifest.json").read_text())["proxy"], read(out), _maps(out)
+    (first, df0, maps0), (last, df1, maps1) = runs["0"], runs["-1"]
+    assert first["recipe"]["img_size"] == 32 and first["recipe"]["model_kwargs"]["img_size"] == 32
+    assert first["importance"] == {"method": "cls", "blocks": [0], "grid": [4, 4]}  # 32 / patch 8
+    assert last["importance"]["blocks"] == [3]  # -1: the last of 4 blocks
+    assert all(m.shape == (4, 4) for m in maps0 + maps1) and len(maps0) == 96
+    assert not all(np.array_equal(a, b) for a, b in zip(maps0, maps1))  # other blocks, other maps
+    assert df0["loss"].to_list() == df1["loss"].to_list()  # same model: same scores
+
+
+def test_one_class_is_refused_before_out_is_touched(tmp_path: Path):
+    root = tmp_path / "one"
+    (root / "only").mkdir(parents=True)
+    for i in range(3):
+        (root / "only" / f"{i}.jpg").write_bytes(jpeg_bytes())
+    with pytest.raises(ValueError, match="at least 2 classes.*largest label \\+ 1 = 1 is not a class count"):
+        run_score(ScoreConfig(str(root), tmp_path / "out", train_epochs=1, workers=0, progress=False))
+    assert not (tmp_path / "out").exists()
+
+
+def test_inspect_reads_tar_members_and_files_with_a_hash_in_their_name(tmp_path: Path):
+    from curate.score.inspect import thumbnail
+
+    (tmp_path / "a#b.jpg").write_bytes(jpeg_bytes())
+    with wds.TarWriter(str(tmp_path / "s.tar")) as sink:
+        sink.write({"__key__": "k", "jpg": jpeg_bytes()})
+    assert thumbnail(str(tmp_path / "a#b.jpg"), 16).shape == (16, 16, 3)  # a "#" in a file name is no tar
+    assert thumbnail(f"{tmp_path / 's.tar'}#k.jpg", 16).shape == (16, 16, 3)
+    assert thumbnail(f"{tmp_path / 's.tar'}#gone.jpg", 16) is None

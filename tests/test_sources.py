@@ -22,8 +22,11 @@ from curate.ingest.sources import (
     open_source,
     read_bytes,
     read_class_map,
+    relative_source,
     sanitize_key,
+    split_source,
 )
+from curate.ingest.limits import class_count_fault
 
 KEY_RE = re.compile(r"^[A-Za-z0-9_-]{1,80}$")
 
@@ -201,6 +204,7 @@ def test_webdataset_keys_labels_and_bytes(tmp_path: Path) -> None:
     for item, sample in zip(items, samples):
         assert read_bytes(item) == sample["jpg"]
         assert item.source.endswith(f"train-000000.tar#{sample['__key__']}.jpg")
+        assert split_source(item.source) == (str(tmp_path / "train-000000.tar"), f"{sample['__key__']}.jpg")
 
 
 def test_webdataset_brace_glob_and_directory(tmp_path: Path) -> None:
@@ -321,3 +325,20 @@ def test_item_pickles(folder: Path) -> None:
     restored = pickle.loads(pickle.dumps(items))
     assert restored == items
     assert read_bytes(restored[0]) == read_bytes(items[0])
+
+
+def test_split_source_is_the_one_parser_of_a_source(tmp_path: Path) -> None:
+    """A tar member is "PATH.tar#member"; a "#" anywhere else belongs to a name."""
+    assert split_source("/d/s-000.tar#k/a#1.jpg") == ("/d/s-000.tar", "k/a#1.jpg")
+    assert split_source("/d/S.TAR#x.jpg") == ("/d/S.TAR", "x.jpg")
+    assert split_source("/d/cls/a#b.jpg") == ("/d/cls/a#b.jpg", None)
+    assert split_source("/d/cls/a.tar.jpg") == ("/d/cls/a.tar.jpg", None)
+    assert relative_source("/d/s-000.tar#k/../a.jpg", "/d") == "s-000.tar#k/../a.jpg"
+    assert relative_source("/d/cls/a#b.jpg", "/d") == "cls/a#b.jpg"
+
+
+def test_class_count_fault_names_what_it_checked() -> None:
+    assert class_count_fault(2, "n") == "" and class_count_fault(100_000, "n") == ""
+    for bad in (1, 0, -3, 100_001, True, 2.0, "3", None):
+        assert class_count_fault(bad, "--num-classes").startswith(f"--num-classes {bad!r}"), bad
+    assert class_count_fault(7, "n", max_classes=6) == "n 7 is not a class count from 2 to 6"

@@ -11,3 +11,11 @@ MAX_INPUT_BYTES = 1 << 30
 # augmentation or patch grid works; above it the position table alone would not fit in memory.
 MIN_IMAGE_SIDE = 8
 MAX_IMAGE_SIDE = 4096
+
+
+def class_count_fault(value: object, what: str, max_classes: int = DEFAULT_MAX_CLASSES) -> str:
+    """Why `value` cannot size a classifier head, or "": a class count is an integer (not a bool)
+    from 2 to `max_classes`. `what` names the value in the message (an option, a manifest field)."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 2 <= value <= max_classes:
+        return f"{what} {value!r:.40} is not a class count from 2 to {max_classes}"
+    return ""

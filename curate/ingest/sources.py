@@ -595,12 +595,25 @@ def source_root(spec: str | Path) -> str:
     return os.path.realpath(os.path.dirname(text) or ".")
 
 
+_TAR_MEMBER = re.compile(r"[.]tar#", re.IGNORECASE)
+
+
+def split_source(source: str) -> tuple[str, str | None]:
+    """(file, member) of an `Item.source`: ("PATH.tar", "member") for a tar member, else
+    (source, None). The first ".tar#" ends the tar's path: a "#" elsewhere (a file named
+    "a#b.jpg", a member's own "#") is part of a name, not the separator."""
+    match = _TAR_MEMBER.search(source)
+    if match is None:
+        return source, None
+    return source[:match.end() - 1], source[match.end():]
+
+
 def relative_source(source: str, root: str) -> str:
     """`source` ("PATH" or "TAR#member") with PATH relative to `root`: what a shard records, so
     it says where the image came from without the building machine's absolute paths."""
-    tar, sep, member = source.partition(".tar#")
-    if sep:
-        return f"{os.path.relpath(tar + '.tar', root)}#{member}"
+    path, member = split_source(source)
+    if member is not None:
+        return f"{os.path.relpath(path, root)}#{member}"
     return os.path.relpath(source, root)
 
 

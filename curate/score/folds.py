@@ -3,15 +3,26 @@
 A proxy trained on the example it scores has partly memorised that example's label, wrong or not;
 a proxy trained on the other K-1 folds has not. The out-of-sample class probabilities are what
 confident learning needs to find label errors (cleanlab's own recipe is 5-fold cross-validation).
+
+Here: which fold each input is in, and the fold proxies themselves (trained or, on resume, loaded).
 """
 from __future__ import annotations
 
 from collections import Counter
-from typing import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
 
 import numpy as np
+import torch
 
+from curate.common.atomic import file_sha256
+from curate.common.dist import Dist
 from curate.common.hashing import unit_hash
+from curate.common.runtime import load_weights, save_weights
+from curate.ingest.sources import Item
+from curate.score.proxies import ProxyModel, Recipe, create_model
+from curate.score.proxy_training import TrainSetup, train_proxy
 
 
 def assign_folds(keys: Sequence[str], labels: Sequence[int], k: int, seed: int) -> np.ndarray:
@@ -47,3 +58,84 @@ def check_folds(labels: Sequence[int], class_names: Sequence[str], k: int) -> No
         fix = f"use --folds {smallest} or fewer" if smallest >= 2 else "folds need 2 inputs of every class"
         raise ValueError(f"--folds {k}: class {names.get(label) or label} has only {smallest} input(s), so some "
                          f"folds would hold out none of it; {fix}")
+
+
+def fold_files(fold: int) -> tuple[str, str]:
+    """(weights, training state) of the proxy trained without fold `fold`, relative to the run folder."""
+    return f"proxy/fold-{fold}/model.pt", f"proxy/fold-{fold}/train-state.pt"
+
+
+@dataclass(frozen=True)
+class FoldTraining:
+    """What training the K fold proxies takes from the run's settings."""
+
+    k: int  # number of folds, >= 2
+    epochs: int
+    seed: int  # the run's; each fold trains from its own seed derived from it
+    classes: int  # head size, the full proxy's
+    workers: int
+    out: Path  # the run folder: fold F's files are `fold_files(F)` in it
+    name: str  # the proxy's name, in progress bars
+    progress: bool
+
+
+@dataclass(frozen=True)
+class HeldOut:
+    """The fold proxies: `proxies[f]` never trained on the items with `folds == f`."""
+
+    folds: np.ndarray  # int16 (N,), fold per item
+    proxies: list[ProxyModel]
+
+    def logits(self, images: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """Each image's logits from the proxy that held it out (one forward per fold present)."""
+        fold = torch.from_numpy(self.folds[idx.numpy()].astype(np.int64))
+        out: torch.Tensor | None = None
+        for f in fold.unique().tolist():
+            rows = fold == f
+            logits = self.proxies[f].score_batch(images[rows]).logits.float().cpu()
+            out = torch.empty(len(images), logits.shape[1]) if out is None else out
+            out[rows] = logits
+        assert out is not None
+        return out
+
+
+def train_fold_proxies(plan: FoldTraining, recipe: Recipe, items: Sequence[Item], device: torch.device,
+                       group: Dist) -> tuple[HeldOut, dict[str, Any]]:
+    """Train (or, on resume, load) the K fold proxies; returns them and their manifest record.
+
+    The folds are dealt out over the ranks, rank 0 last (it then trains the proxy on everything
+    while the others wait); each fold is trained by one process exactly as a single process
+    would train it, so the table does not depend on the number of ranks."""
+    folds = assign_folds([it.key for it in items], [it.label for it in items], plan.k, plan.seed)
+    histories: dict[int, list[dict[str, float]]] = {}
+
+    def train_fold(f: int) -> None:
+        model = _fold_model(plan, recipe, f)
+        subset = [items[i] for i in np.flatnonzero(folds != f)]
+        weights, state = (plan.out / name for name in fold_files(f))
+        setup = TrainSetup(plan.epochs, recipe.batch_size, plan.workers, device, _fold_seed(plan.seed, f),
+                           state, name=f"{plan.name} fold {f + 1}/{plan.k}")
+        histories[f] = train_proxy(model, subset, recipe, setup, progress=plan.progress).history()
+        save_weights(model.state_dict(), weights)
+
+    group.deal(list(range(plan.k)), train_fold, first_rank=1)
+    proxies = []
+    for f in range(plan.k):
+        model = _fold_model(plan, recipe, f)
+        model.load_state_dict(load_weights(plan.out / fold_files(f)[0]))
+        proxies.append(ProxyModel(model, "none").to(device))
+    histories = {k: v for h in group.all_gather(histories) for k, v in h.items()}
+    record = {"k": plan.k, "stratified_by": "label", "seed": plan.seed, "per_fold": [
+        {"fold": f, "held_out": int((folds == f).sum()), "checkpoint": str(plan.out / fold_files(f)[0]),
+         "checkpoint_sha256": file_sha256(plan.out / fold_files(f)[0]), "history": histories[f]}
+        for f in range(plan.k)]}
+    return HeldOut(folds, proxies), record
+
+
+def _fold_seed(seed: int, fold: int) -> int:
+    return seed * 1_000_003 + 7919 * (fold + 1)  # distinct from the full proxy's and the other folds'
+
+
+def _fold_model(plan: FoldTraining, recipe: Recipe, fold: int) -> torch.nn.Module:
+    torch.manual_seed(_fold_seed(plan.seed, fold))
+    return create_model(recipe, plan.classes, False)

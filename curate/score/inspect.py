@@ -9,7 +9,7 @@ import polars as pl
 
 from curate.common.atomic import save_figure
 from curate.ingest.decode import decode_image
-from curate.ingest.sources import Item, read_bytes
+from curate.ingest.sources import Item, read_bytes, split_source
 from curate.score import table
 
 SCORE_COLUMNS = ("loss", "margin", "el2n", "entropy", "confidence", "forgetting", "el2n_mean", "margin_mean")
@@ -137,9 +137,9 @@ def overlay(pixels: np.ndarray, grid: np.ndarray) -> np.ndarray:
 def thumbnail(source: str, size: int) -> np.ndarray | None:
     """The image squashed to size x size (uint8 HWC), as the proxy saw it; tar members are located
     by name. None when it cannot be read or decoded any more (moved, deleted, changed)."""
-    path, _, member = source.partition("#")
+    path, member = split_source(source)
     try:
-        data = _tar_member(path, member) if member else read_bytes(Item("", source, -1, "", path))
+        data = _tar_member(path, member) if member is not None else read_bytes(Item("", source, -1, "", path))
     except (OSError, KeyError, EOFError, tarfile.TarError):  # tarfile: KeyError = no such member
         return None
     dec = decode_image(data, size)

@@ -10,30 +10,26 @@ process would use, so the table, resume and `scan_parquet` do not depend on the 
 """
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
-import numpy as np
 import polars as pl
 import torch
-import torch.nn.functional as F
-from tqdm import tqdm
 
 from curate.common.atomic import file_sha256, jsonable, write_json
 from curate.common.dist import Dist, session
 from curate.common.runfolder import RunFolder, mode_of
-from curate.common.runtime import load_weights, rank_device, save_weights, versions
+from curate.common.runtime import rank_device, save_weights, versions
 from curate.ingest.decode import DEFAULT_MAX_PIXELS
-from curate.ingest.limits import MAX_IMAGE_SIDE, MIN_IMAGE_SIDE
+from curate.ingest.limits import MAX_IMAGE_SIDE, MIN_IMAGE_SIDE, class_count_fault
 from curate.ingest.sources import DEFAULT_MAX_CLASSES, Item, index_sha256, open_source
-from curate.score import label_issues, metrics, table
-from curate.score.folds import assign_folds, check_folds
-from curate.score.loader import DecodedItems, Meta, chunk_batches, make_loader
-from curate.score.proxies import ProxyModel, Recipe, create_model, load_checkpoint, resolve_recipe
-from curate.score.proxy_training import Dynamics, TrainSetup, train_proxy
+from curate.score import label_issues, table
+from curate.score.folds import FoldTraining, HeldOut, check_folds, fold_files, train_fold_proxies
+from curate.score.proxies import ProxyModel, Recipe, check_input_size, create_model, load_checkpoint, resolve_recipe
+from curate.score.proxy_training import Dynamics, TrainSetup, dynamics_skip, train_proxy
+from curate.score.rows import PartsSpec, Scorer, score_parts
 
 COMMAND = "score"
 # Config fields that may change between a run and its resume without changing any result.
@@ -41,11 +37,6 @@ COMMAND = "score"
 RESUME_FREE = ("resume", "overwrite", "workers", "progress", "distributed", "label_filter")
 MODEL = "proxy/model.pt"
 TRAIN_STATE = "proxy/train-state.pt"
-
-
-def fold_files(fold: int) -> tuple[str, str]:
-    """(weights, training state) of the proxy trained without fold `fold`."""
-    return f"proxy/fold-{fold}/model.pt", f"proxy/fold-{fold}/train-state.pt"
 
 
 @dataclass(frozen=True)
@@ -112,6 +103,17 @@ class ScoreResult:
     is_main: bool = True  # rank 0 (or a single process): the one that reports
 
 
+@dataclass(frozen=True)
+class _Run:
+    """What the steps of one run share, on one rank."""
+
+    cfg: ScoreConfig
+    items: Sequence[Item]
+    recipe: Recipe
+    device: torch.device
+    group: Dist
+
+
 def run_score(cfg: ScoreConfig) -> ScoreResult:
     """Score `cfg.source` into `cfg.out`, as one process or as every rank of a torchrun launch."""
     with session(required=cfg.distributed) as group:
@@ -127,15 +129,20 @@ def _run_score(cfg: ScoreConfig, group: Dist) -> ScoreResult:
                 cfg.folds)
     _check_same_index(group, items)
     device = rank_device(cfg.device, group)
-    recipe = resolve_recipe(cfg.proxy, cfg.image_size)
-    model, info = _make_model(cfg, recipe, items, group)
+    run = _Run(cfg, items, resolve_recipe(cfg.proxy, cfg.image_size), device, group)
+    model, given = _make_model(run)
     folder = group.main_only(lambda: open_out(cfg, items))
     try:
-        held_out = _fold_proxies(cfg, recipe, items, info, device, group)  # first: rank 0 has the full one to train
-        proxy, info, dyn = _finish_proxy(cfg, recipe, model, info, items, device, group)
+        held_out, folds = _fold_proxies(run)  # first: rank 0 has the full one to train
+        dyn, trained = _train_here(run, model)
+        proxy = ProxyModel(model, cfg.importance, cfg.importance_blocks or run.recipe.importance_blocks).to(device)
+        # The proxy's manifest record, in the order a reader meets it: what it is, its weights, how it scores.
+        record = given | folds | trained | {"importance": proxy.record()}
         t_train = time.perf_counter()
         parts = group.from_main(lambda: missing_parts(cfg.out, len(items), cfg.chunk_size))
-        work = _score_parts(cfg, items, recipe, proxy, dyn, info, parts[group.rank::group.world_size], held_out)
+        summary = dyn.summary(dynamics_skip(run.recipe)) if dyn is not None else None
+        work = score_parts(_parts_spec(run, record["weights"]), items, Scorer(proxy, summary, held_out),
+                           parts[group.rank::group.world_size])
         t_scored = time.perf_counter()
         ranks = group.all_gather({"rank": group.rank, **work})  # also: every part is written
         labels = group.from_main(lambda: label_issues.annotate(table.parts(cfg.out), cfg.label_filter))
@@ -145,7 +152,8 @@ def _run_score(cfg: ScoreConfig, group: Dist) -> ScoreResult:
         per_rank = group.all_gather(timing)
         ranks = [r | {"timing": t} for r, t in zip(ranks, per_rank)]
         timing = merge_timing(per_rank)
-        manifest = group.from_main(lambda: _write_manifest(cfg, items, info | {"label_issues": labels}, timing, ranks))
+        record |= {"label_issues": labels}
+        manifest = group.from_main(lambda: _write_manifest(cfg, items, record, timing, ranks))
     finally:
         if folder is not None:
             folder.close()
@@ -191,72 +199,39 @@ def open_out(cfg: ScoreConfig, items: Sequence[Item]) -> RunFolder:
     return folder
 
 
-def num_classes(items: Sequence[Item]) -> int:
+def num_classes(items: Sequence[Item], max_classes: int = DEFAULT_MAX_CLASSES) -> int:
+    """The proxy's head size: labels are class indices 0..C-1 (-1: unknown)."""
     n = max((it.label for it in items), default=-1) + 1
-    if n < 2:
-        raise ValueError("need labelled inputs from at least 2 classes to score with a proxy")
+    if fault := class_count_fault(n, "the inputs' largest label + 1 =", max_classes):
+        raise ValueError(f"need labelled inputs from at least 2 classes to score with a proxy ({fault})")
     return n
 
 
-def _make_model(cfg: ScoreConfig, recipe: Recipe, items: Sequence[Item], group: Dist
-                ) -> tuple[torch.nn.Module, dict[str, Any]]:
+def _make_model(run: _Run) -> tuple[torch.nn.Module, dict[str, Any]]:
     """The proxy model with its given weights (none yet when it is trained here), and what the
-    manifest says about it. Writes nothing: a wrong model name or checkpoint fails here."""
+    manifest says about it so far. Writes nothing: a wrong model name or checkpoint fails here."""
+    cfg, recipe = run.cfg, run.recipe
+
     def create() -> torch.nn.Module:
         torch.manual_seed(cfg.seed)  # same initial weights on every run, resume and rank
         # Hub weights keep their own head (labels must be in its class space); otherwise one per class.
-        return create_model(recipe, None if cfg.pretrained else num_classes(items), cfg.pretrained)
+        return create_model(recipe, None if cfg.pretrained else num_classes(run.items, cfg.max_classes),
+                            cfg.pretrained)
 
-    model = group.main_first(create)  # rank 0 fills the hub cache; the others read it, no download race
+    model = run.group.main_first(create)  # rank 0 fills the hub cache; the others read it, no download race
     check_input_size(model, recipe)
-    info: dict[str, Any] = {"name": cfg.proxy, "model": recipe.model, "recipe": asdict(recipe)}
+    record: dict[str, Any] = {"name": cfg.proxy, "model": recipe.model, "recipe": asdict(recipe)}
     if cfg.checkpoint is not None:
-        info.update(weights="checkpoint", checkpoint=str(cfg.checkpoint),
-                    checkpoint_sha256=load_checkpoint(model, cfg.checkpoint))
+        record |= {"weights": "checkpoint", "checkpoint": str(cfg.checkpoint),
+                   "checkpoint_sha256": load_checkpoint(model, cfg.checkpoint)}
     elif cfg.pretrained:
-        info.update(weights="pretrained", pretrained_tag=model.pretrained_cfg.get("tag", ""))
-    return model, info
+        record |= {"weights": "pretrained", "pretrained_tag": model.pretrained_cfg.get("tag", "")}
+    return model, record
 
 
-def check_input_size(model: torch.nn.Module, recipe: Recipe) -> None:
-    """One forward of two blank images at the proxy's input size, before anything is written: a
-    size the model cannot take (a patch grid that does not divide it, a stem that shrinks it to
-    nothing) fails here, not after the run folder exists."""
-    size = recipe.img_size
-    training = model.training
-    try:
-        with torch.no_grad():
-            model.eval()(torch.zeros(2, 3, size, size))
-    except (RuntimeError, ValueError, AssertionError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(f"--image-size {size}: the proxy {recipe.model} cannot take {size}x{size} inputs "
-                         f"({first})") from None
-    finally:
-        model.train(training)
-
-
-def _finish_proxy(cfg: ScoreConfig, recipe: Recipe, model: torch.nn.Module, info: dict[str, Any],
-                  items: Sequence[Item], device: torch.device, group: Dist
-                  ) -> tuple[ProxyModel, dict[str, Any], Dynamics | None]:
-    """Train the proxy here when asked, then wrap it for scoring."""
-    dyn = None
-    if cfg.train_epochs is not None:
-        dyn = _train_on_main(cfg, recipe, model, items, device, group)
-        weights = cfg.out / MODEL
-        info.update(weights="trained", checkpoint=str(weights), checkpoint_sha256=file_sha256(weights),
-                    training={"epochs": cfg.train_epochs, "lr": recipe.lr, "batch_size": recipe.batch_size,
-                              "weight_decay": recipe.weight_decay, "seed": cfg.seed,
-                              "warmup_epochs": recipe.warmup_epochs,
-                              "dynamics_from_epoch": dynamics_skip(recipe), "history": dyn.history()})
-    proxy = ProxyModel(model, cfg.importance, cfg.importance_blocks or recipe.importance_blocks).to(device)
-    info["importance"] = {"method": proxy.importance, "blocks": list(proxy.blocks),
-                          "grid": list(proxy.grid) if proxy.importance != "none" else None}
-    return proxy, info, dyn
-
-
-def _train_on_main(cfg: ScoreConfig, recipe: Recipe, model: torch.nn.Module, items: Sequence[Item],
-                   device: torch.device, group: Dist) -> Dynamics:
-    """Train on rank 0 alone, exactly as a single process would; the other ranks then load it.
+def _train_here(run: _Run, model: torch.nn.Module) -> tuple[Dynamics | None, dict[str, Any]]:
+    """With --train-epochs: train the proxy on rank 0 alone, exactly as a single process would;
+    the other ranks then load it. Returns the dynamics and the record of the trained weights.
 
     Not DDP: a proxy trained data-parallel sees other batches and learning-rate steps, so its
     scores would depend on the number of ranks. Here rank 0 trains (same seed, order and batches
@@ -266,213 +241,40 @@ def _train_on_main(cfg: ScoreConfig, recipe: Recipe, model: torch.nn.Module, ite
     Rank 0 alone writes proxy/model.pt (temp-then-rename), and every rank waits for it before
     hashing it.
     """
-    dyn = group.main_first(lambda: _train(cfg, recipe, model, items, device))
-    group.main_only(lambda: save_weights(model.state_dict(), cfg.out / MODEL))
-    return dyn
-
-
-def _train(cfg: ScoreConfig, recipe: Recipe, model: torch.nn.Module, items: Sequence[Item],
-           device: torch.device) -> Dynamics:
-    assert cfg.train_epochs is not None
-    setup = TrainSetup(cfg.train_epochs, recipe.batch_size, cfg.workers, device, cfg.seed,
+    cfg, recipe = run.cfg, run.recipe
+    if cfg.train_epochs is None:
+        return None, {}
+    setup = TrainSetup(cfg.train_epochs, recipe.batch_size, cfg.workers, run.device, cfg.seed,
                        cfg.out / TRAIN_STATE, name=cfg.proxy)
-    return train_proxy(model, items, recipe, setup, progress=cfg.progress)
+    dyn = run.group.main_first(lambda: train_proxy(model, run.items, recipe, setup, progress=cfg.progress))
+    weights = cfg.out / MODEL
+    run.group.main_only(lambda: save_weights(model.state_dict(), weights))
+    return dyn, {"weights": "trained", "checkpoint": str(weights), "checkpoint_sha256": file_sha256(weights),
+                 "training": {"epochs": cfg.train_epochs, "lr": recipe.lr, "batch_size": recipe.batch_size,
+                              "weight_decay": recipe.weight_decay, "seed": cfg.seed,
+                              "warmup_epochs": recipe.warmup_epochs,
+                              "dynamics_from_epoch": dynamics_skip(recipe), "history": dyn.history()}}
 
 
-@dataclass(frozen=True)
-class HeldOut:
-    """The fold proxies: `proxies[f]` never trained on the items with `folds == f`."""
-
-    folds: np.ndarray  # int16 (N,), fold per item
-    proxies: list[ProxyModel]
-
-    def logits(self, images: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        """Each image's logits from the proxy that held it out (one forward per fold present)."""
-        fold = torch.from_numpy(self.folds[idx.numpy()].astype(np.int64))
-        out: torch.Tensor | None = None
-        for f in fold.unique().tolist():
-            rows = fold == f
-            logits = self.proxies[f].score_batch(images[rows]).logits.float().cpu()
-            out = torch.empty(len(images), logits.shape[1]) if out is None else out
-            out[rows] = logits
-        assert out is not None
-        return out
-
-
-def _fold_proxies(cfg: ScoreConfig, recipe: Recipe, items: Sequence[Item], info: dict[str, Any],
-                  device: torch.device, group: Dist) -> HeldOut | None:
-    """With --folds K > 1: train (or, on resume, load) the K fold proxies and record them.
-
-    The folds are dealt out over the ranks, rank 0 last (it then trains the proxy on everything
-    while the others wait); each fold is trained by one process exactly as a single process
-    would train it, so the table does not depend on the number of ranks."""
+def _fold_proxies(run: _Run) -> tuple[HeldOut | None, dict[str, Any]]:
+    """With --folds K > 1: the K fold proxies and their record; nothing otherwise."""
+    cfg = run.cfg
     if cfg.folds < 2:
-        return None
+        return None, {}
     assert cfg.train_epochs is not None
-    folds = assign_folds([it.key for it in items], [it.label for it in items], cfg.folds, cfg.seed)
-    histories: dict[int, list[dict[str, float]]] = {}
-
-    def train_fold(f: int) -> None:
-        model = _fold_model(cfg, recipe, items, f)
-        subset = [items[i] for i in np.flatnonzero(folds != f)]
-        weights, state = (cfg.out / name for name in fold_files(f))
-        setup = TrainSetup(cfg.train_epochs, recipe.batch_size, cfg.workers, device, _fold_seed(cfg.seed, f),
-                           state, name=f"{cfg.proxy} fold {f + 1}/{cfg.folds}")
-        histories[f] = train_proxy(model, subset, recipe, setup, progress=cfg.progress).history()
-        save_weights(model.state_dict(), weights)
-
-    group.deal(list(range(cfg.folds)), train_fold, first_rank=1)
-    proxies = []
-    for f in range(cfg.folds):
-        model = _fold_model(cfg, recipe, items, f)
-        model.load_state_dict(load_weights(cfg.out / fold_files(f)[0]))
-        proxies.append(ProxyModel(model, "none").to(device))
-    histories = {k: v for h in group.all_gather(histories) for k, v in h.items()}
-    info["folds"] = {"k": cfg.folds, "stratified_by": "label", "seed": cfg.seed, "per_fold": [
-        {"fold": f, "held_out": int((folds == f).sum()), "checkpoint": str(cfg.out / fold_files(f)[0]),
-         "checkpoint_sha256": file_sha256(cfg.out / fold_files(f)[0]), "history": histories[f]}
-        for f in range(cfg.folds)]}
-    return HeldOut(folds, proxies)
+    plan = FoldTraining(cfg.folds, cfg.train_epochs, cfg.seed, num_classes(run.items, cfg.max_classes),
+                        cfg.workers, cfg.out, cfg.proxy, cfg.progress)
+    held_out, record = train_fold_proxies(plan, run.recipe, run.items, run.device, run.group)
+    return held_out, {"folds": record}
 
 
-def _fold_seed(seed: int, fold: int) -> int:
-    return seed * 1_000_003 + 7919 * (fold + 1)  # distinct from the full proxy's and the other folds'
+def _parts_spec(run: _Run, weights: str) -> PartsSpec:
+    cfg = run.cfg
+    return PartsSpec(cfg.out, cfg.chunk_size, cfg.batch_size, run.recipe.img_size, cfg.workers, cfg.max_pixels,
+                     {"proxy": cfg.proxy, "weights": weights, "folds": str(cfg.folds)}, cfg.progress)
 
 
-def _fold_model(cfg: ScoreConfig, recipe: Recipe, items: Sequence[Item], fold: int) -> torch.nn.Module:
-    torch.manual_seed(_fold_seed(cfg.seed, fold))
-    return create_model(recipe, num_classes(items), False)
-
-
-def _score_parts(cfg: ScoreConfig, items: Sequence[Item], recipe: Recipe, proxy: ProxyModel,
-                 dyn: Dynamics | None, info: dict[str, Any], todo: Sequence[int],
-                 held_out: HeldOut | None) -> dict[str, int]:
-    """Score and write the parts `todo`; returns what was written (parts, rows, ok, error)."""
-    work = {"parts_written": len(todo), "rows_written": 0, "ok": 0, "error": 0}
-    if not todo:
-        return work
-    summary = dyn.summary(dynamics_skip(recipe)) if dyn is not None else None
-    batches = [b for p in todo for b in chunk_batches(p * cfg.chunk_size,
-                                                      min((p + 1) * cfg.chunk_size, len(items)), cfg.batch_size)]
-    dataset = DecodedItems(items, recipe.img_size, cfg.max_pixels)
-    loader = make_loader(dataset, batches, cfg.workers, pin_memory=proxy.mean.is_cuda)
-    # The embedding width fixes the schema; one dummy image tells it for any model.
-    dim = proxy.score_batch(torch.zeros(1, 3, recipe.img_size, recipe.img_size, dtype=torch.uint8))
-    part_schema = table.schema(dim.embedding.shape[1], dim.logits.shape[1],
-                               {"proxy": cfg.proxy, "weights": info["weights"], "folds": str(cfg.folds)})
-    bar = tqdm(total=sum(len(b) for b in batches), desc="score", unit="img", disable=not cfg.progress)
-    for part, rows in _parts(loader, items, proxy, summary, cfg.chunk_size, bar, held_out):
-        table.write_part(table.part_path(cfg.out, part), rows, part_schema)
-        work["rows_written"] += len(rows["key"])
-        work["ok"] += rows["status"].count("ok")
-        work["error"] += rows["status"].count("error")
-    bar.close()
-    return work
-
-
-def dynamics_skip(recipe: Recipe) -> int:
-    """Epochs left out of the training dynamics: those inside the learning-rate warmup."""
-    return math.ceil(recipe.warmup_epochs)
-
-
-def _parts(loader: Any, items: Sequence[Item], proxy: ProxyModel, summary: dict[str, torch.Tensor] | None,
-           chunk_size: int, bar: tqdm, held_out: HeldOut | None) -> Iterator[tuple[int, dict[str, list]]]:
-    """Group the loader's batches back into parts; yields (part index, columns) per complete part."""
-    current, rows = -1, _empty_rows()
-    for idx, images, metas in loader:
-        part = int(idx[0]) // chunk_size
-        if part != current:
-            if current >= 0:
-                yield current, rows
-            current, rows = part, _empty_rows()
-        ok = torch.tensor([m.error == "" for m in metas])
-        out = proxy.score_batch(images[ok]) if ok.any() else None
-        oos = held_out.logits(images[ok], idx[ok]) if held_out is not None and out is not None else None
-        _append(rows, [items[i] for i in idx.tolist()], metas, ok, out, idx, summary)
-        _append_held_out(rows, [items[i] for i in idx.tolist()], ok, out, oos, idx, held_out)
-        rows["thumbnail"].extend(t if good else None for t, good in zip(thumbnails(images), ok.tolist()))
-        bar.update(len(idx))
-    if current >= 0:
-        yield current, rows
-
-
-def _empty_rows() -> dict[str, list]:
-    filled_later = set(label_issues.COLUMNS)
-    return {f.name: [] for f in table.BASE_FIELDS if f.name not in filled_later} | {
-        "embedding": [], "thumbnail": [], "probs": []}
-
-
-def thumbnails(images: torch.Tensor) -> np.ndarray:
-    """uint8 (B, 3, S, S) -> (B, 3 * 8 * 8) uint8 area averages: a near-duplicate descriptor."""
-    small = F.adaptive_avg_pool2d(images.float(), table.THUMB_SIDE)  # (B, 3, 8, 8)
-    return small.round().to(torch.uint8).flatten(1).numpy()
-
-
-_SCORE_COLS = ("loss", "margin", "el2n", "entropy", "pred", "confidence")
-_DYN_COLS = ("forgetting", "el2n_mean", "margin_mean")
-
-
-def _append(rows: dict[str, list], items: list[Item], metas: list[Meta], ok: torch.Tensor,
-            out: Any, idx: torch.Tensor, summary: dict[str, torch.Tensor] | None) -> None:
-    """Add one batch's rows: identity and file facts for all, proxy outputs for the decoded ones."""
-    labels = torch.tensor([it.label for it in items])[ok]
-    scores = metrics.example_scores(out.logits, labels.to(out.logits.device)) if out is not None else {}
-    scores = {k: v.cpu().tolist() for k, v in scores.items()}
-    emb = out.embedding.cpu().numpy() if out is not None else None
-    imp = out.importance.cpu().numpy() if out is not None and out.importance is not None else None
-    j = 0
-    for item, meta, good, i in zip(items, metas, ok.tolist(), idx.tolist()):
-        _append_identity(rows, item, meta)
-        for col in _SCORE_COLS:
-            rows[col].append(_finite(scores[col][j]) if good else None)
-        for col in _DYN_COLS:
-            rows[col].append(_finite(summary[col][i].item()) if good and summary is not None else None)
-        rows["embedding"].append(emb[j] if good else None)
-        rows["importance"].append(table.importance_to_bytes(imp[j]) if good and imp is not None else None)
-        rows["importance_h"].append(imp.shape[1] if good and imp is not None else None)
-        rows["importance_w"].append(imp.shape[2] if good and imp is not None else None)
-        j += int(good)
-
-
-_OOS_COLS = ("loss", "margin", "el2n")
-
-
-def _append_held_out(rows: dict[str, list], items: list[Item], ok: torch.Tensor, out: Any,
-                     oos: torch.Tensor | None, idx: torch.Tensor, held_out: HeldOut | None) -> None:
-    """probs (out of sample with folds, else the proxy's own), fold and the out-of-sample scores."""
-    logits = oos if oos is not None else (out.logits.float().cpu() if out is not None else None)
-    probs = logits.softmax(-1).numpy() if logits is not None else None
-    labels = torch.tensor([it.label for it in items])[ok]
-    scores = metrics.example_scores(oos, labels) if oos is not None else {}
-    scores = {k: v.tolist() for k, v in scores.items()}
-    j = 0
-    for good, i in zip(ok.tolist(), idx.tolist()):
-        rows["probs"].append(probs[j] if good and probs is not None else None)
-        rows["fold"].append(int(held_out.folds[i]) if held_out is not None else None)
-        for col in _OOS_COLS:
-            rows[f"oos_{col}"].append(_finite(scores[col][j]) if good and oos is not None else None)
-        j += int(good)
-
-
-def _append_identity(rows: dict[str, list], item: Item, meta: Meta) -> None:
-    rows["key"].append(item.key)
-    rows["source"].append(item.source)
-    rows["label"].append(item.label)
-    rows["class_name"].append(item.class_name)
-    rows["status"].append("error" if meta.error else "ok")
-    rows["error"].append(meta.error or None)
-    rows["width"].append(meta.width or None)
-    rows["height"].append(meta.height or None)
-    rows["num_bytes"].append(meta.num_bytes)
-    rows["content_hash"].append(meta.content_hash or None)
-
-
-def _finite(x: float) -> float | None:
-    """NaN (e.g. a score of an unlabelled input) is stored as null."""
-    return None if x != x else x
-
-
-def _write_manifest(cfg: ScoreConfig, items: Sequence[Item], info: dict[str, Any],
+def _write_manifest(cfg: ScoreConfig, items: Sequence[Item], proxy: dict[str, Any],
                     timing: dict[str, float], ranks: list[dict[str, Any]]) -> dict[str, Any]:
     """The run's record, written once (by rank 0, after every rank has written its parts); counts
     come from the whole table, so they include parts written before a resume; `ranks` holds what
@@ -482,7 +284,7 @@ def _write_manifest(cfg: ScoreConfig, items: Sequence[Item], info: dict[str, Any
     manifest = {
         "schema_version": table.SCHEMA_VERSION,
         "source": cfg.source,
-        "proxy": info,
+        "proxy": proxy,
         "seed": cfg.seed,
         "index_sha256": index_sha256(items),
         "counts": {"inputs": len(items), "ok": by_status.get("ok", 0), "error": by_status.get("error", 0),

@@ -107,6 +107,23 @@ def load_checkpoint(model: nn.Module, path: Path) -> str:
     return file_sha256(path)
 
 
+def check_input_size(model: nn.Module, recipe: Recipe) -> None:
+    """One forward of two blank images at the proxy's input size, before anything is written: a
+    size the model cannot take (a patch grid that does not divide it, a stem that shrinks it to
+    nothing) fails here, not after the run folder exists."""
+    size = recipe.img_size
+    training = model.training
+    try:
+        with torch.no_grad():
+            model.eval()(torch.zeros(2, 3, size, size))
+    except (RuntimeError, ValueError, AssertionError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"--image-size {size}: the proxy {recipe.model} cannot take {size}x{size} inputs "
+                         f"({first})") from None
+    finally:
+        model.train(training)
+
+
 def normalizer(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean and std (3, 1, 1) from the model's pretrained config."""
     mean, std = mean_std(model)
@@ -181,6 +198,11 @@ class ProxyModel:
     @property
     def grid(self) -> tuple[int, int]:
         return tuple(self.model.patch_embed.grid_size)  # type: ignore[return-value]
+
+    def record(self) -> dict[str, Any]:
+        """What the manifest says about the maps: how they are made, from which blocks, on which grid."""
+        return {"method": self.importance, "blocks": list(self.blocks),
+                "grid": list(self.grid) if self.importance != "none" else None}
 
     def prepare(self, images: torch.Tensor) -> torch.Tensor:
         return to_model_input(images, self.mean, self.std)

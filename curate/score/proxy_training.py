@@ -75,6 +75,11 @@ class TrainSetup:
     name: str = "proxy"  # the proxy's name in progress bars
 
 
+def dynamics_skip(recipe: Recipe) -> int:
+    """Epochs left out of the training dynamics: those inside the learning-rate warmup."""
+    return math.ceil(recipe.warmup_epochs)
+
+
 def augment(images: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     """Random horizontal flip and translation by up to 1/8 of the side (reflect padded)."""
     B, _, S, _ = images.shape  # (B, 3, S, S)

@@ -9,7 +9,7 @@ with `polars.scan_parquet("OUT/*.parquet")`.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import polars as pl
@@ -22,9 +22,9 @@ from curate.common.runfolder import wrong_kind
 SCHEMA_VERSION = 2  # 2: probs, out-of-sample scores (folds) and label issues
 PART_GLOB = "part-*.parquet"
 
-# Columns every scores table has, in order. Proxy outputs are null on error rows; training
-# dynamics are null when the proxy was not trained here.
-BASE_FIELDS: list[pa.Field] = [
+# Columns every scores table has, in order, in groups by what fills them (`BASE_FIELDS`). Proxy
+# outputs are null on error rows; training dynamics are null when the proxy was not trained here.
+IDENTITY_FIELDS: list[pa.Field] = [  # what the input is: from the index and the decoder, on every row
     pa.field("key", pa.string(), nullable=False),  # sample key (DESIGN.md contract)
     pa.field("source", pa.string(), nullable=False),  # original path, or "TAR#member"
     pa.field("label", pa.int32(), nullable=False),  # class index, -1 when unknown
@@ -35,29 +35,42 @@ BASE_FIELDS: list[pa.Field] = [
     pa.field("height", pa.int32()),
     pa.field("num_bytes", pa.int64()),
     pa.field("content_hash", pa.string()),  # blake2b-128 of the file bytes, hex
+]
+SCORE_FIELDS: list[pa.Field] = [  # the proxy's forward (named as curate.score.metrics.example_scores)
     pa.field("loss", pa.float32()),  # cross-entropy of the given label
     pa.field("margin", pa.float32()),  # p_y - max_{k != y} p_k
     pa.field("el2n", pa.float32()),  # ||softmax - onehot(y)||_2
     pa.field("entropy", pa.float32()),  # -sum p log p (nats)
     pa.field("pred", pa.int32()),  # argmax class
     pa.field("confidence", pa.float32()),  # max_k p_k
+]
+DYNAMICS_FIELDS: list[pa.Field] = [  # a proxy trained here (named as proxy_training.Dynamics.summary)
     pa.field("forgetting", pa.int32()),  # correct->incorrect transitions; never learned = epochs
     pa.field("el2n_mean", pa.float32()),  # EL2N averaged over training epochs
     pa.field("margin_mean", pa.float32()),  # margin averaged over training epochs (AUM)
+]
+MAP_FIELDS: list[pa.Field] = [
     pa.field("importance", pa.binary()),  # float16 little-endian [importance_h, importance_w]
     pa.field("importance_h", pa.int16()),
     pa.field("importance_w", pa.int16()),
-    # With --folds K > 1: the fold this row was held out of, and the scores of the proxy trained
-    # without it (out of sample); null with K = 1.
-    pa.field("fold", pa.int16()),
-    pa.field("oos_loss", pa.float32()),
-    pa.field("oos_margin", pa.float32()),
-    pa.field("oos_el2n", pa.float32()),
-    # From `probs` by cleanlab, over the whole table (curate/score/label_issues.py).
+]
+OOS_PREFIX = "oos_"
+OOS_SCORES = ("loss", "margin", "el2n")  # the scores given again out of sample, as oos_<score>
+# With --folds K > 1: the fold this row was held out of, and the scores of the proxy trained
+# without it (out of sample); null with K = 1.
+FOLD_FIELDS: list[pa.Field] = [pa.field("fold", pa.int16()),
+                               *(pa.field(OOS_PREFIX + name, pa.float32()) for name in OOS_SCORES)]
+LABEL_ISSUE_FIELDS: list[pa.Field] = [  # from `probs` by cleanlab, over the whole table (label_issues.py)
     pa.field("label_issue", pa.bool_()),  # the given label is likely wrong
     pa.field("label_quality", pa.float32()),  # higher = more likely correct (self-confidence)
     pa.field("suggested_label", pa.int32()),  # the class the probabilities favour
 ]
+BASE_FIELDS: list[pa.Field] = [*IDENTITY_FIELDS, *SCORE_FIELDS, *DYNAMICS_FIELDS, *MAP_FIELDS, *FOLD_FIELDS,
+                               *LABEL_ISSUE_FIELDS]
+
+
+def names(fields: Sequence[pa.Field]) -> tuple[str, ...]:
+    return tuple(f.name for f in fields)
 
 
 THUMB_SIDE = 8  # `thumbnail`: the decoded image area-averaged to 8x8 RGB, uint8, (3, 8, 8) flattened
@@ -122,6 +135,26 @@ def write_part(path: Path, rows: Mapping[str, Any], table_schema: pa.Schema) -> 
                                  schema=table_schema)
     with atomic_path(path) as tmp:
         pq.write_table(table, tmp, compression="zstd")
+
+
+class PartRows:
+    """One part's rows as a list per column of the schema, filled batch by batch: a batch gives
+    the columns it knows (all of one length), the others get nulls for its rows."""
+
+    def __init__(self, table_schema: pa.Schema) -> None:
+        self.columns: dict[str, list[Any]] = {name: [] for name in table_schema.names}
+
+    def add(self, batch: Mapping[str, Sequence[Any]]) -> None:
+        unknown = sorted(set(batch) - set(self.columns))
+        lengths = {len(v) for v in batch.values()}
+        if unknown or len(lengths) != 1:  # a bug in the writer, never the user's data
+            raise ValueError(f"a batch of rows with columns not in the schema {unknown} or of lengths {lengths}")
+        nulls = [None] * lengths.pop()
+        for name, column in self.columns.items():
+            column.extend(batch.get(name, nulls))
+
+    def __len__(self) -> int:
+        return len(next(iter(self.columns.values())))
 
 
 def done_parts(out: Path) -> set[int]:

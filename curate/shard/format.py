@@ -48,7 +48,7 @@ from webdataset.tariterators import group_by_keys, tar_file_expander
 from curate.common.atomic import read_json_object, write_json
 from curate.common.runfolder import wrong_kind
 from curate.ingest.decode import DEFAULT_MAX_PIXELS, decode_rgb, decode_upright, plain_jpeg_size, to_rgb
-from curate.ingest.limits import DEFAULT_MAX_CLASSES
+from curate.ingest.limits import DEFAULT_MAX_CLASSES, class_count_fault
 from curate.ingest.sources import MAX_KEY_LEN
 
 FORMAT_VERSION = 1
@@ -343,11 +343,8 @@ def _entry_fault(entry: Any) -> str:
 def num_classes_fault(manifest: Mapping[str, Any]) -> str:
     """Why the manifest's `num_classes` cannot size a classifier head, or "": an integer from 2 to
     DEFAULT_MAX_CLASSES (the ceiling `curate score` holds labels to)."""
-    value = manifest.get("num_classes")
-    if isinstance(value, bool) or not isinstance(value, int) or not 2 <= value <= DEFAULT_MAX_CLASSES:
-        return (f"{MANIFEST}: num_classes {value!r:.40} is not a class count from 2 to {DEFAULT_MAX_CLASSES} "
-                "(write the shards again with `curate shard`)")
-    return ""
+    fault = class_count_fault(manifest.get("num_classes"), f"{MANIFEST}: num_classes")
+    return f"{fault} (write the shards again with `curate shard`)" if fault else ""
 
 
 def num_classes(root: Path) -> int:
