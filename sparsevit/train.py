@@ -32,6 +32,7 @@ from curate.common.atomic import atomic_path, write_bytes, write_json
 from curate.common.runfolder import RunFolder, mode_of
 from curate.common.runtime import load_weights, save_weights
 from curate.common.schedule import warmup_cosine
+from curate.ingest.limits import class_count_fault
 from curate.shard import format as shard_format
 from sparsevit import data, device_decode, prune, schedule, selector
 from sparsevit.model import SparseConfig, SparseViT, check_geometry, create_sparse, num_keep
@@ -105,9 +106,8 @@ class TrainConfig:
         if self.epochs < 1 or self.batch_size < 1:
             raise ValueError("epochs and batch size must be >= 1")
         check_geometry(self.img_size, self.patch_size)
-        if self.num_classes is not None and not 2 <= self.num_classes <= shard_format.DEFAULT_MAX_CLASSES:
-            raise ValueError(f"--num-classes must be from 2 to {shard_format.DEFAULT_MAX_CLASSES}, "
-                             f"got {self.num_classes}")
+        if self.num_classes is not None and (fault := class_count_fault(self.num_classes, "--num-classes")):
+            raise ValueError(fault)
         object.__setattr__(self, "crop_scale", tuple(self.crop_scale))  # a list from JSON or click
         if len(self.crop_scale) != 2 or not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
             raise ValueError(f"crop_scale must be (lo, hi) with 0 < lo <= hi <= 1, got {self.crop_scale}")
