@@ -150,10 +150,9 @@ def _decode_opened(im: Image.Image, max_pixels: int, draft_size: int | None
         width, height = _error_size(im, (header_w, header_h))
         return None, width, height, problem
     # libjpeg's DCT scaling: decode at the smallest 1/1..1/8 scale still >= size on both axes.
-    # Measured on a 2000x1500 photo-like JPEG (q90, 626 kB), one CPU core: to size 64,
-    # 17.9 -> 5.6 ms (3.2x); to 224, 25.2 -> 13.4 ms (1.9x). Huffman decoding of the whole
-    # file remains, so the gain is below 8x. Pixels differ from a full decode by ~0.7/255 on
-    # average. A no-op for formats other than JPEG.
+    # Huffman decoding of the whole file remains, so the gain is below 8x, and the pixels differ
+    # slightly from a full decode (measured: docs/benchmarks.md, "Figures formerly quoted in
+    # code"). A no-op for formats other than JPEG.
     if draft_size is not None:
         im.draft("RGB", (draft_size, draft_size))
     im.load()

@@ -247,8 +247,8 @@ def _folder_labels(classes: Sequence[str], class_map: Path | None) -> dict[str, 
 def _class_files(class_dir: Path) -> list[str]:
     """Every non-hidden file under a class dir, as sorted '/'-joined paths relative to it.
 
-    One os.scandir pass with plain strings: pathlib costs ~60 us a file, which is over a
-    minute of listing on ImageNet's 1.28M files.
+    One os.scandir pass with plain strings: pathlib's cost per file (docs/benchmarks.md, "Shard
+    writing") would be paid 1.28M times listing ImageNet.
     """
     found: list[str] = []
     stack = [("", str(class_dir))]

@@ -98,8 +98,8 @@ def write_split(
     shard whose final file exists is complete (it was renamed only once whole): it is
     re-read for its sha256 and keys instead of rewritten. Without it, every shard is rewritten.
     Exceptions from `load` propagate; the shards already renamed stay valid for a resume.
-    `workers` > 1 writes shards in forked processes (Python's tarfile costs ~70 us a member,
-    so one core caps out near 3,500 members/s); each shard's bytes do not depend on it.
+    `workers` > 1 writes shards in forked processes (Python's tarfile's cost per member caps one
+    core: docs/benchmarks.md, "Shard writing"); each shard's bytes do not depend on it.
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
