@@ -5,7 +5,7 @@ for random crops, through the shard format's reader) both go through `_upright_r
 proxy and the trained model see the same pixels for every image mode.
 
 `decode_image` never raises on bad input: a broken file becomes `Decoded(error=...)`, a row
-in the scores table (DESIGN.md, "failures are data"). The whole image is squash-resized to
+in the scores table (docs/design.md#failures-are-data). The whole image is squash-resized to
 `size x size`, never cropped, so every pixel of the original contributes to the score.
 
 Order of work, and why:

@@ -2,7 +2,7 @@
 (sparsevit's loader, timm, the tests). Member names, image fields, the maps flag, the format
 version and both index files are defined here and nowhere else.
 
-Layout of a shard folder (DESIGN.md "Shards" contract)::
+Layout of a shard folder (docs/design.md#the-shard-format)::
 
     OUT/train-000000.tar        one sample per key, members contiguous, in plan order:
         KEY.cls                 ASCII class index (timm's target)
