@@ -54,7 +54,7 @@ class TrainConfig:
     img_size: int = 224
     patch_size: int | None = None  # None: the model's own
     model_kwargs: dict[str, Any] = field(default_factory=dict)  # e.g. depth, embed_dim for small runs
-    num_classes: int | None = None  # None: from the shards' selection.parquet
+    num_classes: int | None = None  # None: from the shards' manifest.json
     epochs: int = 10
     batch_size: int = 64  # per rank
     lr: float = 1e-3  # for batch 512 summed over ranks, scaled linearly (DeiT)

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 from curate.demo.run import run_demo
-from curate.demo.train import DemoTrain, acc_at, compare
+from curate.demo.train import DemoTrain, acc_at, compare, fit_epochs
 
 
 @pytest.mark.slow
@@ -35,7 +35,7 @@ def test_small_demo_runs_every_stage_and_reports(tmp_path: Path):
     cheapest = m["train"]["budget"]
     assert eq["variant"] == cheapest["variant"] and eq["budget_s"] == cheapest["wall_s"]
     full = train["full"]
-    assert eq["epochs"] == max(1, int(cheapest["wall_s"] / (full["wall_s"] / full["epochs"]) + 1e-9))
+    assert eq["epochs"] == fit_epochs(cheapest["wall_s"], full["wall_s"] / full["epochs"])
     run = json.loads((tmp_path / "demo" / "train" / "full-equal-budget" / "config.json").read_text())
     assert run["epochs"] == eq["epochs"] and run["warmup_epochs"] == pytest.approx(eq["epochs"] / 4)
     assert eq["rival_val_acc"] == train[eq["variant"]]["val_acc"] and "equal budget: full data" in text

@@ -2,6 +2,8 @@
 (the training library) only curate.common, the inputs' rules (curate.ingest: `curate predict` reads
 image files as `curate score` does) and the shard format."""
 import ast
+import re
+import subprocess
 from pathlib import Path
 
 from .conftest import ROOT
@@ -97,3 +99,72 @@ def test_the_readme_layout_lists_every_module():
             on_disk[str(p.parent.relative_to(ROOT))].add(p.name)
     on_disk = {k: v for k, v in on_disk.items() if v}
     assert tree == on_disk
+
+
+# The contracts live in the repository (docs/design.md), not in a folder beside it that a clone lacks.
+# Only the benchmarks that read its data, and the records of what was measured there, may name it.
+# The patterns are built, so this file does not name them itself.
+OUTSIDE_REFS = ("../" + "shared", "shared/" + "DESIGN")
+MAY_NAME_OUTSIDE = ("bench/", "docs/history.md", "docs/benchmarks.md")
+DESIGN_LINK = re.compile(r"docs/design\.md#([A-Za-z0-9_-]+)")
+
+
+def _tracked_text_files() -> dict[str, str]:
+    """Every file git tracks or would track (not ignored) that is UTF-8 text, as {relative path:
+    text}; outside a git checkout, every file under ROOT but those in hidden and cache folders."""
+    try:
+        listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+                                capture_output=True, check=True).stdout
+        names = [n for n in listed.decode().split("\0") if n]
+    except (OSError, subprocess.CalledProcessError):
+        names = [str(p.relative_to(ROOT)) for p in ROOT.rglob("*") if p.is_file()
+                 and not any(part.startswith(".") or part == "__pycache__" for part in p.relative_to(ROOT).parts)]
+    texts = {}
+    for name in names:
+        try:
+            data = (ROOT / name).read_bytes()
+        except OSError:  # deleted in the working tree, not yet in git
+            continue
+        if b"\0" not in data:
+            try:
+                texts[name] = data.decode("utf-8")
+            except UnicodeDecodeError:
+                continue
+    return texts
+
+
+def _outside_refs(texts: dict[str, str]) -> list[str]:
+    return [f"{name}: {ref}" for name, text in texts.items() if not name.startswith(MAY_NAME_OUTSIDE)
+            for ref in OUTSIDE_REFS if ref in text]
+
+
+def _anchors(markdown: str) -> set[str]:
+    """GitHub's heading anchors: lower case, punctuation but `-` and `_` dropped, spaces as `-`."""
+    headings = [line.lstrip("#").strip() for line in markdown.splitlines() if re.match(r"#{1,6} ", line)]
+    return {re.sub(r"[^\w\- ]", "", h.lower()).replace(" ", "-") for h in headings}
+
+
+def _broken_design_links(texts: dict[str, str], design: str) -> list[str]:
+    anchors = _anchors(design)
+    return [f"{name}: docs/design.md#{a}" for name, text in texts.items() for a in DESIGN_LINK.findall(text)
+            if a not in anchors]
+
+
+def test_nothing_refers_outside_the_repository_and_design_links_resolve():
+    texts = _tracked_text_files()
+    assert "docs/design.md" in texts and "cli.py" in texts
+    assert _outside_refs(texts) == []
+    assert _broken_design_links(texts, texts["docs/design.md"]) == []
+    assert DESIGN_LINK.search(texts["curate/ingest/sources.py"])  # the check has links to check
+
+
+def test_the_checks_see_an_outside_reference_and_a_broken_link(tmp_path: Path):
+    """The checks above can fail: a planted reference and a link to a missing heading are found."""
+    planted = tmp_path / "planted.py"
+    missing = "no-such-heading"  # a variable, so this file holds no broken link itself
+    planted.write_text(f'"""The contracts: {OUTSIDE_REFS[0]}/DESIGN.md, see docs/design.md#{missing}."""\n')
+    texts = {"curate/planted.py": planted.read_text(), "bench/reads_data.py": f"{OUTSIDE_REFS[0]}/data"}
+    assert _outside_refs(texts) == [f"curate/planted.py: {OUTSIDE_REFS[0]}", f"curate/planted.py: {OUTSIDE_REFS[1]}"]
+    design = "# Design\n## The sample key\n### Run folder: `--out` rules\n"
+    assert _anchors(design) == {"design", "the-sample-key", "run-folder---out-rules"}
+    assert _broken_design_links(texts, design) == [f"curate/planted.py: docs/design.md#{missing}"]

@@ -2,6 +2,7 @@
 tool did not write is ever deleted."""
 import json
 import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -115,9 +116,13 @@ def test_the_lock_dies_with_its_process(tmp_path: Path):
     out = tmp_path / "out"
     pid = os.fork()
     if pid == 0:  # the child takes the lock and is killed holding it
-        _open(out)
-        os.kill(os.getpid(), 9)
-    os.waitpid(pid, 0)
+        try:
+            _open(out)
+            os.kill(os.getpid(), signal.SIGKILL)
+        finally:
+            os._exit(1)  # never return into pytest: a failure above ends the child, not the test run
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL, "the child failed before its kill"
     _open(out, "resume").close()
 
 
@@ -137,20 +142,39 @@ def test_a_parent_run_overwrites_its_child_runs_through_their_own_records(tmp_pa
 
 def test_a_forked_worker_does_not_keep_the_folder_locked(tmp_path: Path):
     """DataLoader and shard-writer workers are forked while the run holds its lock; when the run
-    dies first (SIGKILL), a worker still alive must not block the --resume."""
+    dies first (SIGKILL), a worker still alive must not block the --resume.
+
+    No sleeps: the worker says it is running (its at-fork handlers have run) on one pipe, then
+    stays alive until the test, its --resume done, closes the other."""
     out = tmp_path / "out"
+    ready_r, ready_w = os.pipe()  # worker -> test: "I am running"
+    go_r, go_w = os.pipe()  # test -> worker: exit now (a byte, or EOF when the test's end closes)
     holder = os.fork()
     if holder == 0:
-        _open(out)
-        worker = os.fork()
-        if worker == 0:  # the "worker" outlives its parent by a while
-            import time
-
-            time.sleep(3)
-            os._exit(0)
-        os.kill(os.getpid(), 9)
-    os.waitpid(holder, 0)
-    _open(out, "resume").close()
+        try:
+            os.close(ready_r), os.close(go_w)
+            _open(out)
+            worker = os.fork()
+            if worker == 0:  # the "worker" outlives its parent until the test lets it go
+                try:
+                    os.write(ready_w, b"r")
+                    os.read(go_r, 1)
+                    os._exit(0)
+                finally:
+                    os._exit(1)
+            os.kill(os.getpid(), signal.SIGKILL)
+        finally:
+            os._exit(1)  # never return into pytest
+    os.close(ready_w), os.close(go_r)
+    try:
+        # b"" (EOF): the holder or the worker failed before the worker was running.
+        assert os.read(ready_r, 1) == b"r", "the worker never started"
+        _, status = os.waitpid(holder, 0)
+        assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL, "the holder failed before its kill"
+        _open(out, "resume").close()  # the holder is dead, its worker still alive and blocked on go_r
+    finally:
+        os.close(go_w)  # the worker reads EOF and exits
+        os.close(ready_r)
 
 
 def test_empty_folders_count_as_empty(tmp_path: Path):

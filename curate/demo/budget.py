@@ -63,7 +63,8 @@ class BudgetConfig:
     workers: int = 2
     extra: dict[str, Any] = field(default_factory=dict)  # TrainConfig overrides (tests: smaller)
     fresh_process: bool = True  # every run in its own process: one run's allocator, threads and
-    # worker pools cannot slow the next (in one process, epochs drifted up to 35% over an hour)
+    # worker pools cannot slow the next (in one process epochs drifted: docs/benchmarks.md, "Figures formerly
+    # quoted in code")
     resume: bool = False  # keep the cells already trained (more seeds or budgets may be added)
     report_only: bool = False  # train nothing: table and plot from the cells already trained
     overwrite: bool = False

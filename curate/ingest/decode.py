@@ -5,7 +5,7 @@ for random crops, through the shard format's reader) both go through `_upright_r
 proxy and the trained model see the same pixels for every image mode.
 
 `decode_image` never raises on bad input: a broken file becomes `Decoded(error=...)`, a row
-in the scores table (DESIGN.md, "failures are data"). The whole image is squash-resized to
+in the scores table (docs/design.md#failures-are-data). The whole image is squash-resized to
 `size x size`, never cropped, so every pixel of the original contributes to the score.
 
 Order of work, and why:
@@ -150,10 +150,9 @@ def _decode_opened(im: Image.Image, max_pixels: int, draft_size: int | None
         width, height = _error_size(im, (header_w, header_h))
         return None, width, height, problem
     # libjpeg's DCT scaling: decode at the smallest 1/1..1/8 scale still >= size on both axes.
-    # Measured on a 2000x1500 photo-like JPEG (q90, 626 kB), one CPU core: to size 64,
-    # 17.9 -> 5.6 ms (3.2x); to 224, 25.2 -> 13.4 ms (1.9x). Huffman decoding of the whole
-    # file remains, so the gain is below 8x. Pixels differ from a full decode by ~0.7/255 on
-    # average. A no-op for formats other than JPEG.
+    # Huffman decoding of the whole file remains, so the gain is below 8x, and the pixels differ
+    # slightly from a full decode (measured: docs/benchmarks.md, "Figures formerly quoted in
+    # code"). A no-op for formats other than JPEG.
     if draft_size is not None:
         im.draft("RGB", (draft_size, draft_size))
     im.load()

@@ -5,7 +5,7 @@ range inside a tar), so it pickles cheaply into DataLoader workers and `read_byt
 bytes later without `tarfile`. Every input file becomes exactly one item, bad ones included:
 deciding that a file is not an image is the decoder's job, and it records that as a row.
 
-Keys follow the DESIGN.md "Sample key" contract: `[A-Za-z0-9_-]{1,80}`, derived from the class
+Keys follow the contract in docs/design.md#the-sample-key: `[A-Za-z0-9_-]{1,80}`, derived from the class
 directory and file stem, unique per dataset, with collisions resolved by a hash of the source.
 """
 from __future__ import annotations
@@ -51,7 +51,7 @@ class SourceError(ValueError):
 class Item:
     """One input sample: where its bytes are, and what it is called and labelled."""
 
-    key: str  # sample key (DESIGN.md contract)
+    key: str  # sample key (docs/design.md#the-sample-key)
     source: str  # absolute original path, or "TARPATH#member_name" for tar members
     label: int  # class index, -1 when unknown
     class_name: str  # "" when unknown
@@ -247,8 +247,8 @@ def _folder_labels(classes: Sequence[str], class_map: Path | None) -> dict[str, 
 def _class_files(class_dir: Path) -> list[str]:
     """Every non-hidden file under a class dir, as sorted '/'-joined paths relative to it.
 
-    One os.scandir pass with plain strings: pathlib costs ~60 us a file, which is over a
-    minute of listing on ImageNet's 1.28M files.
+    One os.scandir pass with plain strings: pathlib's cost per file (docs/benchmarks.md, "Shard
+    writing") would be paid 1.28M times listing ImageNet.
     """
     found: list[str] = []
     stack = [("", str(class_dir))]

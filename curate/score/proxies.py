@@ -55,8 +55,8 @@ def _demo_cnn() -> Recipe:
 @register_recipe("demo-vit")
 def _demo_vit() -> Recipe:
     # A plain ViT (patch 8, 8x8 grid): with a conv stem, every token already carries its
-    # surroundings and the CLS attention of this small proxy lands on background (1.0-1.9x
-    # chance on the demo data vs 2.2-2.5x here). Registers (Darcet et al. 2023) give global
+    # surroundings and the CLS attention of this small proxy lands on background (docs/benchmarks.md,
+    # "Demo quality": conv stem against this recipe). Registers (Darcet et al. 2023) give global
     # information a place other than background patches; patch dropout (0.5) halves the cost.
     # Block 1 of 4 localised best in every trained model (seeds 0, 1; 10 and 15 epochs).
     kw = dict(img_size=64, patch_size=8, embed_dim=192, depth=4, num_heads=3, reg_tokens=4,
@@ -148,7 +148,7 @@ def default_importance_blocks(depth: int) -> tuple[int, ...]:
     """Tri-Level / EViT read CLS attention at blocks 3, 6, 9 of DeiT's 12: a quarter, half and
     three quarters of the depth. The last block is avoided on purpose: in small proxies trained
     briefly its CLS attention often rests on background tokens that hold global information
-    (on the demo data: 1.7x chance localisation vs 2x for the middle blocks)."""
+    (measured: docs/benchmarks.md, "Figures formerly quoted in code")."""
     last_allowed = max(0, depth - 2)
     return tuple(sorted({min(last_allowed, round(depth * f)) for f in (0.25, 0.5, 0.75)}))
 

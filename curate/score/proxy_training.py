@@ -56,8 +56,8 @@ class Dynamics:
 
         Skip the learning-rate warmup: a model near chance predicts one class for most inputs,
         so a mislabelled example can look "learned" once by luck and then "forgotten", which
-        hides it among the clean ones (on the demo data: forgetting AUC 0.83 -> 0.87 for one
-        skipped epoch).
+        hides it among the clean ones (measured: docs/benchmarks.md, "Figures formerly quoted in
+        code").
         """
         skip = skip if skip < self.correct.shape[0] else 0
         return {"forgetting": metrics.forgetting_counts(self.correct[skip:]).int(),
@@ -161,7 +161,7 @@ def _load_state(path: Path, model: nn.Module, opt: torch.optim.Optimizer, dyn: D
 
 def health_warning(history: Sequence[dict[str, float]], classes: int, recipe_name: str) -> str:
     """A plain warning when the proxy ended its training near chance, or "". Its scores then rank
-    nothing (a timm ViT at 224 px from scratch on 2,000 64-px images: label-noise AUC 0.53)."""
+    nothing (measured: docs/benchmarks.md, "Figures formerly quoted in code")."""
     if not history or classes < 2:
         return ""
     chance = 1 / classes

@@ -25,7 +25,7 @@ PART_GLOB = "part-*.parquet"
 # Columns every scores table has, in order, in groups by what fills them (`BASE_FIELDS`). Proxy
 # outputs are null on error rows; training dynamics are null when the proxy was not trained here.
 IDENTITY_FIELDS: list[pa.Field] = [  # what the input is: from the index and the decoder, on every row
-    pa.field("key", pa.string(), nullable=False),  # sample key (DESIGN.md contract)
+    pa.field("key", pa.string(), nullable=False),  # sample key (docs/design.md#the-sample-key)
     pa.field("source", pa.string(), nullable=False),  # original path, or "TAR#member"
     pa.field("label", pa.int32(), nullable=False),  # class index, -1 when unknown
     pa.field("class_name", pa.string(), nullable=False),

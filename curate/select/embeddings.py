@@ -9,9 +9,9 @@ and prototypes both on, the two matrices are loaded one after the other, never t
 - Near-duplicates (SemDeDup-style, Abbas et al. 2023): rows linked by cosine similarity above a
   threshold, grouped by connected components; one representative per group is kept. By default
   the vectors are the 8x8 `thumbnail`s: a small proxy's pre-logit embedding collapses each class
-  (on the demo data, cosine > 0.95 between most images of a class), while thumbnails tell a
-  near-copy from a look-alike (demo: 100% of planted groups found, 0.2% of others merged, at
-  0.93). With a strong pretrained proxy, `dedup_on="embedding"` also catches crops and flips.
+  (docs/benchmarks.md, "Figures formerly quoted in code"), while thumbnails tell a near-copy
+  from a look-alike (docs/benchmarks.md, "Demo quality": planted groups found, other images
+  merged). With a strong pretrained proxy, `dedup_on="embedding"` also catches crops and flips.
 - Prototype score (Sorscher et al. 2022, "Beyond neural scaling laws"): spherical k-means on
   the embeddings, score = cosine distance to the nearest centroid (large = atypical = hard).
 """
@@ -141,7 +141,7 @@ def duplicate_groups(
     L2-normalised) is > `threshold` and one is among the other's `k` nearest neighbours;
     groups are the connected components, so a group larger than k+1 is still found whole
     through chains of links. Search is exact (brute-force inner product, O(N^2 D) = 1.3e15 flops
-    for 1.28M x 384: ~60 GFLOP/s on 2 cores -> hours, ~1 TFLOP/s on 16 AVX-512 cores -> ~20 min)
+    for 1.28M x 384; what that costs: docs/benchmarks.md, "Figures formerly quoted in code")
     and reads `emb` in place, without copying it into an index. For much larger N swap in `IndexIVFFlat`
     (train on a sample, nprobe ~ 16) or `IndexHNSWFlat`: a little recall for much less time.
     """

@@ -2,12 +2,13 @@
 (sparsevit's loader, timm, the tests). Member names, image fields, the maps flag, the format
 version and both index files are defined here and nowhere else.
 
-Layout of a shard folder (DESIGN.md "Shards" contract)::
+Layout of a shard folder (docs/design.md#the-shard-format)::
 
     OUT/train-000000.tar        one sample per key, members contiguous, in plan order:
         KEY.cls                 ASCII class index (timm's target)
         KEY.importance.npy      float16 [gh, gw] patch importance over the full original image
-        KEY.jpg | .png | .webp  the ORIGINAL image bytes (other formats: PNG, see `sample_fields`)
+        KEY.jpg | .png | .webp  the original image bytes (other formats: PNG, see `sample_fields`;
+                                with --max-side, larger images as a reduced JPEG: `reduce_image`)
         KEY.json                class_name, source, scores used, proxy id, importance_shape, ...
     OUT/train-000001.tar ...
     OUT/validation-000000.tar ...
@@ -77,7 +78,7 @@ class SampleData:
     """Everything one sample needs."""
 
     key: str
-    image: bytes  # ORIGINAL bytes, never re-encoded (when jpg/png/webp)
+    image: bytes  # the bytes to ship: the original, or `reduce_image`'s JPEG; jpg/png/webp stored as given
     label: int  # class index, >= 0
     meta: dict  # goes to KEY.json: class_name, source, scores used, proxy ids, ...
     importance: np.ndarray | None  # float16 [gh, gw] or None

@@ -6,11 +6,12 @@ TAR_OWNER, mode TAR_MODE, all ints (TarWriter 1.0.2 ignores its `format` argumen
 writes its default PAX format; with ASCII names under 100 chars and int fields that is plain
 ustar headers, while a float mtime or a long name would add a PAX record). TarWriter writes a
 sample's fields in sorted order, JSON is dumped with sorted keys, `.npy` uses numpy's v1.0
-header (the repr of a fixed dict), and images are stored as given (PNG transcodes depend on
-the Pillow/zlib version). A shard is written as `.NAME.tmp`, fsynced, then renamed, so a file
-under a final name is always complete. Resume trusts that and re-reads an existing shard for
-its sha256 and keys rather than keeping a sidecar: the tar stays the only truth, and a kill
-between rename and sidecar cannot leave the two disagreeing. It refuses a shard whose keys
+header (the repr of a fixed dict), and images are stored as given (PNG transcodes and the
+JPEGs of `--max-side` depend on the Pillow, zlib and libjpeg versions). A shard is written as
+`.NAME.tmp`, fsynced, then renamed, so a file under a final name is always complete. Resume
+trusts that and re-reads an existing shard for its sha256 and keys rather than keeping a
+sidecar: the tar stays the only truth, and a kill between rename and sidecar cannot leave the
+two disagreeing. It refuses a shard whose keys
 differ from the plan. What goes into a sample is the shard format's (curate.shard.format).
 """
 from __future__ import annotations
@@ -97,8 +98,8 @@ def write_split(
     shard whose final file exists is complete (it was renamed only once whole): it is
     re-read for its sha256 and keys instead of rewritten. Without it, every shard is rewritten.
     Exceptions from `load` propagate; the shards already renamed stay valid for a resume.
-    `workers` > 1 writes shards in forked processes (Python's tarfile costs ~70 us a member,
-    so one core caps out near 3,500 members/s); each shard's bytes do not depend on it.
+    `workers` > 1 writes shards in forked processes (Python's tarfile's cost per member caps one
+    core: docs/benchmarks.md, "Shard writing"); each shard's bytes do not depend on it.
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
