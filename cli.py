@@ -4,11 +4,13 @@ Thin by design: options -> a config dataclass -> one library call -> a short sum
 """
 from __future__ import annotations
 
+import errno
+import importlib
 import json
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import IO, TYPE_CHECKING, Any
 
 import click
 
@@ -16,7 +18,79 @@ from curate.ingest.limits import DEFAULT_MAX_CLASSES, DEFAULT_MAX_PIXELS  # no d
 
 if TYPE_CHECKING:
     from curate.score.job import ScoreConfig
+    from curate.select.policies import SelectConfig
     from curate.select.report import ReportInfo
+
+# The one error policy of every command. These are the user's to fix (bad input or settings, a
+# file that is missing, unreadable or full, a name that is not there): one line, exit code 2, as
+# click's own usage errors. Anything else is a bug and ends in its traceback; --debug shows the
+# traceback of these too. Code that fails on the user's input raises one of these at the source.
+EXPECTED = (ValueError, OSError, KeyError)
+
+
+class Refusal(click.ClickException):
+    """An expected error, shown as the one line `error: ...` on stderr."""
+
+    exit_code = 2
+
+    def show(self, file: IO[Any] | None = None) -> None:
+        click.echo(f"error: {self.format_message()}", file=file, err=file is None)
+
+
+def one_line(exc: BaseException) -> str:
+    """The message of `exc` on one line (str() of a KeyError would quote it; an empty one is named)."""
+    text = str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)
+    return "; ".join(line.strip() for line in text.splitlines() if line.strip()) or type(exc).__name__
+
+
+def _usage(exc: click.ClickException) -> Refusal:
+    ctx = getattr(exc, "ctx", None)  # usage errors know their command: point at its help
+    text = " ".join(exc.format_message().split())  # "Invalid value for 'SOURCE': ..." on one line
+    return Refusal(text + (f" (see '{ctx.command_path} --help')" if ctx is not None else ""))
+
+
+class CurateGroup(click.Group):
+    """The `curate` group: applies EXPECTED's policy to every command, its options and its parsing."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        try:
+            return super().parse_args(ctx, args)
+        except click.exceptions.NoArgsIsHelpError:
+            raise  # bare `curate`: the help, as click shows it
+        except click.UsageError as e:
+            raise _usage(e) from e
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except Refusal:
+            raise
+        except click.ClickException as e:
+            raise _usage(e) from e
+        except EXPECTED as e:
+            if ctx.params.get("debug") or getattr(e, "errno", None) == errno.EPIPE:
+                raise  # --debug: the traceback; a closed pipe (`| head`): click ends quietly
+            raise Refusal(one_line(e)) from e
+
+
+class RegistryChoice(click.Choice):
+    """The names of a registry (or a tuple of names) as click choices, read when first needed: the
+    modules that hold them import torch and timm, which `curate --help` should not wait for."""
+
+    def __init__(self, module: str, attribute: str) -> None:
+        self._source, self._names = (module, attribute), None
+        super().__init__(())
+
+    @property  # type: ignore[override]
+    def choices(self) -> tuple[str, ...]:
+        if self._names is None:
+            module, attribute = self._source
+            self._names = tuple(getattr(importlib.import_module(module), attribute))
+        return self._names
+
+    @choices.setter
+    def choices(self, _names: tuple[str, ...]) -> None:
+        """click.Choice.__init__ sets the names; ours come from the registry."""
 
 
 def _blocks(value: str | None) -> tuple[int, ...] | None:
@@ -26,15 +100,13 @@ def _blocks(value: str | None) -> tuple[int, ...] | None:
         raise click.BadParameter(f"expected comma-separated integers, got {value!r}") from None
 
 
-def _fail(exc: Exception) -> None:
-    """One line, no traceback: an OSError names its file (and says "No space left on device")."""
-    raise click.ClickException(str(exc) if not isinstance(exc, KeyError) else str(exc.args[0])) from exc
-
-
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.group(cls=CurateGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option("--debug", is_flag=True, help="Show the traceback of expected errors too (bad input, settings, files).")
 @click.version_option(package_name="curate")
-def main() -> None:
-    """Score a labelled image dataset with proxy models and keep the informative part."""
+def main(debug: bool) -> None:
+    """Score a labelled image dataset with proxy models and keep the informative part.
+
+    Expected errors (bad input, settings, files) are one line `error: ...` and exit code 2."""
 
 
 @main.command()
@@ -49,8 +121,7 @@ def main() -> None:
               help="K > 1: also train K proxies, each without one fold (stratified), for out-of-sample "
                    "probabilities and label issues (needs --train-epochs; costs about K times the training).")
 @click.option("--label-filter", default="low_self_confidence", show_default=True,
-              type=click.Choice(["low_self_confidence", "prune_by_noise_rate", "prune_by_class", "both",
-                                 "confident_learning", "predicted_neq_given", "low_normalized_margin"]),
+              type=RegistryChoice("curate.score.label_issues", "FILTERS"),
               help="cleanlab's filter_by for label_issue; rerun with --resume to change it (only the label pass runs).")
 @click.option("--image-size", type=int, help="Proxy input side in pixels [default: the recipe's].")
 @click.option("--batch-size", default=256, show_default=True)
@@ -85,14 +156,11 @@ def score(source: str, out: Path, quiet: bool, dry_run: bool, **opts: object) ->
 
     if warning := split_root_warning(source):
         click.echo(f"warning: {warning}", err=True)
-    try:
-        cfg = ScoreConfig(source=source, out=out, progress=not quiet, **opts)  # type: ignore[arg-type]
-        if dry_run:
-            click.echo(class_counts(cfg))
-            return
-        result = run_score(cfg)
-    except (ValueError, OSError, RuntimeError) as e:
-        _fail(e)
+    cfg = ScoreConfig(source=source, out=out, progress=not quiet, **opts)  # type: ignore[arg-type]
+    if dry_run:
+        click.echo(class_counts(cfg))
+        return
+    result = run_score(cfg)
     if result.is_main:  # one summary per job, not one per rank
         click.echo(score_summary(result.manifest, out, result.parts_written), err=True)
 
@@ -155,20 +223,17 @@ def inspect(scores_dir: Path, plots: Path | None, html: Path | None) -> None:
     """Counts, errors, per-class statistics and score distributions of a scores table."""
     from curate.score import inspect as inspect_table
 
-    try:
-        click.echo(inspect_table.summary_text(scores_dir))
-        if plots is not None:
-            plots.mkdir(parents=True, exist_ok=True)
-            click.echo(f"wrote {inspect_table.plot_histograms(scores_dir, plots)}", err=True)
-            path, skipped = inspect_table.plot_importance(scores_dir, plots)
-            for line in ([f"wrote {path}"] if path else []) + ([f"skipped {skipped}"] if skipped else []):
-                click.echo(line, err=True)
-        if html is not None:
-            from curate.select.report import write_report
+    click.echo(inspect_table.summary_text(scores_dir))
+    if plots is not None:
+        plots.mkdir(parents=True, exist_ok=True)
+        click.echo(f"wrote {inspect_table.plot_histograms(scores_dir, plots)}", err=True)
+        path, skipped = inspect_table.plot_importance(scores_dir, plots)
+        for line in ([f"wrote {path}"] if path else []) + ([f"skipped {skipped}"] if skipped else []):
+            click.echo(line, err=True)
+    if html is not None:
+        from curate.select.report import write_report
 
-            click.echo(report_line(write_report([scores_dir], html)), err=True)
-    except (OSError, ValueError) as e:
-        _fail(e)
+        click.echo(report_line(write_report([scores_dir], html)), err=True)
 
 
 def report_line(info: "ReportInfo") -> str:
@@ -213,12 +278,13 @@ def _keep(value: str) -> float | int:
               help="Fraction of the candidates (0.7, 70%; 1.0 keeps all), or a whole count (5000).")
 @click.option("--by", multiple=True, default=("el2n",), show_default=True,
               help="Score column to rank by; repeat to rank-average several.")
-@click.option("--policy", type=click.Choice(["hard", "easy", "ccs", "random"]), default="ccs", show_default=True)
+@click.option("--policy", type=RegistryChoice("curate.select.policies", "POLICIES"), default="ccs", show_default=True)
 @click.option("--beta", default=0.1, show_default=True, help="ccs: hardest fraction dropped first.")
 @click.option("--class-balanced", is_flag=True, help="Apply the keep fraction per class.")
 @click.option("--min-per-class", default=0, show_default=True)
 @click.option("--dedup", type=float, help="Drop near-duplicates above this cosine similarity (e.g. 0.93).")
-@click.option("--dedup-on", type=click.Choice(["thumbnail", "embedding"]), default="thumbnail", show_default=True,
+@click.option("--dedup-on", type=RegistryChoice("curate.select.embeddings", "DEDUP_ON"), default="thumbnail",
+              show_default=True,
               help="thumbnail: 8x8 pixel layout, right for any proxy; embedding: the proxy's features "
                    "(semantic: also crops and flips, needs a strong pretrained proxy).")
 @click.option("--drop-label-issues", is_flag=True,
@@ -255,12 +321,9 @@ def shard(source: str, scores: tuple[Path, ...], keep: str, by: tuple[str, ...],
 
     from curate.shard.job import ShardConfig, run_shard
 
-    try:
-        cfg = ShardConfig(source=source, scores=scores, keep=_keep(keep), by=by, progress=not quiet,
-                          **opts)  # type: ignore[arg-type]
-        result = run_shard(cfg)
-    except (ValueError, OSError) as e:
-        _fail(e)
+    cfg = ShardConfig(source=source, scores=scores, select=select_config(keep, by, opts), progress=not quiet,
+                      **opts)  # type: ignore[arg-type]
+    result = run_shard(cfg)
     with pl.Config(tbl_rows=100, tbl_hide_dataframe_shape=True, tbl_hide_column_data_types=True):
         click.echo(str(result.per_class))
     sel = result.selection
@@ -276,6 +339,18 @@ def shard(source: str, scores: tuple[Path, ...], keep: str, by: tuple[str, ...],
     size = sum(s["bytes"] for s in train["shards"]) / 1e6
     click.echo(f"wrote {train['num_samples']} samples in {len(train['shards'])} shards ({size:.1f} MB) "
                f"to {cfg.out} in {result.seconds:.1f}s; check with: curate verify {cfg.out}", err=True)
+
+
+# `curate shard`'s options that make up its SelectConfig (with --keep, --by and --relabel)
+SELECT_OPTIONS = ("policy", "beta", "class_balanced", "min_per_class", "drop_label_issues", "seed")
+
+
+def select_config(keep: str, by: tuple[str, ...], opts: dict[str, Any]) -> "SelectConfig":
+    """The selection part of `curate shard`'s options (taken out of `opts`) as one SelectConfig."""
+    from curate.select.policies import SelectConfig
+
+    chosen = {name: opts.pop(name) for name in SELECT_OPTIONS}
+    return SelectConfig(keep=_keep(keep), by=by, relabel_min_prob=opts.pop("relabel"), **chosen)
 
 
 def epoch_cost_line(selection: "pl.DataFrame") -> str:
@@ -322,9 +397,9 @@ def _model_args(values: tuple[str, ...]) -> dict[str, object]:
 @click.option("--drop-path", default=0.0, show_default=True)
 @click.option("--ema", default=0.0, show_default=True, help="EMA decay (0: off).")
 @click.option("--keep", default=1.0, show_default=True, help="Fraction of patch tokens kept at the input.")
-@click.option("--keep-schedule", type=click.Choice(["constant", "trilevel", "toe"]), default="constant",
+@click.option("--keep-schedule", type=RegistryChoice("sparsevit.schedule", "KEEP_SCHEDULES"), default="constant",
               show_default=True)
-@click.option("--drop-by", type=click.Choice(["importance", "random"]), default="importance", show_default=True,
+@click.option("--drop-by", type=RegistryChoice("sparsevit.model", "DROP_BY"), default="importance", show_default=True,
               help="Rank tokens by the stored maps, or at random (the control).")
 @click.option("--package-token", is_flag=True, help="Fuse the dropped tokens into one token.")
 @click.option("--online-blocks", callback=lambda _c, _p, v: _blocks(v),
@@ -333,19 +408,19 @@ def _model_args(values: tuple[str, ...]) -> dict[str, object]:
 @click.option("--selector-blocks", callback=lambda _c, _p, v: _blocks(v),
               help="Learn a token selector before these blocks, e.g. 0 or 3,6,9: the drop of --keep moves there, "
                    "and at inference the selector picks the tokens without maps.")
-@click.option("--select-by", type=click.Choice(["maps", "selector", "mix"]), default="maps", show_default=True,
+@click.option("--select-by", type=RegistryChoice("sparsevit.selector", "SELECT_BY"), default="maps", show_default=True,
               help="Who ranks the tokens while training with a selector (mix: maps first, the selector by the end).")
 @click.option("--distill-weight", default=1.0, show_default=True, help="Selector loss towards the maps' top k.")
 @click.option("--ratio-weight", default=2.0, show_default=True,
               help="Selector loss holding its mean keep probability at --keep.")
 @click.option("--selector-lr-scale", default=10.0, show_default=True,
               help="The selector's learning rate as a multiple of the ViT's.")
-@click.option("--attention", type=click.Choice(["dense", "topk", "gather"]), default="dense", show_default=True,
+@click.option("--attention", type=RegistryChoice("sparsevit.attention", "MODES"), default="dense", show_default=True,
               help="topk: Tri-Level connection sparsity (regularises, saves nothing); gather: all queries "
                    "attend to the top --key-keep keys by importance (saves the N^2 part).")
 @click.option("--rho", default=1.0, show_default=True, help="topk: share of keys each query keeps.")
 @click.option("--key-keep", default=0.5, show_default=True, help="gather: share of patch keys attended to.")
-@click.option("--example-pruning", type=click.Choice(["none", "infobatch", "trilevel"]), default="none",
+@click.option("--example-pruning", type=RegistryChoice("sparsevit.prune", "PRUNERS"), default="none",
               show_default=True)
 @click.option("--workers", default=2, show_default=True, help="Loader processes per rank.")
 @click.option("--decode", type=click.Choice(["cpu", "gpu"]), default="cpu", show_default=True,
@@ -363,15 +438,11 @@ def train(shards: Path, out: Path, model_arg: tuple[str, ...], drop_by: str, pac
     from sparsevit.model import SparseConfig
     from sparsevit.train import TrainConfig, run_train
 
-    try:
-        sparse = SparseConfig(drop_by=drop_by, package=package_token, online_blocks=online_blocks or (),
-                              selector_blocks=selector_blocks or (), attention=attention, rho=rho,
-                              key_keep=key_keep)
-        cfg = TrainConfig(shards=shards, out=out, model_kwargs=_model_args(model_arg), sparse=sparse,
-                          progress=not quiet, **opts)  # type: ignore[arg-type]
-        summary = run_train(cfg)
-    except (ValueError, OSError, KeyError) as e:
-        _fail(e)
+    sparse = SparseConfig(drop_by=drop_by, package=package_token, online_blocks=online_blocks or (),
+                          selector_blocks=selector_blocks or (), attention=attention, rho=rho, key_keep=key_keep)
+    cfg = TrainConfig(shards=shards, out=out, model_kwargs=_model_args(model_arg), sparse=sparse,
+                      progress=not quiet, **opts)  # type: ignore[arg-type]
+    summary = run_train(cfg)
     click.echo(train_summary(summary, out))
 
 
@@ -429,28 +500,25 @@ def predict(checkpoint: Path, images: Path, out: Path | None, keep: float | None
         raise click.UsageError("give --out for predictions, --export for the model, or both")
     if out is not None and export_to is not None and out.resolve() == export_to.resolve():
         raise click.UsageError("--out and --export name the same file")
-    try:
-        items = from_files(images, allow_roots)
-        for option, path in (("--out", out), ("--export", export_to)):
-            if path is not None:  # before any work: a bad path is found now, not after inference
-                check_output_file(path, option, overwrite, [images, checkpoint])
-        dev = resolve_device(device)
-        model, run = pred.deployed(checkpoint, keep, dev)
-        if export_to is not None:
-            pred.export(model, run.config.img_size, export_to)
-            click.echo(f"exported {export_to} (keep {model.keep})", err=True)
-        if out is not None:
-            t0 = time.perf_counter()
-            table = pred.predict(model, items, run.config.img_size, batch_size, workers, dev, run.class_names,
-                                 max_pixels)
-            seconds = time.perf_counter() - t0
-            pred.write_predictions(table, out)
-            errors = sum(1 for e in table.column("error").to_pylist() if e)
-            names = "" if run.class_names else " (the run records no class names: labels are class indices)"
-            click.echo(f"{len(items)} files ({errors} unreadable, listed in {out}) at keep {model.keep}: "
-                       f"{len(items) / seconds:.0f} images/s end to end{names}", err=True)
-    except (ValueError, OSError) as e:
-        _fail(e)
+    items = from_files(images, allow_roots)
+    for option, path in (("--out", out), ("--export", export_to)):
+        if path is not None:  # before any work: a bad path is found now, not after inference
+            check_output_file(path, option, overwrite, [images, checkpoint])
+    dev = resolve_device(device)
+    model, run = pred.deployed(checkpoint, keep, dev)
+    if export_to is not None:
+        pred.export(model, run.config.img_size, export_to)
+        click.echo(f"exported {export_to} (keep {model.keep})", err=True)
+    if out is not None:
+        t0 = time.perf_counter()
+        table = pred.predict(model, items, run.config.img_size, batch_size, workers, dev, run.class_names,
+                             max_pixels)
+        seconds = time.perf_counter() - t0
+        pred.write_predictions(table, out)
+        errors = sum(1 for e in table.column("error").to_pylist() if e)
+        names = "" if run.class_names else " (the run records no class names: labels are class indices)"
+        click.echo(f"{len(items)} files ({errors} unreadable, listed in {out}) at keep {model.keep}: "
+                   f"{len(items) / seconds:.0f} images/s end to end{names}", err=True)
 
 
 @main.command()
@@ -490,10 +558,7 @@ def demo(out: Path, seed: int, workers: int, quiet: bool) -> None:
     from curate.demo.run import run_demo
 
     t0 = time.perf_counter()
-    try:
-        text = run_demo(out, seed=seed, workers=workers, progress=not quiet)
-    except (ValueError, OSError, RuntimeError) as e:
-        _fail(e)
+    text = run_demo(out, seed=seed, workers=workers, progress=not quiet)
     click.echo(text)
     click.echo(f"demo finished in {time.perf_counter() - t0:.0f}s; report in {out / 'report.txt'}", err=True)
 

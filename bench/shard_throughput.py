@@ -25,6 +25,7 @@ from score_throughput import make_photos  # noqa: E402  (same photo-like JPEGs)
 
 from curate.score.job import ScoreConfig, run_score  # noqa: E402
 from curate.score.proxies import create_model, resolve_recipe  # noqa: E402
+from curate.select.policies import SelectConfig  # noqa: E402
 from curate.shard.job import ShardConfig, run_shard  # noqa: E402
 
 
@@ -62,7 +63,7 @@ def main() -> None:
             tar_s.append(time_tar(src, tmp / f"copy{i}.tar"))
             out = tmp / f"shards{i}"
             t0 = time.perf_counter()
-            run_shard(ShardConfig(str(src), (tmp / "scores",), out, keep=1.0, workers=args.workers,
+            run_shard(ShardConfig(str(src), (tmp / "scores",), out, SelectConfig(keep=1.0), workers=args.workers,
                                   samples_per_shard=args.samples_per_shard, progress=False))
             ours_s.append(time.perf_counter() - t0)
             shutil.rmtree(out)

@@ -54,7 +54,7 @@ def write_bench_shards(src: Path, out: Path, grid: int = 14, per_shard: int = 64
     maps = {f.stem: rng.random((grid, grid)).astype(np.float32) for f in files}
     labels = {f.stem: int(f.parent.name[1:]) for f in files}
     paths = {f.stem: f for f in files}
-    plan = plan_shards(sorted(paths), "train", "bench", per_shard, 4, 0)
+    plan = plan_shards(sorted(paths), "train", per_shard, 4, 0)
 
     def load(keys: Sequence[str]) -> Iterator[fmt.SampleData]:
         for k in keys:

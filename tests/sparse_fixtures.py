@@ -52,7 +52,7 @@ def write_shards(out: Path, per_class: int = 16, classes: int = 4, per_shard: in
         if split == "train" and train_samples is not None:
             data = {k: data[k] for k in sorted(data)[:train_samples]}
         samples.update(data)
-        plan = plan_shards(sorted(data), split, "toy", per_shard, multiple if split == "train" else 1, seed)
+        plan = plan_shards(sorted(data), split, per_shard, multiple if split == "train" else 1, seed)
 
         def load(keys: Sequence[str], data=data, split=split) -> Iterator[fmt.SampleData]:
             for k in keys:

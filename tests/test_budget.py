@@ -9,8 +9,8 @@ import pytest
 from PIL import Image
 
 from curate.common.runfolder import RunFolderError
-from curate.demo.budget import BUDGET_VARIANTS, BudgetConfig, fit_epochs, low_res_size, run_budget
-from curate.demo.train import slug
+from curate.demo.budget import BUDGET_VARIANTS, BudgetConfig, run_budget
+from curate.demo.train import fit_epochs, low_res_size, slug
 
 from .sparse_fixtures import write_shards
 
@@ -46,6 +46,7 @@ def _config(out: Path, root: Path, **kw: object) -> BudgetConfig:
     return BudgetConfig(**(base | kw))
 
 
+@pytest.mark.slow  # ~20 training runs
 def test_every_cell_is_trained_for_the_epochs_its_budget_fits_and_resume_reuses_them(dataset: Path, tmp_path: Path):
     out = tmp_path / "budget"
     res = run_budget(_config(out, dataset))

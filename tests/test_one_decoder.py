@@ -83,7 +83,7 @@ def _scored(tmp: Path, images: dict[str, bytes]) -> dict[str, torch.Tensor]:
 def _trained(tmp: Path, images: dict[str, bytes]) -> dict[str, torch.Tensor]:
     """Pixels as `curate train` decodes them: written by the shard writer, read by the loader."""
     keys = {f"k{i}": name for i, name in enumerate(images)}
-    plan = plan_shards(sorted(keys), "train", "odd", 100)
+    plan = plan_shards(sorted(keys), "train", 100)
 
     def load(batch: list[str]):
         for key in batch:

@@ -125,7 +125,7 @@ def test_class_balanced_fraction(tmp_path: Path) -> None:
     sizes = {0: 10, 1: 25, 2: 40, 3: 7}
     rows = [make_row(f"c{c}_{i:02d}", c, el2n=float(i)) for c, n in sizes.items() for i in range(n)]
     scores = load_scores([write_table(tmp_path / "s", rows)])
-    sel = select(scores, SelectConfig(keep=0.3, class_balanced=True))
+    sel = select(scores, SelectConfig(policy="hard", keep=0.3, class_balanced=True))
     per_class = Counter(sel.filter("kept")["label"].to_list())
     for c, n in sizes.items():
         assert abs(per_class[c] - round(0.3 * n)) <= 1
@@ -136,7 +136,7 @@ def test_class_balanced_count_caps_and_redistributes(tmp_path: Path) -> None:
     sizes = {0: 2, 1: 30, 2: 30}
     rows = [make_row(f"c{c}_{i:02d}", c, el2n=float(i)) for c, n in sizes.items() for i in range(n)]
     scores = load_scores([write_table(tmp_path / "s", rows)])
-    sel = select(scores, SelectConfig(keep=21, class_balanced=True))
+    sel = select(scores, SelectConfig(policy="hard", keep=21, class_balanced=True))
     per_class = Counter(sel.filter("kept")["label"].to_list())
     assert per_class[0] == 2 and sorted([per_class[1], per_class[2]]) == [9, 10]
 
@@ -147,9 +147,9 @@ def test_min_per_class(tmp_path: Path) -> None:
     rows += [make_row(f"b{i}", 1, el2n=0.1 * i) for i in range(5)]
     rows += [make_row("c0", 2, el2n=0.0)]
     scores = load_scores([write_table(tmp_path / "s", rows)])
-    plain = select(scores, SelectConfig(keep=4))
+    plain = select(scores, SelectConfig(policy="hard", keep=4))
     assert kept_keys(plain) == {"a9", "a8", "a7", "a6"}
-    sel = select(scores, SelectConfig(keep=4, min_per_class=2))
+    sel = select(scores, SelectConfig(policy="hard", keep=4, min_per_class=2))
     extra = sel.filter(pl.col("reason") == "min_per_class")
     assert set(extra["key"]) == {"b4", "b3", "c0"}  # the hardest of class 1; class 2 has one
     assert kept_keys(sel) == kept_keys(plain) | set(extra["key"])
@@ -185,7 +185,7 @@ def test_rank_average_hand_computed(tmp_path: Path) -> None:
         make_row("z", status="error"),
     ]
     scores = load_scores([write_table(tmp_path / "s", rows)])
-    sel = select(scores, SelectConfig(keep=2, by=("el2n", "loss")))
+    sel = select(scores, SelectConfig(policy="hard", keep=2, by=("el2n", "loss")))
     got = dict(zip(sel["key"], sel["score"]))
     assert got["z"] is None
     assert got["a"] == pytest.approx(0.0) and got["d"] == pytest.approx(1 / 3)
@@ -193,11 +193,11 @@ def test_rank_average_hand_computed(tmp_path: Path) -> None:
     assert kept_keys(sel) == {"b", "c"}
     # margin: higher = easier, so its hardness ranks are a 1, b 2/3, c 0, d 1/3
     # (unoriented ranks would average to a 0, b 2/3, c 5/6, d 1/2 and keep c)
-    mixed = select(scores, SelectConfig(keep=1, by=("el2n", "margin")))
+    mixed = select(scores, SelectConfig(policy="hard", keep=1, by=("el2n", "margin")))
     got = dict(zip(mixed["key"], mixed["score"]))
     assert [got[k] for k in "abcd"] == pytest.approx([1 / 2, 5 / 6, 1 / 3, 1 / 3])
     assert kept_keys(mixed) == {"b"}
-    tied = select(scores, SelectConfig(keep=1, by=("el2n", "loss")))
+    tied = select(scores, SelectConfig(policy="hard", keep=1, by=("el2n", "loss")))
     assert kept_keys(tied) == {"b"}  # b and c tie at 5/6: broken by key
 
 
@@ -214,7 +214,7 @@ def test_two_tables_joined(tmp_path: Path) -> None:
     assert scores["error"][3] == "cannot identify image file"
     # per-table ranks over that table's ok rows: t0 a0 b1/3 c2/3 (d1), t1 a1 b1/2 c0
     assert scores["el2n"].to_list()[:3] == pytest.approx([0.5, 5 / 12, 1 / 3])
-    sel = select(load_scores([d0, d1]), SelectConfig(keep=1))
+    sel = select(load_scores([d0, d1]), SelectConfig(policy="hard", keep=1))
     assert kept_keys(sel) == {"a"} and sel.filter(pl.col("key") == "d")["reason"][0] == "error"
 
 
@@ -235,22 +235,22 @@ def test_dedup_with_extra(small: pl.LazyFrame) -> None:
     assert sel.filter(pl.col("key") == "b")["reason"][0] == "duplicate"
     assert kept_keys(sel) == {"f", "e", "c"}  # 60% of the 5 non-duplicates
     with pytest.raises(ValueError, match="dup_keep"):
-        select(small, SelectConfig(keep=0.5, dedup=True))
+        select(small, SelectConfig(policy="hard", keep=0.5, dedup=True))
     nulls = extra.with_columns(dup_keep=pl.lit(None, pl.Boolean))
     with pytest.raises(ValueError, match="dup_keep"):
-        select(small, SelectConfig(keep=0.5, dedup=True), extra=nulls)
+        select(small, SelectConfig(policy="hard", keep=0.5, dedup=True), extra=nulls)
 
 
 def test_null_score_refused(tmp_path: Path) -> None:
     scores = load_scores([write_table(tmp_path / "s", [make_row("a", el2n=0.1), make_row("b")])])
     with pytest.raises(ValueError, match="null"):
-        select(scores, SelectConfig(keep=1))
+        select(scores, SelectConfig(policy="hard", keep=1))
     with pytest.raises(ValueError, match="lack column"):
-        select(scores, SelectConfig(keep=1, by=("nope",)))
+        select(scores, SelectConfig(policy="hard", keep=1, by=("nope",)))
 
 
 def test_selection_hash(small: pl.LazyFrame) -> None:
-    sel = select(small, SelectConfig(keep=0.5))
+    sel = select(small, SelectConfig(policy="hard", keep=0.5))
     assert selection_hash(sel) == selection_hash(sel.reverse())
     other = select(small, SelectConfig(keep=0.5, policy="easy"))
     assert selection_hash(sel) != selection_hash(other)

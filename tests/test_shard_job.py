@@ -18,6 +18,7 @@ from click.testing import CliRunner
 
 from cli import epoch_cost_line, main
 from curate.score.job import ScoreConfig, run_score
+from curate.select.policies import SelectConfig
 from curate.shard.job import ShardConfig, run_shard
 from curate.common.atomic import file_sha256
 from curate.shard.format import read_samples
@@ -43,7 +44,7 @@ def scored(small_demo: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[
 def test_timm_and_webdataset_read_the_shards(scored, small_demo: Path, tmp_path: Path):
     src, cnn, vit = scored
     out = tmp_path / "shards"
-    res = run_shard(ShardConfig(str(src), (cnn, vit), out, keep=0.5, policy="hard", class_balanced=True,
+    res = run_shard(ShardConfig(str(src), (cnn, vit), out, SelectConfig(keep=0.5, policy="hard", class_balanced=True),
                                 val=str(small_demo / "val"), samples_per_shard=10, shard_multiple=4,
                                 name="demo", progress=False))
     sel = res.selection
@@ -90,7 +91,7 @@ def test_streamed_maps_and_scores_equal_the_tables(scored, tmp_path: Path):
     exactly its row of the Parquet tables, whatever the part layout and writer count."""
     src, cnn, vit = scored
     vit_parts = _cut_into_parts(vit, tmp_path / "vit-parts", rows_per_part=25)
-    kw = dict(keep=0.75, by=("el2n", "margin"), samples_per_shard=7, progress=False)
+    kw = dict(select=SelectConfig(keep=0.75, by=("el2n", "margin")), samples_per_shard=7, progress=False)
     one = run_shard(ShardConfig(str(src), (vit, cnn), tmp_path / "one", workers=1, **kw))
     run_shard(ShardConfig(str(src), (vit_parts, cnn), tmp_path / "parts", workers=2, **kw))
     names = sorted(p.name for p in (tmp_path / "one").glob("*.tar"))
@@ -118,7 +119,7 @@ def test_streamed_maps_and_scores_equal_the_tables(scored, tmp_path: Path):
 
 def test_selection_counts_and_refusals(scored, tmp_path: Path):
     src, cnn, vit = scored
-    res = run_shard(ShardConfig(str(src), (cnn,), tmp_path / "a", keep=30, policy="random", dry_run=True,
+    res = run_shard(ShardConfig(str(src), (cnn,), tmp_path / "a", SelectConfig(keep=30, policy="random"), dry_run=True,
                                 progress=False))
     assert res.manifest is None and not (tmp_path / "a").exists()
     counts = dict(res.selection.group_by("reason").len().iter_rows())
@@ -192,7 +193,7 @@ def test_shard_uses_the_class_map_the_scoring_used(small_demo: Path, tmp_path: P
     ckpt = random_checkpoint(tmp_path / "w.pt", classes=4)
     run_score(ScoreConfig(str(src), tmp_path / "s", checkpoint=ckpt, class_map=class_map, workers=0,
                           progress=False))
-    res = run_shard(ShardConfig(str(src), (tmp_path / "s",), tmp_path / "o", keep=1.0, progress=False))
+    res = run_shard(ShardConfig(str(src), (tmp_path / "s",), tmp_path / "o", SelectConfig(keep=1.0), progress=False))
     first = names[0]
     assert res.selection.filter(pl.col("class_name") == first)["label"].unique().to_list() == [0]
     assert verify(tmp_path / "o") == []
@@ -206,7 +207,7 @@ def test_epoch_cost_counts_only_readable_inputs():
 def test_max_side_ships_smaller_images_that_train_and_verify(scored, small_demo: Path, tmp_path: Path):
     """--max-side below the demo's 64 px re-encodes every image; above it keeps the original bytes."""
     src, cnn, vit = scored
-    common = dict(keep=0.5, val=str(small_demo / "val"), samples_per_shard=16, progress=False)
+    common = dict(select=SelectConfig(keep=0.5), val=str(small_demo / "val"), samples_per_shard=16, progress=False)
     small = run_shard(ShardConfig(str(src), (cnn, vit), tmp_path / "small", max_side=48, quality=85, **common))
     same = run_shard(ShardConfig(str(src), (cnn, vit), tmp_path / "same", max_side=128, **common))
     assert small.manifest["images"] == {"max_side": 48, "quality": 85}

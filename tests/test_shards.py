@@ -92,8 +92,8 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Row]]:
 
 
 def plans(data: dict[str, dict[str, Row]]) -> dict[str, ShardPlan]:
-    return {"train": plan_shards(list(data["train"]), "train", "demo", 4, shard_multiple=2),
-            "validation": plan_shards(list(data["validation"]), "validation", "demo", 2)}
+    return {"train": plan_shards(list(data["train"]), "train", 4, shard_multiple=2),
+            "validation": plan_shards(list(data["validation"]), "validation", 2)}
 
 
 def write_all(out: Path, data: dict[str, dict[str, Row]]) -> dict[str, list]:
@@ -123,7 +123,7 @@ def shas(infos: list) -> list[str]:
 )
 def test_plan_balanced(n: int, per_shard: int, multiple: int, expected_shards: int) -> None:
     keys = [f"k{i}" for i in range(n)]
-    plan = plan_shards(keys, "train", "demo", per_shard, shard_multiple=multiple)
+    plan = plan_shards(keys, "train", per_shard, shard_multiple=multiple)
     sizes = [len(s) for s in plan.shards]
     assert len(sizes) == expected_shards and len(sizes) % multiple == 0
     assert min(sizes) >= 1 and max(sizes) - min(sizes) <= 1
@@ -134,23 +134,23 @@ def test_plan_balanced(n: int, per_shard: int, multiple: int, expected_shards: i
 
 def test_plan_deterministic_and_order_independent() -> None:
     keys = [f"c{i % 3}-img_{i:04d}" for i in range(50)]
-    a = plan_shards(keys, "train", "demo", 7, shard_multiple=4, seed=3)
-    assert a == plan_shards(list(reversed(keys)), "train", "demo", 7, shard_multiple=4, seed=3)
+    a = plan_shards(keys, "train", 7, shard_multiple=4, seed=3)
+    assert a == plan_shards(list(reversed(keys)), "train", 7, shard_multiple=4, seed=3)
     flat = [k for s in a.shards for k in s]
     assert flat != sorted(keys)  # shuffled, so shards mix classes
-    other = plan_shards(keys, "train", "demo", 7, shard_multiple=4, seed=4)
+    other = plan_shards(keys, "train", 7, shard_multiple=4, seed=4)
     assert [k for s in other.shards for k in s] != flat
 
 
 def test_plan_errors() -> None:
     with pytest.raises(ValueError, match="cannot fill 4 shards"):
-        plan_shards(["a", "b", "c"], "train", "demo", 1, shard_multiple=4)
+        plan_shards(["a", "b", "c"], "train", 1, shard_multiple=4)
     with pytest.raises(ValueError, match="first dot"):
-        plan_shards(["a.b", "c"], "train", "demo", 1)
+        plan_shards(["a.b", "c"], "train", 1)
     with pytest.raises(ValueError, match="more than once"):
-        plan_shards(["a", "a"], "train", "demo", 1)
+        plan_shards(["a", "a"], "train", 1)
     with pytest.raises(ValueError, match="without 'tar'"):  # timm would parse it as a pattern
-        plan_shards(["a"], "start", "demo", 1)
+        plan_shards(["a"], "start", 1)
 
 
 def test_image_ext() -> None:
@@ -262,7 +262,7 @@ def test_leftover_tmp_is_overwritten(written: Path, data: dict, tmp_path: Path) 
 
 def test_resume_refuses_a_changed_plan(written: Path, data: dict, tmp_path: Path) -> None:
     shutil.copy(written / "train-000000.tar", tmp_path / "train-000000.tar")
-    other = plan_shards(list(data["train"]), "train", "demo", 4, shard_multiple=2, seed=9)
+    other = plan_shards(list(data["train"]), "train", 4, shard_multiple=2, seed=9)
     with pytest.raises(ValueError, match="other keys than the plan"):
         write_split(tmp_path, other, make_loader(data["train"])[0], resume=True, progress=False)
 

@@ -6,8 +6,10 @@ only the few collectives below; with one process every one of them is a plain fu
 job has a single code path.
 
 Only small Python objects cross ranks (index hashes, part lists, errors, timings), never tensors,
-so the group always uses gloo, also on GPU nodes: NCCL would need each rank pinned to its device
-before the first collective and gains nothing for a few hundred bytes.
+so a group `session` creates uses gloo, also on GPU nodes: NCCL would need each rank pinned to its
+device before the first collective and gains nothing for a few hundred bytes. A group that already
+exists is used as it is: `curate train` creates its own (nccl on CUDA, after pinning each rank's
+device; sparsevit/train.py), and these collectives then run over it.
 """
 from __future__ import annotations
 

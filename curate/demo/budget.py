@@ -12,7 +12,6 @@ the last epoch and the training wall-clock it actually took.
 from __future__ import annotations
 
 import json
-import math
 import multiprocessing
 import statistics
 from dataclasses import asdict, dataclass, field, replace
@@ -21,30 +20,19 @@ from typing import Any, Sequence
 
 from curate.common.atomic import atomic_path, save_figure, write_json
 from curate.common.runfolder import RunFolder, mode_of
-from curate.demo.train import DEMO_MODEL, epoch_records, fit_epochs, slug
-from sparsevit.model import SparseConfig
+from curate.demo.train import DEMO_MODEL, Variant, epoch_records, fit_epochs, slug
 from sparsevit.train import TrainConfig, run_train
 
 
-@dataclass(frozen=True)
-class BudgetVariant:
-    name: str
-    shards: str  # shard set under the dataset root
-    keep: float = 1.0  # input token keep ratio
-    drop_by: str = "importance"
-    token_scale: float = 1.0  # train and evaluate at a lower resolution with ~this share of the tokens
-    example_pruning: str = "none"
-
-
 BUDGET_VARIANTS = (
-    BudgetVariant("full", "shards-full"),
-    BudgetVariant("random 70%", "shards-random"),
-    BudgetVariant("curated 70%", "shards"),
-    BudgetVariant("curated 70% + keep 0.7", "shards", keep=0.7),
-    BudgetVariant("curated 70% + keep 0.7 random", "shards", keep=0.7, drop_by="random"),
-    BudgetVariant("full at low res (~0.7 tokens)", "shards-full", token_scale=0.7),
-    BudgetVariant("curated 70% + keep 0.5", "shards", keep=0.5),
-    BudgetVariant("full + InfoBatch", "shards-full", example_pruning="infobatch"),
+    Variant("full", "shards-full"),
+    Variant("random 70%", "shards-random"),
+    Variant("curated 70%", "shards"),
+    Variant("curated 70% + keep 0.7", "shards", keep=0.7),
+    Variant("curated 70% + keep 0.7 random", "shards", keep=0.7, drop_by="random"),
+    Variant("full at low res (~0.7 tokens)", "shards-full", token_scale=0.7),
+    Variant("curated 70% + keep 0.5", "shards", keep=0.5),
+    Variant("full + InfoBatch", "shards-full", example_pruning="infobatch"),
 )
 
 
@@ -53,7 +41,7 @@ class BudgetConfig:
     out: Path
     datasets: tuple[tuple[int, Path], ...]  # (seed, dataset root); a seed may reuse a root
     budgets: tuple[float, ...] = (0.35, 0.5, 0.7, 1.0)  # fractions of full data's complete schedule
-    variants: tuple[BudgetVariant, ...] = BUDGET_VARIANTS
+    variants: tuple[Variant, ...] = BUDGET_VARIANTS
     model: dict[str, Any] = field(default_factory=lambda: dict(DEMO_MODEL))
     ref_epochs: int = 15  # full data's complete schedule
     warmup_share: float = 1 / 15  # warmup as a share of every schedule (the demo: 1 of 15 epochs)
@@ -71,22 +59,11 @@ class BudgetConfig:
     progress: bool = True
 
 
-def low_res_size(img_size: int, patch: int, token_scale: float) -> int:
-    """The image size whose patch grid holds the nearest whole square to `token_scale` of the
-    full grid's tokens: 64 px / patch 8 at 0.7 -> 56 px (49 of 64 tokens); 224 / 16 -> 192."""
-    side = max(1, round(math.sqrt(token_scale * (img_size // patch) ** 2)))
-    return side * patch
-
-
-def train_config(cfg: BudgetConfig, v: BudgetVariant, root: Path, out: Path, seed: int, epochs: int) -> TrainConfig:
+def train_config(cfg: BudgetConfig, v: Variant, root: Path, out: Path, seed: int, epochs: int) -> TrainConfig:
     """The variant's `curate train` settings for a complete schedule of `epochs`."""
-    model = dict(cfg.model)
-    if v.token_scale < 1:
-        model["img_size"] = low_res_size(model["img_size"], model["patch_size"], v.token_scale)
     tc = TrainConfig(shards=root / v.shards, out=out, epochs=epochs, batch_size=cfg.batch_size, lr=cfg.lr,
-                     warmup_epochs=cfg.warmup_share * epochs, keep=v.keep,
-                     sparse=SparseConfig(drop_by=v.drop_by), example_pruning=v.example_pruning,
-                     workers=cfg.workers, seed=seed, eval_every=epochs, overwrite=True, progress=False, **model)
+                     warmup_epochs=cfg.warmup_share * epochs, workers=cfg.workers, seed=seed, eval_every=epochs,
+                     overwrite=True, progress=False, **v.train_fields(cfg.model))
     return replace(tc, **cfg.extra)
 
 
@@ -134,7 +111,7 @@ def _train(cfg: BudgetConfig, tc: TrainConfig) -> None:
         raise RuntimeError(f"training {tc.out} failed in its process (exit code {proc.exitcode})")
 
 
-def _calibrate(folder: RunFolder, cfg: BudgetConfig, v: BudgetVariant) -> float:
+def _calibrate(folder: RunFolder, cfg: BudgetConfig, v: Variant) -> float:
     """Median epoch seconds of a short run of the variant on the first dataset (reused if done).
     The median, not the mean: on a shared machine one epoch slowed by another process would
     otherwise shorten every schedule planned from it."""
@@ -148,7 +125,7 @@ def _calibrate(folder: RunFolder, cfg: BudgetConfig, v: BudgetVariant) -> float:
     return statistics.median(r["seconds"] for r in epoch_records(run))  # loader in, evaluation out
 
 
-def _cell(folder: RunFolder, cfg: BudgetConfig, v: BudgetVariant, seed: int, root: Path, fraction: float,
+def _cell(folder: RunFolder, cfg: BudgetConfig, v: Variant, seed: int, root: Path, fraction: float,
           budget_s: float, epoch_s: float) -> dict[str, Any]:
     """One trained cell: the variant on one dataset and seed, for `fit_epochs` epochs."""
     epochs = fit_epochs(budget_s, epoch_s)

@@ -10,9 +10,7 @@ import torch
 from curate.demo.data import TRUTH
 from curate.score import table
 from curate.score.metrics import roc_auc
-
-# Scores where a LOW value means "suspicious"; they are negated before computing the AUC.
-LOW_IS_HARD = ("margin", "margin_mean", "confidence")
+from curate.select.policies import HIGHER_IS_EASIER
 
 
 def join_truth(scores: pl.DataFrame, demo_root: Path) -> pl.DataFrame:
@@ -27,7 +25,7 @@ def label_noise_auc(joined: pl.DataFrame, column: str) -> float:
     """ROC-AUC of `column` for "this label was flipped" over ok rows (1.0 = flipped ranked first)."""
     ok = joined.filter(pl.col("status") == "ok")
     values = torch.tensor(ok[column].cast(pl.Float64).to_numpy())
-    if column in LOW_IS_HARD:
+    if column in HIGHER_IS_EASIER:  # a low margin is the suspicious one: negated, as selection does
         values = -values
     return roc_auc(values, torch.tensor(ok["flipped"].to_numpy()))
 

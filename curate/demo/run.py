@@ -16,6 +16,8 @@ from curate.demo.train import plot as plot_training
 from curate.score import inspect, table
 from curate.score.job import ScoreConfig, run_score
 from curate.score.proxies import RECIPES
+from curate.select.embeddings import DEDUP_THRESHOLD
+from curate.select.policies import SelectConfig
 from curate.shard.job import ShardConfig, ShardResult, run_shard
 from curate.shard.verify import verify
 
@@ -24,7 +26,6 @@ COMMAND = "demo"
 # Two proxies, each for what it learns fastest on CPU: the CNN ranks examples (EL2N, forgetting),
 # the plain ViT provides CLS-attention importance maps. `curate shard` joins tables by key.
 PROXIES = {"scores-cnn": "demo-cnn", "scores-vit": "demo-vit"}
-DEDUP = 0.93  # thumbnail cosine threshold for near-duplicates
 AUC_COLUMNS = ("el2n", "loss", "margin", "forgetting", "el2n_mean", "margin_mean")
 
 
@@ -98,10 +99,10 @@ def shard_curated(folder: RunFolder, data: Path, seed: int, per_shard: int, name
 def curated_config(root: Path, data: Path, out: Path, seed: int, per_shard: int, name: str,
                    progress: bool) -> ShardConfig:
     """The curated shard set's settings, from the score tables under `root`."""
-    return ShardConfig(str(data / "train"), tuple(root / f for f in PROXIES), out, keep=0.7, by=("el2n",),
-                       policy="ccs", dedup=DEDUP, val=str(data / "val"), val_scores=root / "scores-val",
-                       samples_per_shard=per_shard, shard_multiple=4, name=name, seed=seed, overwrite=True,
-                       progress=progress, report=True)
+    return ShardConfig(str(data / "train"), tuple(root / f for f in PROXIES), out,
+                       SelectConfig(keep=0.7, by=("el2n",), policy="ccs", seed=seed), dedup=DEDUP_THRESHOLD,
+                       val=str(data / "val"), val_scores=root / "scores-val", samples_per_shard=per_shard,
+                       shard_multiple=4, name=name, overwrite=True, progress=progress, report=True)
 
 
 def score_validation(folder: RunFolder, data: Path, workers: int) -> None:
@@ -177,7 +178,7 @@ def render_report(all_metrics: dict[str, Any], t: dict[str, float], out: Path) -
         f"  shard: kept {sh['kept']} of {sh['inputs']} (policy ccs by el2n, both proxies rank-averaged; "
         f"{', '.join(f'{k} {v}' for k, v in sorted(sh['reasons'].items()))})",
         f"    flipped labels removed {sh['flipped_removed']:.1%} vs clean images removed {sh['clean_removed']:.1%}",
-        f"    near-duplicates (thumbnail cosine > {DEDUP}): {dup['found']:.1%} of {dup['groups']} planted "
+        f"    near-duplicates (thumbnail cosine > {DEDUP_THRESHOLD}): {dup['found']:.1%} of {dup['groups']} planted "
         f"groups found, {dup['merged']:.2%} of {dup['singles']} other images merged",
         f"    {sh['train_samples']} samples in {sh['shards']} shards ({sh['megabytes']:.1f} MB) + validation; "
         f"curate verify: {'ok' if sh['verify_faults'] == 0 else str(sh['verify_faults']) + ' faults'}; "

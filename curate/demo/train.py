@@ -5,6 +5,7 @@ wall-clock. Every variant reads shards written by `curate shard` and trains with
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -12,6 +13,7 @@ from typing import Any
 
 from curate.common.atomic import save_figure
 from curate.common.runfolder import RunFolder
+from curate.select.policies import SelectConfig
 from curate.shard.job import ShardConfig, run_shard
 from sparsevit.model import SparseConfig
 from sparsevit.train import TrainConfig, run_train
@@ -23,10 +25,30 @@ DEMO_MODEL: dict[str, Any] = {"model": "vit_tiny_patch16_224", "img_size": 64, "
 
 @dataclass(frozen=True)
 class Variant:
+    """A training variant of the demo and of the equal-budget comparison (curate/demo/budget.py):
+    a shard set and what `curate train` does differently on it."""
+
     name: str
-    shards: str  # folder under the demo's output
+    shards: str  # shard set under the demo's output (the dataset root)
     keep: float = 1.0  # input token keep ratio
     drop_by: str = "importance"
+    token_scale: float = 1.0  # train and evaluate at a lower resolution with ~this share of the tokens
+    example_pruning: str = "none"
+
+    def train_fields(self, model: dict[str, Any]) -> dict[str, Any]:
+        """The TrainConfig fields of the variant on `model` (DEMO_MODEL's keys)."""
+        model = dict(model)
+        if self.token_scale < 1:
+            model["img_size"] = low_res_size(model["img_size"], model["patch_size"], self.token_scale)
+        return {**model, "keep": self.keep, "sparse": SparseConfig(drop_by=self.drop_by),
+                "example_pruning": self.example_pruning}
+
+
+def low_res_size(img_size: int, patch: int, token_scale: float) -> int:
+    """The image size whose patch grid holds the nearest whole square to `token_scale` of the
+    full grid's tokens: 64 px / patch 8 at 0.7 -> 56 px (49 of 64 tokens); 224 / 16 -> 192."""
+    side = max(1, round(math.sqrt(token_scale * (img_size // patch) ** 2)))
+    return side * patch
 
 
 VARIANTS = (Variant("full", "shards-full"), Variant("random 70%", "shards-random"),
@@ -48,10 +70,10 @@ def baseline_shards(folder: RunFolder, data: Path, scores: tuple[Path, ...], see
                     progress: bool) -> None:
     """Full data and a random 70% subset, as shards of the same inputs with the same maps."""
     common = dict(val=str(data / "val"), val_scores=folder.root / "scores-val", samples_per_shard=per_shard,
-                  shard_multiple=4, name="demo", seed=seed, overwrite=True, progress=progress)
+                  shard_multiple=4, name="demo", overwrite=True, progress=progress)
     for name, keep in (("shards-full", 1.0), ("shards-random", 0.7)):
-        run_shard(ShardConfig(str(data / "train"), scores, folder.claim_run(name), keep=keep, policy="random",
-                              **common))
+        run_shard(ShardConfig(str(data / "train"), scores, folder.claim_run(name),
+                              SelectConfig(keep=keep, policy="random", seed=seed), **common))
 
 
 def train_variants(folder: RunFolder, cfg: DemoTrain, progress: bool) -> dict[str, Any]:
@@ -97,8 +119,8 @@ def fit_epochs(budget_s: float, epoch_s: float) -> int:
 def train_one(shards: Path, run: Path, v: Variant, cfg: DemoTrain, warmup_epochs: float = 1.0) -> dict[str, Any]:
     """`curate train` with the demo's model and recipe; returns its summary."""
     tc = TrainConfig(shards=shards, out=run, epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
-                     warmup_epochs=warmup_epochs, keep=v.keep, sparse=SparseConfig(drop_by=v.drop_by),
-                     workers=cfg.workers, seed=cfg.seed, overwrite=True, progress=False, **DEMO_MODEL)
+                     warmup_epochs=warmup_epochs, workers=cfg.workers, seed=cfg.seed, overwrite=True, progress=False,
+                     **v.train_fields(DEMO_MODEL))
     return run_train(replace(tc, **cfg.extra))
 
 

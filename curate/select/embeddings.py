@@ -28,6 +28,12 @@ import pyarrow.parquet as pq
 
 from curate.score.table import parts as table_parts
 
+# The thumbnail cosine above which two images are near-duplicates where no one chose one: the
+# demo's shards and `curate inspect --html` (measured on the demo data, see the docstring above).
+DEDUP_THRESHOLD = 0.93
+# What near-duplicates are found on: the 8x8 thumbnails (any proxy) or the proxy's embedding.
+DEDUP_ON = ("thumbnail", "embedding")
+
 
 def _embed_dim(part: Path, column: str = "embedding") -> int:
     """Width of the fixed-size list `column` in one part's schema."""
@@ -79,7 +85,7 @@ def load_embeddings(scores_dir: Path, batch_rows: int = 65536,
             emb[len(keys) : len(keys) + len(block)] = block
             keys.extend(batch.column("key").filter(ok).to_pylist())
     if len(keys) != len(emb):
-        raise RuntimeError(f"{scores_dir} changed while being read: {len(keys)} ok rows, "
+        raise ValueError(f"{scores_dir} changed while being read: {len(keys)} ok rows, "
                            f"{len(emb)} counted")
     if column == "thumbnail":
         emb -= emb.mean(axis=1, keepdims=True)  # a flat thumbnail becomes 0: it matches nothing
@@ -244,7 +250,7 @@ def embedding_columns(
         if frame is None:
             frame = _dup_columns(_key_frame(keys), emb, dedup_threshold)
         elif keys != frame["key"].to_list():
-            raise RuntimeError(f"{scores_dir}: {dedup_on} and embedding rows differ (table changed?)")
+            raise ValueError(f"{scores_dir}: {dedup_on} and embedding rows differ (table changed?)")
     return _proto_columns(frame, emb, prototypes, seed)
 
 

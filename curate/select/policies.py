@@ -32,10 +32,9 @@ IDENTITY_COLUMNS = frozenset(
     {"key", "source", "label", "class_name", "status", "error", "width", "height",
      "num_bytes", "content_hash"}
 )
-# Score columns where a larger value means an EASIER example (negated into a hardness).
+# Score columns where a larger value means an EASIER example: the one table of score directions
+# (negated into a hardness here; the demo negates them before its "label was flipped" AUC).
 HIGHER_IS_EASIER = frozenset({"margin", "margin_mean", "confidence"})
-# Every reason a row can get; "kept" and "min_per_class" are the kept ones.
-REASONS = ("kept", "min_per_class", "pruned", "duplicate", "label_issue", "error")
 # cleanlab's columns; with several tables they come from the first (`curate shard --scores` order).
 LABEL_COLUMNS = ("label_issue", "label_quality", "suggested_label", "probs")
 OUTPUT_COLUMNS = ["key", "source", "label", "class_name", "kept", "reason", "score", "relabelled_from"]
@@ -43,9 +42,12 @@ OUTPUT_COLUMNS = ["key", "source", "label", "class_name", "kept", "reason", "sco
 
 @dataclass(frozen=True)
 class SelectConfig:
-    keep: float | int  # float in (0, 1]: fraction of the candidates; int >= 1: absolute count
+    """Which keys to keep. The defaults are `curate shard`'s (70% by CCS on EL2N; tests/test_cli_errors.py
+    checks the CLI's against them)."""
+
+    keep: float | int = 0.7  # float in (0, 1]: fraction of the candidates; int >= 1: absolute count
     by: tuple[str, ...] = ("el2n",)  # score column(s); several are rank-averaged
-    policy: str = "hard"  # name in POLICIES: hard | easy | ccs | random
+    policy: str = "ccs"  # name in POLICIES: hard | easy | ccs | random
     beta: float = 0.1  # ccs: fraction of the hardest candidates dropped before stratifying
     strata: int = 50  # ccs: number of equal-width score bins
     class_balanced: bool = False  # apply the budget per class (label) instead of globally

@@ -24,11 +24,11 @@ import polars as pl
 from curate.common.atomic import atomic_path
 from curate.score import inspect as score_inspect
 from curate.score import table
+from curate.select.embeddings import DEDUP_THRESHOLD, embedding_columns
 
 REASON_COLOURS = {"kept": "#2e7d32", "min_per_class": "#66bb6a", "pruned": "#9e9e9e", "duplicate": "#ef6c00",
                   "label_issue": "#c62828", "error": "#212121", "ok": "#2e7d32"}
 THUMB = 96  # px, the side of a gallery tile
-DEDUP = 0.93  # thumbnail cosine for near-duplicate groups when there is no selection (curate shard's default)
 
 
 @dataclass
@@ -138,10 +138,10 @@ class _Page:
 
     def duplicates(self, rows: pl.DataFrame, scores: Path, groups: int) -> None:
         if "dup_group" not in rows.columns:
-            from curate.select.embeddings import embedding_columns
-            dup = embedding_columns(scores, DEDUP, None).select("key", "dup_group")
+            # no selection grouped them (inspect --html): `curate shard` has no dedup default
+            dup = embedding_columns(scores, DEDUP_THRESHOLD, None).select("key", "dup_group")
             rows = rows.join(dup, on="key", how="left")
-            note = f"thumbnail cosine >= {DEDUP}"
+            note = f"thumbnail cosine > {DEDUP_THRESHOLD}"
         else:
             note = "as curate shard grouped them; the kept one is marked"
         found = (rows.filter(pl.col("dup_group").fill_null(-1) >= 0).sort("dup_group", "key")

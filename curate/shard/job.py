@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -31,7 +31,7 @@ from curate.ingest.limits import DEFAULT_MAX_CLASSES
 from curate.ingest.sources import (Item, index_sha256, open_source, read_bytes, relative_source, sanitize_key,
                                    source_root)
 from curate.score import table
-from curate.select.embeddings import embedding_columns
+from curate.select.embeddings import DEDUP_ON, embedding_columns
 from curate.select.policies import SelectConfig, load_scores, select, selection_hash
 from curate.select.report import ReportInfo, write_report
 from curate.shard import format as fmt
@@ -53,17 +53,11 @@ class ShardConfig:
     source: str  # the input that was scored (same keys); its bytes go into the shards
     scores: tuple[Path, ...]  # one or more `curate score` outputs over the same inputs
     out: Path  # output folder for shards and indexes
-    keep: float | int = 0.7  # fraction (0, 1] of the candidates, or a count
-    by: tuple[str, ...] = ("el2n",)  # score column(s) to rank by; several are rank-averaged
-    policy: str = "ccs"  # hard | easy | ccs | random (see curate/select/policies.py)
-    beta: float = 0.1  # ccs: hardest fraction dropped first (mislabelled examples live there)
-    strata: int = 50  # ccs: score bins sampled evenly
-    class_balanced: bool = False  # apply the keep fraction per class
-    min_per_class: int = 0  # keep at least this many per class
-    dedup: float | None = None  # cosine threshold for near-duplicates (e.g. 0.95); None = off
+    # which keys to keep and why (policy, budget, `by` columns, label issues, seed); `seed` also orders
+    # the samples across shards and seeds k-means, and `dedup` is set from the threshold below
+    select: SelectConfig = field(default_factory=SelectConfig)
+    dedup: float | None = None  # cosine threshold for near-duplicates (e.g. 0.93); None = off
     dedup_on: str = "thumbnail"  # thumbnail: pixel layout (any proxy) | embedding: semantic (strong proxies)
-    drop_label_issues: bool = False  # drop rows cleanlab flagged in the first --scores table (reason label_issue)
-    relabel: float | None = None  # flagged rows whose suggested class has this probability ship with it as cls
     prototypes: int | None = None  # k-means clusters for the proto_dist score; None = off
     val: str | None = None  # validation source, written unpruned as the `validation` split
     val_scores: Path | None = None  # a `curate score` output over `val`: its importance maps go in too
@@ -72,7 +66,6 @@ class ShardConfig:
     samples_per_shard: int = 1000  # target samples per shard (sizes are balanced +-1)
     shard_multiple: int = 1  # make the shard count a multiple of this (ranks x workers)
     name: str = "curated"  # dataset name in _info.json (timm: --dataset wds/NAME)
-    seed: int = 0  # random policy and the sample order across shards
     workers: int = 2  # processes writing shards in parallel (the bytes do not depend on it)
     resume: bool = False  # continue a killed run in `out`
     overwrite: bool = False  # replace a previous run's outputs in `out`
@@ -92,15 +85,11 @@ class ShardConfig:
             raise ValueError(f"--max-side is the longer side in pixels (e.g. 256), got {self.max_side}")
         if not 1 <= self.quality <= 95:  # above 95 libjpeg's own docs say the files grow for nothing
             raise ValueError(f"--quality is a JPEG quality in 1..95, got {self.quality}")
-        if self.dedup_on not in ("thumbnail", "embedding"):
-            raise ValueError(f"--dedup-on must be thumbnail or embedding, got {self.dedup_on!r}")
-
-    def select_config(self) -> SelectConfig:
-        return SelectConfig(keep=self.keep, by=self.by, policy=self.policy, beta=self.beta,
-                            strata=self.strata, class_balanced=self.class_balanced,
-                            min_per_class=self.min_per_class, dedup=self.dedup is not None,
-                            drop_label_issues=self.drop_label_issues, relabel_min_prob=self.relabel,
-                            seed=self.seed)
+        if self.dedup_on not in DEDUP_ON:
+            raise ValueError(f"--dedup-on must be one of {', '.join(DEDUP_ON)}, got {self.dedup_on!r}")
+        if self.select.dedup and self.dedup is None:
+            raise ValueError("select.dedup needs a threshold to group near-duplicates by: give dedup (e.g. 0.93)")
+        object.__setattr__(self, "select", replace(self.select, dedup=self.dedup is not None))
 
     def fingerprint(self) -> dict[str, Any]:
         return jsonable({k: v for k, v in asdict(self).items() if k not in RESUME_FREE})
@@ -118,10 +107,9 @@ class ShardResult:
 
 def run_shard(cfg: ShardConfig) -> ShardResult:
     t0 = time.perf_counter()
-    sel_cfg = cfg.select_config()
     manifests = [table.read_manifest(d) for d in cfg.scores]
     extra = _embedding_extra(cfg) if cfg.dedup is not None or cfg.prototypes else None
-    sel = select(load_scores(cfg.scores, sel_cfg.by), sel_cfg, extra)
+    sel = select(load_scores(cfg.scores, cfg.select.by), cfg.select, extra)
     if extra is not None and cfg.dedup is not None:  # say which image each dropped one duplicates
         sel = sel.join(extra.select("key", "dup_group"), on="key", how="left")
     per_class = per_class_counts(sel)
@@ -178,7 +166,7 @@ def per_class_counts(sel: pl.DataFrame) -> pl.DataFrame:
 
 def _embedding_extra(cfg: ShardConfig) -> pl.DataFrame:
     """Duplicate groups and prototype scores from the first table's embeddings."""
-    return embedding_columns(cfg.scores[0], cfg.dedup, cfg.prototypes, seed=cfg.seed, dedup_on=cfg.dedup_on)
+    return embedding_columns(cfg.scores[0], cfg.dedup, cfg.prototypes, seed=cfg.select.seed, dedup_on=cfg.dedup_on)
 
 
 def _check_source(cfg: ShardConfig, manifests: list[dict[str, Any]], kept: pl.DataFrame) -> pl.DataFrame:
@@ -208,8 +196,8 @@ def _train_plan(cfg: ShardConfig, sel: pl.DataFrame) -> ShardPlan:
     kept = sel.filter(pl.col("kept"))
     if kept.is_empty():
         raise ValueError("the selection keeps no sample: nothing to shard")
-    return plan_shards(kept["key"].to_list(), "train", cfg.name, cfg.samples_per_shard, cfg.shard_multiple,
-                       cfg.seed)
+    return plan_shards(kept["key"].to_list(), "train", cfg.samples_per_shard, cfg.shard_multiple,
+                       cfg.select.seed)
 
 
 def _write_train(cfg: ShardConfig, plan: ShardPlan, sel: pl.DataFrame, items: pl.DataFrame,
@@ -226,7 +214,7 @@ def _write_train(cfg: ShardConfig, plan: ShardPlan, sel: pl.DataFrame, items: pl
     # leaves nothing behind, and forked writers share the descriptor.
     with tempfile.TemporaryFile(dir=cfg.out) as scratch:
         maps = _map_store(maps_dir, order, scratch.fileno()) if maps_dir is not None else None
-        loader = TrainSamples(plan, rows, score_cols, maps, cfg.by, proxies, source_root(cfg.source),
+        loader = TrainSamples(plan, rows, score_cols, maps, cfg.select.by, proxies, source_root(cfg.source),
                               Shipping(cfg.max_side, cfg.quality))
         return write_split(cfg.out, plan, loader, cfg.resume, cfg.progress, cfg.workers)
 
@@ -240,7 +228,7 @@ def _train_rows(cfg: ShardConfig, order: pl.DataFrame, kept: pl.DataFrame,
     score_cols = ["score"]
     for i, d in enumerate(cfg.scores):
         scan = table.scan(d)
-        cols = [c for c in cfg.by if c in scan.collect_schema().names()]
+        cols = [c for c in cfg.select.by if c in scan.collect_schema().names()]
         named = {c: f"{c}@{i}" for c in cols}
         rows = rows.join(scan.select("key", *cols).rename(named).collect(), on="key", how="left")
         score_cols += named.values()
@@ -274,7 +262,8 @@ class MapStore:
         """The maps of plan positions [start, stop), float16 [h, w] or None."""
         data = os.pread(self.fd, (stop - start) * self.slot, start * self.slot)
         if len(data) != (stop - start) * self.slot:
-            raise RuntimeError(f"importance scratch file is short: {len(data)} bytes for {stop - start} maps")
+            # our own scratch file read back short: the disk or someone else truncated it, not the inputs
+            raise OSError(f"importance scratch file is short: {len(data)} bytes for {stop - start} maps")
         out: list[np.ndarray | None] = []
         for i, (h, w) in enumerate(zip(self.h[start:stop].tolist(), self.w[start:stop].tolist())):
             at = i * self.slot
@@ -332,7 +321,7 @@ def _copy_maps(parts: Sequence[Path], pos_of_row: np.ndarray, store: MapStore, k
                 os.pwrite(store.fd, data, p * store.slot)
             row += len(batch)
     if row != len(pos_of_row):
-        raise RuntimeError(f"{parts[0].parent} changed while being read: {row} rows, {len(pos_of_row)} counted")
+        raise ValueError(f"{parts[0].parent} changed while being read: {row} rows, {len(pos_of_row)} counted")
 
 
 @dataclass(frozen=True)
@@ -402,7 +391,8 @@ def _validation(cfg: ShardConfig) -> Validation:
     assert cfg.val is not None
     items = {it.key: it for it in open_source(cfg.val)}
     good = [k for k, it in items.items() if not it.problem and decode_image(read_bytes(it), 16).ok]
-    plan = plan_shards([validation_key(k) for k in good], "validation", cfg.name, cfg.samples_per_shard, 1, cfg.seed)
+    plan = plan_shards([validation_key(k) for k in good], "validation", cfg.samples_per_shard, 1,
+                       cfg.select.seed)
     maps = _validation_maps(cfg.val_scores, good) if cfg.val_scores is not None else {}
     return Validation(items, plan, maps)
 

@@ -17,7 +17,6 @@ from curate.shard.format import KEY, SPLIT, shard_filename
 class ShardPlan:
     """Which key goes to which shard, in which order (pure data)."""
 
-    name: str  # dataset name for _info.json, e.g. "demo"
     split: str  # "train" | "validation" (timm's default split names)
     shards: list[list[str]]  # keys per shard, in write order
 
@@ -33,7 +32,6 @@ class ShardPlan:
 def plan_shards(
     keys: Sequence[str],
     split: str,
-    name: str,
     samples_per_shard: int,
     shard_multiple: int = 1,
     seed: int = 0,
@@ -53,7 +51,7 @@ def plan_shards(
     order = sorted(keys, key=lambda k: (key_digest(seed, k), k))
     sizes = _balanced_sizes(len(order), _num_shards(len(order), samples_per_shard, shard_multiple))
     starts = np.cumsum([0, *sizes]).tolist()
-    return ShardPlan(name, split, [order[a:b] for a, b in zip(starts[:-1], starts[1:])])
+    return ShardPlan(split, [order[a:b] for a, b in zip(starts[:-1], starts[1:])])
 
 
 def _check_plan_args(

@@ -1,0 +1,68 @@
+"""cli.py against the library: choices come from the registries, `curate shard`'s defaults are
+SelectConfig's, and `curate proxies` and `curate demo` run through click."""
+from dataclasses import fields
+from pathlib import Path
+
+import click
+import pytest
+from click.testing import CliRunner
+
+import cli
+from cli import RegistryChoice, main
+from curate.score.proxies import RECIPES
+from curate.select.policies import POLICIES, SelectConfig
+from sparsevit.prune import PRUNERS
+
+# The choice lists no registry or constant holds yet: the only copies left in cli.py.
+PLAIN_CHOICES = {("score", "importance"), ("train", "decode")}
+
+
+def _options() -> list[tuple[str, click.Option]]:
+    return [(name, p) for name, cmd in main.commands.items() for p in cmd.params if isinstance(p, click.Option)]
+
+
+def test_choices_are_the_registries_and_every_default_is_one_of_them():
+    registry = {(name, p.name): p for name, p in _options() if isinstance(p.type, RegistryChoice)}
+    assert len(registry) == 8
+    for where, option in registry.items():
+        assert option.type.choices and option.default in option.type.choices, where
+    registry = {where: option.type for where, option in registry.items()}
+    assert set(registry["shard", "policy"].choices) == set(POLICIES)
+    assert set(registry["train", "example_pruning"].choices) == set(PRUNERS)
+    plain = {(name, p.name) for name, p in _options()
+             if isinstance(p.type, click.Choice) and not isinstance(p.type, RegistryChoice)}
+    assert plain == PLAIN_CHOICES
+
+
+def test_curate_shard_defaults_are_select_configs():
+    """What `curate shard` with no options selects (70% by CCS on el2n) is SelectConfig's default."""
+    options = main.commands["shard"].make_context("shard", [], resilient_parsing=True).params  # the defaults
+    default = SelectConfig()
+    assert cli._keep(options["keep"]) == default.keep == 0.7 and default.policy == "ccs"
+    assert tuple(options["by"]) == default.by and options["relabel"] == default.relabel_min_prob
+    for name in cli.SELECT_OPTIONS:
+        assert options[name] == getattr(default, name), name
+    assert set(cli.SELECT_OPTIONS) | {"keep", "by", "relabel_min_prob", "strata", "dedup"} == \
+        {f.name for f in fields(SelectConfig)}
+
+
+def test_proxies_lists_every_recipe():
+    res = CliRunner().invoke(main, ["proxies"])
+    assert res.exit_code == 0, res.output
+    lines = res.stdout.splitlines()
+    assert [line.split()[0] for line in lines] == list(RECIPES)
+    assert all(RECIPES[line.split()[0]].model in line for line in lines)
+
+
+def test_demo_passes_its_options_and_prints_the_report(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """The demo has no small mode through click (minutes on 2 cores; tests/test_demo_run.py runs it
+    small as a library call): here the command with the real run replaced, and its early refusal in
+    tests/test_cli_errors.py."""
+    from curate.demo import run
+
+    calls = []
+    monkeypatch.setattr(run, "run_demo", lambda out, **kw: calls.append((out, kw)) or "the report")
+    res = CliRunner().invoke(main, ["demo", "--out", str(tmp_path / "d"), "--seed", "3", "--workers", "0", "--quiet"])
+    assert res.exit_code == 0, res.output
+    assert calls == [(tmp_path / "d", {"seed": 3, "workers": 0, "progress": False})]
+    assert res.stdout == "the report\n" and "report in" in res.stderr
