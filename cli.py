@@ -129,7 +129,7 @@ def main(debug: bool) -> None:
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--chunk-size", default=4096, show_default=True, help="Inputs per Parquet part (unit of resume).")
-@click.option("--importance", type=click.Choice(["cls", "rollout", "none"]), default="cls", show_default=True,
+@click.option("--importance", type=RegistryChoice("curate.score.table", "IMPORTANCE_METHODS"), default="cls", show_default=True,
               help="Patch importance: CLS attention of the last blocks, attention rollout, or none.")
 @click.option("--importance-blocks", callback=lambda _c, _p, v: _blocks(v),
               help="Comma-separated block indices averaged for --importance cls (negative = from the end) "
@@ -246,7 +246,7 @@ def report_line(info: "ReportInfo") -> str:
     return "\n".join(lines)
 
 
-def _keep(value: str) -> float | int:
+def parse_keep(value: str) -> float | int:
     """--keep 0.7 or 70% is a fraction of the candidates, --keep 5000 (an integer) a count; 1.0 or
     100% keeps all, 1 keeps one. Anything else is refused with the forms it may take."""
     text = value.strip()
@@ -350,7 +350,7 @@ def select_config(keep: str, by: tuple[str, ...], opts: dict[str, Any]) -> "Sele
     from curate.select.policies import SelectConfig
 
     chosen = {name: opts.pop(name) for name in SELECT_OPTIONS}
-    return SelectConfig(keep=_keep(keep), by=by, relabel_min_prob=opts.pop("relabel"), **chosen)
+    return SelectConfig(keep=parse_keep(keep), by=by, relabel_min_prob=opts.pop("relabel"), **chosen)
 
 
 def epoch_cost_line(selection: "pl.DataFrame") -> str:
@@ -397,9 +397,9 @@ def _model_args(values: tuple[str, ...]) -> dict[str, object]:
 @click.option("--drop-path", default=0.0, show_default=True)
 @click.option("--ema", default=0.0, show_default=True, help="EMA decay (0: off).")
 @click.option("--keep", default=1.0, show_default=True, help="Fraction of patch tokens kept at the input.")
-@click.option("--keep-schedule", type=RegistryChoice("sparsevit.schedule", "KEEP_SCHEDULES"), default="constant",
+@click.option("--keep-schedule", type=RegistryChoice("sparsevit.names", "KEEP_SCHEDULES"), default="constant",
               show_default=True)
-@click.option("--drop-by", type=RegistryChoice("sparsevit.model", "DROP_BY"), default="importance", show_default=True,
+@click.option("--drop-by", type=RegistryChoice("sparsevit.names", "DROP_BY"), default="importance", show_default=True,
               help="Rank tokens by the stored maps, or at random (the control).")
 @click.option("--package-token", is_flag=True, help="Fuse the dropped tokens into one token.")
 @click.option("--online-blocks", callback=lambda _c, _p, v: _blocks(v),
@@ -408,22 +408,22 @@ def _model_args(values: tuple[str, ...]) -> dict[str, object]:
 @click.option("--selector-blocks", callback=lambda _c, _p, v: _blocks(v),
               help="Learn a token selector before these blocks, e.g. 0 or 3,6,9: the drop of --keep moves there, "
                    "and at inference the selector picks the tokens without maps.")
-@click.option("--select-by", type=RegistryChoice("sparsevit.selector", "SELECT_BY"), default="maps", show_default=True,
+@click.option("--select-by", type=RegistryChoice("sparsevit.names", "SELECT_BY"), default="maps", show_default=True,
               help="Who ranks the tokens while training with a selector (mix: maps first, the selector by the end).")
 @click.option("--distill-weight", default=1.0, show_default=True, help="Selector loss towards the maps' top k.")
 @click.option("--ratio-weight", default=2.0, show_default=True,
               help="Selector loss holding its mean keep probability at --keep.")
 @click.option("--selector-lr-scale", default=10.0, show_default=True,
               help="The selector's learning rate as a multiple of the ViT's.")
-@click.option("--attention", type=RegistryChoice("sparsevit.attention", "MODES"), default="dense", show_default=True,
+@click.option("--attention", type=RegistryChoice("sparsevit.names", "ATTENTION_MODES"), default="dense", show_default=True,
               help="topk: Tri-Level connection sparsity (regularises, saves nothing); gather: all queries "
                    "attend to the top --key-keep keys by importance (saves the N^2 part).")
 @click.option("--rho", default=1.0, show_default=True, help="topk: share of keys each query keeps.")
 @click.option("--key-keep", default=0.5, show_default=True, help="gather: share of patch keys attended to.")
-@click.option("--example-pruning", type=RegistryChoice("sparsevit.prune", "PRUNERS"), default="none",
+@click.option("--example-pruning", type=RegistryChoice("sparsevit.names", "EXAMPLE_PRUNERS"), default="none",
               show_default=True)
 @click.option("--workers", default=2, show_default=True, help="Loader processes per rank.")
-@click.option("--decode", type=click.Choice(["cpu", "gpu"]), default="cpu", show_default=True,
+@click.option("--decode", type=RegistryChoice("sparsevit.names", "DECODE"), default="cpu", show_default=True,
               help="gpu: loader workers only read bytes and draw crops; JPEGs decode with nvJPEG on the GPU.")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--log-every", default=10, show_default=True, help="Steps between metrics.jsonl step records.")

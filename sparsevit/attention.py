@@ -25,9 +25,10 @@ from timm.layers import Attention
 
 from curate.common.registry import Registry
 from curate.common.vit import cls_attention, qkv_heads
+from sparsevit import names
 
 AttnOut = tuple[torch.Tensor, torch.Tensor | None]  # (output (B, N, D), CLS attention (B, N - P) | None)
-MODES: Registry[Callable[..., AttnOut]] = Registry("attention mode")
+MODES: Registry[Callable[..., AttnOut]] = Registry("attention mode", names.ATTENTION_MODES)
 
 
 def project(attn: Attention, out: torch.Tensor) -> torch.Tensor:

@@ -30,10 +30,10 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from curate.ingest.limits import MAX_IMAGE_SIDE, MIN_IMAGE_SIDE
-from sparsevit import attention, selector
+from sparsevit import attention, names, selector
 from sparsevit.selector import TokenSelector
 
-DROP_BY = ("importance", "random")
+DROP_BY = names.DROP_BY
 
 
 def num_keep(n: int, ratio: float) -> int:

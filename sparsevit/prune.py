@@ -19,9 +19,10 @@ import torch
 
 from curate.common.hashing import unit
 from curate.common.registry import Registry
+from sparsevit import names
 
 Record = tuple[str, float, bool]  # (key, loss, correct); loss NaN: the example sat out
-PRUNERS: Registry[type["NoPruning"]] = Registry("example pruning")
+PRUNERS: Registry[type["NoPruning"]] = Registry("example pruning", names.EXAMPLE_PRUNERS)
 
 
 @PRUNERS.register("none")

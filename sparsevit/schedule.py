@@ -9,9 +9,10 @@ import math
 from typing import Callable
 
 from curate.common.registry import Registry
+from sparsevit import names
 
 KeepSchedule = Callable[[float, int, float], float]
-KEEP_SCHEDULES: Registry[KeepSchedule] = Registry("keep schedule")
+KEEP_SCHEDULES: Registry[KeepSchedule] = Registry("keep schedule", names.KEEP_SCHEDULES)
 register = KEEP_SCHEDULES.register
 
 

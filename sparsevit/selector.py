@@ -15,7 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-SELECT_BY = ("maps", "selector", "mix")
+from sparsevit import names
+
+SELECT_BY = names.SELECT_BY
 
 
 class TokenSelector(nn.Module):

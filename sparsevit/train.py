@@ -34,7 +34,7 @@ from curate.common.runtime import load_weights, save_weights
 from curate.common.schedule import warmup_cosine
 from curate.ingest.limits import class_count_fault
 from curate.shard import format as shard_format
-from sparsevit import data, device_decode, prune, schedule, selector
+from sparsevit import data, device_decode, names, prune, schedule, selector
 from sparsevit.model import SparseConfig, SparseViT, check_geometry, create_sparse, num_keep
 
 COMMAND = "train"
@@ -101,8 +101,8 @@ class TrainConfig:
             raise ValueError(f"keep schedule must be one of {sorted(schedule.KEEP_SCHEDULES)}")
         if self.example_pruning not in prune.PRUNERS:
             raise ValueError(f"example pruning must be one of {sorted(prune.PRUNERS)}")
-        if self.decode not in ("cpu", "gpu"):
-            raise ValueError(f"decode must be cpu or gpu, got {self.decode!r}")
+        if self.decode not in names.DECODE:
+            raise ValueError(f"decode must be one of {names.DECODE}, got {self.decode!r}")
         if self.epochs < 1 or self.batch_size < 1:
             raise ValueError("epochs and batch size must be >= 1")
         check_geometry(self.img_size, self.patch_size)

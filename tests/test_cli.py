@@ -13,8 +13,12 @@ from curate.score.proxies import RECIPES
 from curate.select.policies import POLICIES, SelectConfig
 from sparsevit.prune import PRUNERS
 
-# The choice lists no registry or constant holds yet: the only copies left in cli.py.
-PLAIN_CHOICES = {("score", "importance"), ("train", "decode")}
+from sparsevit import attention, names, schedule
+
+# sparsevit's choices are declared torch-free (`curate train --help` imports no torch); each
+# registry holds exactly its declared names.
+DECLARED = {"KEEP_SCHEDULES": schedule.KEEP_SCHEDULES, "ATTENTION_MODES": attention.MODES,
+            "EXAMPLE_PRUNERS": PRUNERS}
 
 
 def _options() -> list[tuple[str, click.Option]]:
@@ -23,7 +27,7 @@ def _options() -> list[tuple[str, click.Option]]:
 
 def test_choices_are_the_registries_and_every_default_is_one_of_them():
     registry = {(name, p.name): p for name, p in _options() if isinstance(p.type, RegistryChoice)}
-    assert len(registry) == 8
+    assert len(registry) == 10
     for where, option in registry.items():
         assert option.type.choices and option.default in option.type.choices, where
     registry = {where: option.type for where, option in registry.items()}
@@ -31,14 +35,19 @@ def test_choices_are_the_registries_and_every_default_is_one_of_them():
     assert set(registry["train", "example_pruning"].choices) == set(PRUNERS)
     plain = {(name, p.name) for name, p in _options()
              if isinstance(p.type, click.Choice) and not isinstance(p.type, RegistryChoice)}
-    assert plain == PLAIN_CHOICES
+    assert plain == set()  # no choice list is copied into cli.py
+
+
+def test_each_registry_holds_exactly_its_declared_names():
+    for attribute, registry in DECLARED.items():
+        assert tuple(registry) == getattr(names, attribute) == registry.declared, attribute
 
 
 def test_curate_shard_defaults_are_select_configs():
     """What `curate shard` with no options selects (70% by CCS on el2n) is SelectConfig's default."""
     options = main.commands["shard"].make_context("shard", [], resilient_parsing=True).params  # the defaults
     default = SelectConfig()
-    assert cli._keep(options["keep"]) == default.keep == 0.7 and default.policy == "ccs"
+    assert cli.parse_keep(options["keep"]) == default.keep == 0.7 and default.policy == "ccs"
     assert tuple(options["by"]) == default.by and options["relabel"] == default.relabel_min_prob
     for name in cli.SELECT_OPTIONS:
         assert options[name] == getattr(default, name), name

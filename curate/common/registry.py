@@ -11,8 +11,9 @@ T = TypeVar("T")
 class Registry(Generic[T]):
     """A name -> value table with a decorator to fill it and a clear error for a wrong name."""
 
-    def __init__(self, kind: str) -> None:
+    def __init__(self, kind: str, names: tuple[str, ...] | None = None) -> None:
         self.kind = kind  # what the names are, for messages: "selection policy", ...
+        self.declared = names  # the names it may hold, listed where importing is cheap (CLI choices)
         self._items: dict[str, T] = {}
 
     def register(self, name: str) -> Callable[[T], T]:
@@ -25,6 +26,8 @@ class Registry(Generic[T]):
     def add(self, name: str, value: T) -> None:
         if name in self._items:
             raise ValueError(f"{self.kind} {name!r} is registered twice")
+        if self.declared is not None and name not in self.declared:
+            raise ValueError(f"{self.kind} {name!r} is not among the declared names {self.declared}")
         self._items[name] = value
 
     def __getitem__(self, name: str) -> T:

@@ -79,8 +79,9 @@ class ScoreConfig:
         if self.label_filter not in label_issues.FILTERS:
             raise ValueError(f"--label-filter must be one of {', '.join(label_issues.FILTERS)}, "
                              f"got {self.label_filter!r}")
-        if self.importance not in ("cls", "rollout", "none"):
-            raise ValueError(f"--importance must be cls, rollout or none, got {self.importance!r}")
+        if self.importance not in table.IMPORTANCE_METHODS:
+            raise ValueError(f"--importance must be one of {', '.join(table.IMPORTANCE_METHODS)}, "
+                             f"got {self.importance!r}")
         if min(self.batch_size, self.chunk_size) < 1 or self.workers < 0:
             raise ValueError("batch size and chunk size must be >= 1, workers >= 0")
         if self.max_classes < 2 or self.max_pixels < 1:
@@ -179,8 +180,8 @@ def _check_same_index(group: Dist, items: Sequence[Item]) -> None:
     """Every rank indexes SOURCE itself; parts are index ranges, so all must see the same list."""
     hashes = group.all_gather(index_sha256(items))
     if len(set(hashes)) > 1:
-        raise RuntimeError(f"ranks indexed different inputs (index sha256 per rank: {hashes}): SOURCE must "
-                           "be the same files, on a shared file system, for every rank")
+        raise ValueError(f"ranks indexed different inputs (index sha256 per rank: {hashes}): SOURCE must "
+                         "be the same files, on a shared file system, for every rank")
 
 
 def open_out(cfg: ScoreConfig, items: Sequence[Item]) -> RunFolder:
@@ -304,6 +305,7 @@ def _table_counts(out: Path, n_items: int) -> dict[str, int]:
     scan = table.scan(out)
     rows, keys = scan.select(pl.len(), pl.col("key").n_unique()).collect().row(0)
     if rows != n_items or keys != n_items:
-        raise RuntimeError(f"{out}: the table has {rows} rows and {keys} distinct keys for {n_items} inputs")
+        raise ValueError(f"{out}: the table has {rows} rows and {keys} distinct keys for {n_items} inputs: a part "
+                         "was changed by something else during the run; score again with --overwrite")
     counts = scan.group_by("status").len().collect()
     return dict(zip(counts["status"].to_list(), counts["len"].to_list()))

@@ -149,8 +149,8 @@ def _save_state(path: Path, model: nn.Module, opt: torch.optim.Optimizer, dyn: D
 def _load_state(path: Path, model: nn.Module, opt: torch.optim.Optimizer, dyn: Dynamics) -> int:
     state = load_weights(path)
     if state["correct"].shape != dyn.correct.shape:
-        raise RuntimeError(f"{path} was saved for a different run (epochs x items "
-                           f"{tuple(state['correct'].shape)} != {tuple(dyn.correct.shape)}); use --overwrite")
+        raise ValueError(f"{path} was saved for a different run (epochs x items "
+                         f"{tuple(state['correct'].shape)} != {tuple(dyn.correct.shape)}); use --overwrite")
     model.load_state_dict(state["model"])
     opt.load_state_dict(state["optimizer"])
     dyn.correct.copy_(state["correct"]), dyn.el2n.copy_(state["el2n"]), dyn.margin.copy_(state["margin"])

@@ -49,6 +49,7 @@ DYNAMICS_FIELDS: list[pa.Field] = [  # a proxy trained here (named as proxy_trai
     pa.field("el2n_mean", pa.float32()),  # EL2N averaged over training epochs
     pa.field("margin_mean", pa.float32()),  # margin averaged over training epochs (AUM)
 ]
+IMPORTANCE_METHODS = ("cls", "rollout", "none")  # how a ViT proxy fills the map (`curate score --importance`)
 MAP_FIELDS: list[pa.Field] = [
     pa.field("importance", pa.binary()),  # float16 little-endian [importance_h, importance_w]
     pa.field("importance_h", pa.int16()),
