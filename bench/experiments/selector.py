@@ -10,7 +10,7 @@ For each seed and keep ratio, two runs of the demo's ViT and recipe on the curat
   evaluated as trained (it needs the maps at test time) and with random tokens.
 
     curate demo --out demo-run; curate demo --seed 1 --out demo-s1; curate demo --seed 2 --out demo-s2
-    python bench/selector.py --out sel-demo --data 0:demo-run --data 1:demo-s1 --data 2:demo-s2 \\
+    python bench/experiments/selector.py --out sel-demo --data 0:demo-run --data 1:demo-s1 --data 2:demo-s2 \\
         [--keeps 0.7,0.5] [--blocks 0] [--select-by mix] [--resume]
 
 Results go to OUT/results.json (one record per run, so --resume trains only what is missing) and

@@ -5,7 +5,7 @@ budget; the table gives mean ± sd over seeds of the last epoch's accuracy (all 
 epochs that fit and the wall-clock actually used.
 
     curate demo --out demo-run; curate demo --seed 1 --out demo-s1; curate demo --seed 2 --out demo-s2
-    python bench/budget.py --out budget-demo --data 0:demo-run --data 1:demo-s1 --data 2:demo-s2 \\
+    python bench/experiments/budget.py --out budget-demo --data 0:demo-run --data 1:demo-s1 --data 2:demo-s2 \\
         [--budgets 0.35,0.5,0.7,1.0] [--variants full,"random 70%",...] [--resume] [--report-only]
 
 A seed may name the same root as another (training seeds on one dataset): --data 0:c10 --data 1:c10.

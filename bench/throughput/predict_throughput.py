@@ -2,12 +2,12 @@
 keeps a fixed k, no maps) against the same weights with all tokens (timm's own forward), in the
 same process, rounds interleaved so a slow moment hits every variant alike.
 
-    python bench/predict_throughput.py [--checkpoint RUN] [--keeps 0.7,0.5] [--blocks 0] [--compile]
+    python bench/throughput/predict_throughput.py [--checkpoint RUN] [--keeps 0.7,0.5] [--blocks 0] [--compile]
         [--device cuda] [--batch-size 256]
 
 Without --checkpoint the demo's ViT (64 px, patch 8, depth 4, dim 128) with a selector before
 --blocks and random weights: speed does not depend on what the weights learned. Model only: the
-batch is already a tensor on the device (the loader is measured by bench/loader_throughput.py).
+batch is already a tensor on the device (the loader is measured by bench/throughput/loader_throughput.py).
 """
 from __future__ import annotations
 

@@ -5,8 +5,8 @@ with importance capture, scores, Parquet parts. The baseline is `model(x)` in in
 tensors decoded beforehand (normalised, batched the same way). Ratio = ours / bare; 1.0 means the
 pipeline costs nothing beyond the model.
 
-    python bench/score_throughput.py            # both settings below
-    python bench/score_throughput.py --quick    # fewer images
+    python bench/throughput/score_throughput.py            # both settings below
+    python bench/throughput/score_throughput.py --quick    # fewer images
 """
 from __future__ import annotations
 

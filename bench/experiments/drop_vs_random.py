@@ -4,7 +4,7 @@ the demo's clean validation split with all tokens (how the trained model is used
 the validation shards carry maps, with the same keep ratio.
 
     curate demo --out demo-run            # writes demo-run/shards
-    python bench/drop_vs_random.py demo-run/shards [--keep 0.5] [--seeds 0,1,2] [--epochs 15]
+    python bench/experiments/drop_vs_random.py demo-run/shards [--keep 0.5] [--seeds 0,1,2] [--epochs 15]
 """
 from __future__ import annotations
 

@@ -5,7 +5,7 @@ Both read the same files from a warm page cache and write one or more tars to th
 runs the selection, adds the cls/json/importance members, shuffles across shards, hashes every
 shard (sha256) and fsyncs it. Ratio = ours / tar; the goal is >= 0.5.
 
-    python bench/shard_throughput.py [--images 2000]
+    python bench/throughput/shard_throughput.py [--images 2000]
 """
 from __future__ import annotations
 

@@ -7,7 +7,7 @@ most that, so the loader decodes fewer pixels), as a ratio to the original bytes
 All use a DataLoader with the same batch size and worker count; rounds are interleaved and the
 best kept.
 
-    python bench/loader_throughput.py [--images 2000] [--workers 2] [--max-side 256]
+    python bench/throughput/loader_throughput.py [--images 2000] [--workers 2] [--max-side 256]
 """
 from __future__ import annotations
 

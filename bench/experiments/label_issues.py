@@ -1,8 +1,8 @@
 """Label issues found in sample (K = 1) against out of sample (K folds), on data whose flipped
-labels are known (`truth.parquet` beside `train/`: the demo's, or `bench/cifar_shards.py`'s):
+labels are known (`truth.parquet` beside `train/`: the demo's, or `bench/experiments/cifar_shards.py`'s):
 
-    python bench/label_issues.py --data demo-data --out li-demo             # makes the demo data if absent
-    python bench/label_issues.py --data c10/data --out li-c10 --image-size 32
+    python bench/experiments/label_issues.py --data demo-data --out li-demo             # makes the demo data if absent
+    python bench/experiments/label_issues.py --data c10/data --out li-c10 --image-size 32
 
 For each K it runs `curate score TRAIN --proxy demo-cnn --train-epochs E --folds K` in its own
 process and reports, against the truth: ROC-AUC of `label_quality` (low = flipped), precision,

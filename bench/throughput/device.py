@@ -1,7 +1,7 @@
 """One-shot device benchmark: is the GPU fed? Everything as images/s, with ratios in the same run.
 
-    python bench/device.py                      # CUDA: deit_tiny and deit_small at 224 px, bf16
-    python bench/device.py --device cpu --quick # the same code paths, small, on 2 CPU cores (< 3 min)
+    python bench/throughput/device.py                      # CUDA: deit_tiny and deit_small at 224 px, bf16
+    python bench/throughput/device.py --device cpu --quick # the same code paths, small, on 2 CPU cores (< 3 min)
 
 (a) model only: `curate train`'s training step on batches already on the device (dense, keep 0.7,
     keep 0.5; eager and torch.compile);
@@ -11,14 +11,14 @@
 (d) `curate score` (read, decode, forward with importance capture, Parquet) against the bare
     forward on the same pre-decoded tensors;
 (e) inference as `curate predict` ships it: a token selector before block 0 keeps 0.7 / 0.5 of the
-    tokens with no maps, against timm's dense forward (bench/predict_throughput.py).
+    tokens with no maps, against timm's dense forward (bench/throughput/predict_throughput.py).
 
 Sized for 8 minutes on one H100/H200 with 16 cores (not yet run on one: no GPU was lent so far).
 Writes `device.md` and `device.json` under $OUT (or --out), and `device.log` line by line (what
 was measured survives a timeout). The lent GPU machine lacks webdataset
-and polars: `bash bench/device_wheels.sh` here puts them in .whl/; carry it and run there
+and polars: `bash bench/tools/device_wheels.sh` here puts them in .whl/; carry it and run there
     python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && \
-        PYTHONPATH=/tmp/site:. PYTHONUNBUFFERED=1 python3 bench/device.py
+        PYTHONPATH=/tmp/site:. PYTHONUNBUFFERED=1 python3 bench/throughput/device.py
 """
 from __future__ import annotations
 

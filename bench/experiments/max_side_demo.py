@@ -3,7 +3,7 @@ written again at a max side above the demo's 64 px images (every image keeps its
 and at one below it (every image re-encoded smaller), and the demo's ViT trained on each with the
 demo's recipe, against the shard set as `curate demo` wrote it:
 
-    python bench/max_side_demo.py --out max-side --demo 0:demo-run --demo 1:demo-s1 [--sides 128,48]
+    python bench/experiments/max_side_demo.py --out max-side --demo 0:demo-run --demo 1:demo-s1 [--sides 128,48]
 
 Prints validation accuracy (last epoch, all tokens) per seed and the mean, and the train shards' MB.
 """

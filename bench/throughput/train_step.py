@@ -7,7 +7,7 @@ the same crop and pooled to the patch grid) in its own worker processes. Setting
 interleaved rounds and the best round of each is kept, so drift on a shared machine hits all
 settings alike. Ratio = setting img/s / dense img/s.
 
-    python bench/train_step.py [--model deit_tiny_patch16_224] [--img-size 224] [--batch-size 64]
+    python bench/throughput/train_step.py [--model deit_tiny_patch16_224] [--img-size 224] [--batch-size 64]
 """
 from __future__ import annotations
 

@@ -2,8 +2,8 @@
 (40,000 training and 10,000 test JPEGs, ImageFolder; see the README beside it) made into the
 same shard sets `curate demo` makes, with the same proxies trained here and the same selection:
 
-    python bench/cifar_shards.py --out c10 [--train-per-class 1000] [--test-per-class 200] [--flip 0.1]
-    python bench/budget.py --out budget-c10 --data 0:c10 --data 1:c10
+    python bench/experiments/cifar_shards.py --out c10 [--train-per-class 1000] [--test-per-class 200] [--flip 0.1]
+    python bench/experiments/budget.py --out budget-c10 --data 0:c10 --data 1:c10
 
 A seeded share (`--flip`) of the training labels is flipped to another class, so curation has
 something to remove; `data/truth.parquet` records the true labels (the demo's truth format, the
@@ -34,7 +34,7 @@ from curate.score import table
 from curate.score.job import ScoreConfig, run_score
 from curate.score.proxies import RECIPES
 
-TARBALL = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10.tar.gz"
+TARBALL = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "cifar10.tar.gz"
 
 
 def _files(root: Path) -> dict[str, list[Path]]:

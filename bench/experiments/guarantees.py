@@ -2,7 +2,7 @@
 what came out: a one-line message, an error row, a refusal before work, or (what must not
 happen) a traceback, a hang, secret bytes in an output, a file lost. Prints a Markdown table.
 
-    python bench/guarantees.py [--work DIR]
+    python bench/experiments/guarantees.py [--work DIR]
 
 The cases are built with the test suite's helpers (tests/test_guarantees.py), which assert the
 same outcomes; this script shows them side by side, for docs/benchmarks.md.
@@ -19,7 +19,7 @@ from pathlib import Path
 import polars as pl
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from tests.sparse_fixtures import write_shards  # noqa: E402

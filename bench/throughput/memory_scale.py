@@ -19,7 +19,7 @@ all of them and the shard stage writes about `--keep` of N). The proxy is the de
 `--side` px with random weights from `--checkpoint`: no training, since memory is the point,
 and a ViT so that every row carries an importance map for the shards.
 
-    python bench/memory_scale.py [--small 10000] [--large 100000] [--keep-files DIR]
+    python bench/throughput/memory_scale.py [--small 10000] [--large 100000] [--keep-files DIR]
 
 Goal: peak(large) / peak(small) <= 1.5 for every stage.
 """
@@ -41,7 +41,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from curate.score.table import THUMB_SIDE  # noqa: E402

@@ -1,7 +1,7 @@
 """One attention layer, forward + backward, by mode: dense SDPA vs Tri-Level top-k connections
 vs gathering the top-k keys by importance (k = N/2), as ratios in one run.
 
-    python bench/attention.py [--tokens 197] [--dim 192] [--heads 3] [--batch 64]
+    python bench/throughput/attention.py [--tokens 197] [--dim 192] [--heads 3] [--batch 64]
 """
 from __future__ import annotations
 

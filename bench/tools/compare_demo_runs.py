@@ -7,7 +7,7 @@ every member of every shard, sample by sample. The runs live in different folder
 paths inside the outputs are compared after replacing A's folder with B's. `--ignore` names json
 fields of shard samples to leave out (say why in the note that uses it).
 
-    python bench/compare_demo_runs.py /tmp/before/demo-run /tmp/after/demo-run [--ignore checkpoint_sha256]
+    python bench/tools/compare_demo_runs.py /tmp/before/demo-run /tmp/after/demo-run [--ignore checkpoint_sha256]
 """
 from __future__ import annotations
 
