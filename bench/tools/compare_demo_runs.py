@@ -11,14 +11,17 @@ fields of shard samples to leave out (say why in the note that uses it).
 """
 from __future__ import annotations
 
-import argparse
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
 import polars as pl
 
-from curate.shard.format import read_samples
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/, for common
+import common  # noqa: E402
+
+from curate.shard.format import read_samples  # noqa: E402
 
 SCORES = ("scores-cnn", "scores-vit", "scores-val")
 SHARDS = ("shards", "shards-full", "shards-random")
@@ -82,7 +85,7 @@ def compare_shards(a: Path, b: Path, prefix: tuple[str, str], ignore: set[str]) 
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = common.parser(__doc__)
     ap.add_argument("a", type=Path)
     ap.add_argument("b", type=Path)
     ap.add_argument("--ignore", action="append", default=[], help="json field of shard samples to leave out")
