@@ -22,7 +22,7 @@ test: $(VENV)/.installed
 	$(PY) -m pytest -q
 
 bench: $(VENV)/.installed
-	$(PY) bench/score_throughput.py
+	$(PY) bench/throughput/score_throughput.py
 
 clean:
 	rm -rf $(VENV) demo-run

@@ -1,4 +1,4 @@
-"""bench/device.py's code paths on the CPU, at the smallest size: every measurement runs and the
+"""bench/throughput/device.py's code paths on the CPU, at the smallest size: every measurement runs and the
 tables hold a figure for each (the GPU figures come from a GPU machine, docs/benchmarks.md)."""
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ pytestmark = pytest.mark.slow
 
 
 def _bench():
-    sys.path.insert(0, str(ROOT / "bench"))
-    spec = importlib.util.spec_from_file_location("device_bench", ROOT / "bench" / "device.py")
+    sys.path.insert(0, str(ROOT / "bench" / "throughput"))
+    spec = importlib.util.spec_from_file_location("device_bench", ROOT / "bench" / "throughput" / "device.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules["device_bench"] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)

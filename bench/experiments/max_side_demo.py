@@ -3,38 +3,35 @@ written again at a max side above the demo's 64 px images (every image keeps its
 and at one below it (every image re-encoded smaller), and the demo's ViT trained on each with the
 demo's recipe, against the shard set as `curate demo` wrote it:
 
-    python bench/max_side_demo.py --out max-side --demo 0:demo-run --demo 1:demo-s1 [--sides 128,48]
+    python bench/experiments/max_side_demo.py --out max-side --demo 0:demo-run --demo 1:demo-s1 [--sides 128,48]
 
 Prints validation accuracy (last epoch, all tokens) per seed and the mean, and the train shards' MB.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
-import subprocess
+import sys
 from dataclasses import replace
 from pathlib import Path
 
-from curate.common.runfolder import RunFolder
-from curate.demo.run import curated_config
-from curate.demo.train import VARIANTS, DemoTrain, train_one
-from curate.shard.job import run_shard
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/, for common
+import common  # noqa: E402
 
-
-def _demo(text: str) -> tuple[int, Path]:
-    seed, _, root = text.partition(":")
-    return int(seed), Path(root)
+from curate.common.runfolder import RunFolder  # noqa: E402
+from curate.demo.run import curated_config  # noqa: E402
+from curate.demo.train import VARIANTS, DemoTrain, train_one  # noqa: E402
+from curate.shard.job import run_shard  # noqa: E402
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = common.parser(__doc__)
     ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--demo", type=_demo, action="append", required=True, help="SEED:DEMO_OUT, repeatable")
-    ap.add_argument("--sides", default="128,48")
+    ap.add_argument("--demo", type=common.seed_root, action="append", required=True, help="SEED:DEMO_OUT, repeatable")
+    ap.add_argument("--sides", type=common.ints, default="128,48")
     args = ap.parse_args()
     curated = next(v for v in VARIANTS if v.name == "curated 70%")
-    sides: list[int | None] = [None] + [int(s) for s in args.sides.split(",")]
+    sides: list[int | None] = [None, *args.sides]
     acc: dict[int | None, list[float]] = {s: [] for s in sides}
     mb: dict[int | None, float] = {}
     with RunFolder.open(args.out, "max-side-demo", "overwrite") as folder:
@@ -51,8 +48,7 @@ def main() -> None:
                                     DemoTrain(seed=seed))
                 acc[side].append(summary["val_acc"])
                 print(f"seed {seed} {tag}: val {summary['val_acc']:.2%} ({mb[side]:.1f} MB)", flush=True)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    print(f"\n# commit {commit}; seeds {[s for s, _ in args.demo]}; curated 70%, the demo's ViT and recipe")
+    print("\n" + common.header(f"seeds {[s for s, _ in args.demo]}", "curated 70%, the demo's ViT and recipe"))
     print("| shards | train MB | val acc per seed | mean |\n|---|---|---|---|")
     for side in sides:
         name = "original bytes" if side is None else f"--max-side {side}"

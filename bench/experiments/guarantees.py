@@ -2,14 +2,13 @@
 what came out: a one-line message, an error row, a refusal before work, or (what must not
 happen) a traceback, a hang, secret bytes in an output, a file lost. Prints a Markdown table.
 
-    python bench/guarantees.py [--work DIR]
+    python bench/experiments/guarantees.py [--work DIR]
 
 The cases are built with the test suite's helpers (tests/test_guarantees.py), which assert the
 same outcomes; this script shows them side by side, for docs/benchmarks.md.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import subprocess
 import sys
@@ -19,8 +18,8 @@ from pathlib import Path
 import polars as pl
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/, for common
+import common  # noqa: E402
 
 from tests.sparse_fixtures import write_shards  # noqa: E402
 from tests.test_guarantees import SECRET, TINY, broken, hostile_images, image_folder  # noqa: E402
@@ -30,9 +29,8 @@ Row = tuple[str, str]
 
 def curate(*args: object, timeout: float = 300) -> tuple[int, str, str]:
     """(exit code, stdout, stderr) of `curate ARGS` in a process of its own; 124 on a hang."""
-    cmd = [sys.executable, str(ROOT / "cli.py"), *map(str, args)]
     try:
-        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+        proc = subprocess.run(common.cli(*args), cwd=common.ROOT, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
         return 124, "", "HANG: killed after the timeout"
     return proc.returncode, proc.stdout, proc.stderr
@@ -45,8 +43,8 @@ _PEAK = ("import resource, subprocess, sys; subprocess.run(sys.argv[1:], capture
 
 def peak_mb(*args: object) -> float:
     """Peak resident memory of `curate ARGS`, in MB."""
-    cmd = [sys.executable, "-c", _PEAK, sys.executable, str(ROOT / "cli.py"), *map(str, args)]
-    return int(subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300).stdout) / 1024
+    cmd = [sys.executable, "-c", _PEAK, *common.cli(*args)]
+    return int(subprocess.run(cmd, cwd=common.ROOT, capture_output=True, text=True, timeout=300).stdout) / 1024
 
 
 def outcome(code: int, out: str, err: str) -> str:
@@ -163,19 +161,18 @@ def settings_cases(work: Path, demo: Path, scores: Path) -> list[Row]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = common.parser(__doc__)
     ap.add_argument("--work", type=Path, help="Folder for the cases [default: a temporary one].")
     args = ap.parse_args()
-    work = args.work or Path(tempfile.mkdtemp(prefix="guarantees-"))
+    work = (args.work or Path(tempfile.mkdtemp(prefix="guarantees-"))).resolve()  # the CLI runs in the checkout
     work.mkdir(parents=True, exist_ok=True)
     from curate.demo.data import DemoConfig, make_demo
-    from tests.test_score_job import random_checkpoint
 
     demo = work / "demo"
     make_demo(DemoConfig(root=demo, classes=3, per_class=12, val_per_class=2, seed=1))
     scores = work / "scores"
-    curate("score", demo / "train", "--out", scores, "--checkpoint",
-           random_checkpoint(work / "w.pt", classes=3), "--workers", "0", "--quiet")
+    common.random_proxy(work / "w.pt", classes=3)
+    curate("score", demo / "train", "--out", scores, "--checkpoint", work / "w.pt", "--workers", "0", "--quiet")
     toy = write_shards(work / "toy", per_class=4)
     run = work / "run"
     curate("train", toy, "--out", run, *TINY, "--epochs", "1", "--workers", "0")

@@ -5,29 +5,24 @@ budget; the table gives mean ± sd over seeds of the last epoch's accuracy (all 
 epochs that fit and the wall-clock actually used.
 
     curate demo --out demo-run; curate demo --seed 1 --out demo-s1; curate demo --seed 2 --out demo-s2
-    python bench/budget.py --out budget-demo --data 0:demo-run --data 1:demo-s1 --data 2:demo-s2 \\
+    python bench/experiments/budget.py --out budget-demo --data 0:demo-run --data 1:demo-s1 --data 2:demo-s2 \\
         [--budgets 0.35,0.5,0.7,1.0] [--variants full,"random 70%",...] [--resume] [--report-only]
 
 A seed may name the same root as another (training seeds on one dataset): --data 0:c10 --data 1:c10.
-The student defaults to the demo's ViT (64 px, patch 8, depth 4, dim 128); --img-size, --patch-size,
+The student defaults to the demo's ViT (curate.demo.train.DEMO_MODEL); --img-size, --patch-size,
 --depth, --dim and --heads change it (CIFAR-10: --img-size 32 --patch-size 4, the same 8x8 grid).
 """
 from __future__ import annotations
 
 import argparse
-import platform
-import subprocess
+import sys
 from pathlib import Path
 
-import torch
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/, for common
+import common  # noqa: E402
 
-from curate.demo.budget import BUDGET_VARIANTS, BudgetConfig, run_budget, table_lines
-from curate.demo.train import DEMO_MODEL
-
-
-def _dataset(text: str) -> tuple[int, Path]:
-    seed, _, root = text.partition(":")
-    return int(seed), Path(root)
+from curate.demo.budget import BUDGET_VARIANTS, BudgetConfig, run_budget, table_lines  # noqa: E402
+from curate.demo.train import DEMO_MODEL  # noqa: E402
 
 
 def _model(args: argparse.Namespace) -> dict:
@@ -36,11 +31,11 @@ def _model(args: argparse.Namespace) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = common.parser(__doc__)
     ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--data", type=_dataset, action="append", required=True, help="SEED:ROOT, repeatable")
-    ap.add_argument("--budgets", default="0.35,0.5,0.7,1.0")
-    ap.add_argument("--variants", default=",".join(v.name for v in BUDGET_VARIANTS),
+    ap.add_argument("--data", type=common.seed_root, action="append", required=True, help="SEED:ROOT, repeatable")
+    ap.add_argument("--budgets", type=common.floats, default="0.35,0.5,0.7,1.0")
+    ap.add_argument("--variants", type=common.words, default=",".join(v.name for v in BUDGET_VARIANTS),
                     help="comma-separated names; the first must be 'full'")
     ap.add_argument("--img-size", type=int, default=DEMO_MODEL["img_size"])
     ap.add_argument("--patch-size", type=int, default=DEMO_MODEL["patch_size"])
@@ -53,21 +48,19 @@ def main() -> None:
     ap.add_argument("--report-only", action="store_true", help="train nothing: report the cells already trained")
     args = ap.parse_args()
     by_name = {v.name: v for v in BUDGET_VARIANTS}
-    names = [n.strip() for n in args.variants.split(",")]
+    names = args.variants
     unknown = [n for n in names if n not in by_name]
     if unknown:
         ap.error(f"unknown variants {unknown}; known: {list(by_name)}")
-    budgets = tuple(float(b) for b in args.budgets.split(","))
-    cfg = BudgetConfig(out=args.out, datasets=tuple(args.data), budgets=budgets,
+    cfg = BudgetConfig(out=args.out, datasets=tuple(args.data), budgets=tuple(args.budgets),
                        variants=tuple(by_name[n] for n in names), model=_model(args),
                        ref_epochs=args.ref_epochs, warmup_share=1 / args.ref_epochs,
                        fresh_process=not args.in_process, resume=args.resume, report_only=args.report_only)
     results = run_budget(cfg)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     ref = results["reference"]
-    print(f"\n# {platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}, commit "
-          f"{commit}; reference: {ref['variant']} for {ref['epochs']} epochs = {ref['seconds']:.0f}s; seeds "
-          f"{[s for s, _ in cfg.datasets]}; epoch seconds {({k: round(v, 2) for k, v in results['epoch_seconds'].items()})}")
+    epoch_s = {k: round(v, 2) for k, v in results["epoch_seconds"].items()}
+    print("\n" + common.header(f"reference: {ref['variant']} for {ref['epochs']} epochs = {ref['seconds']:.0f}s",
+                               f"seeds {[s for s, _ in cfg.datasets]}", f"epoch seconds {epoch_s}"))
     print("\n".join(table_lines(results)))
     if results["missing"]:
         print(f"not trained ({len(results['missing'])} cells): "

@@ -5,45 +5,30 @@ with importance capture, scores, Parquet parts. The baseline is `model(x)` in in
 tensors decoded beforehand (normalised, batched the same way). Ratio = ours / bare; 1.0 means the
 pipeline costs nothing beyond the model.
 
-    python bench/score_throughput.py            # both settings below
-    python bench/score_throughput.py --quick    # fewer images
+    python bench/throughput/score_throughput.py            # both settings below
+    python bench/throughput/score_throughput.py --quick    # fewer images
 """
 from __future__ import annotations
 
-import argparse
-import io
-import platform
+import sys
 import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image
 
-from curate.ingest.decode import decode_image
-from curate.demo.data import DemoConfig, make_demo
-from curate.score.job import ScoreConfig, run_score
-from curate.score.proxies import create_model, normalizer, resolve_recipe
-from curate.ingest.sources import open_source, read_bytes
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/, for common
+import common  # noqa: E402
+
+from curate.demo.data import DemoConfig, make_demo  # noqa: E402
+from curate.ingest.decode import decode_image  # noqa: E402
+from curate.ingest.sources import open_source, read_bytes  # noqa: E402
+from curate.score.job import ScoreConfig, run_score  # noqa: E402
+from curate.score.proxies import normalizer, resolve_recipe  # noqa: E402
 
 # (name, proxy recipe, how the images are made)
 SETTINGS = [("demo 64px JPEG, demo-vit@64", "demo-vit", "demo"),
             ("photo 500x375 JPEG ~108 KB, imagenet-vit@112", "imagenet-vit", "photo")]
-
-
-def make_photos(root: Path, n: int, classes: int = 4) -> None:
-    """Photo-sized JPEGs (500x375) of ~108 KB on average, ImageNet's typical file (140 GB / 1.28M)."""
-    rng = np.random.default_rng(0)
-    for i in range(n):
-        folder = root / f"c{i % classes}"
-        folder.mkdir(parents=True, exist_ok=True)
-        base = rng.uniform(0, 255, size=(6, 8, 3)).astype(np.uint8)
-        img = Image.fromarray(base).resize((500, 375), Image.BICUBIC)
-        noisy = np.asarray(img, np.float32) + rng.normal(0, 20, (375, 500, 3))  # texture -> file size
-        buf = io.BytesIO()
-        Image.fromarray(noisy.clip(0, 255).astype(np.uint8)).save(buf, "JPEG", quality=92)
-        (folder / f"img_{i:05d}.JPEG").write_bytes(buf.getvalue())
 
 
 def bare_forward(model: torch.nn.Module, images: torch.Tensor, batch: int) -> float:
@@ -65,13 +50,11 @@ def measure(name: str, proxy: str, kind: str, n: int, batch: int, workers: int, 
         make_demo(DemoConfig(root=src, per_class=per_class, val_per_class=1))
         src = src / "train"
     else:
-        make_photos(src, n)
+        common.make_photos(src, n)
     items = open_source(src)
     recipe = resolve_recipe(proxy)
-    torch.manual_seed(0)
-    model = create_model(recipe, max(it.label for it in items) + 1)
     ckpt = tmp / f"{kind}.pt"
-    torch.save(model.state_dict(), ckpt)
+    model = common.random_proxy(ckpt, max(it.label for it in items) + 1, proxy)
     images = torch.stack([decode_image(read_bytes(it), recipe.img_size).image for it in items])
     bare = bare_forward(model, images, batch)
     res = run_score(ScoreConfig(str(src), tmp / f"out-{kind}", proxy=proxy, checkpoint=ckpt, batch_size=batch,
@@ -81,15 +64,12 @@ def measure(name: str, proxy: str, kind: str, n: int, batch: int, workers: int, 
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--images", type=int, default=2000)
-    ap.add_argument("--batch-size", type=int, default=256)
-    ap.add_argument("--workers", type=int, default=2)
+    ap = common.parser(__doc__)
+    common.int_options(ap, images=2000, batch_size=256, workers=2)
     ap.add_argument("--quick", action="store_true", help="400 images")
     args = ap.parse_args()
     n = 400 if args.quick else args.images
-    print(f"# {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
-          f"torch {torch.__version__}, {args.workers} decode workers, batch {args.batch_size}")
+    print(common.header(f"{args.workers} decode workers", f"batch {args.batch_size}"))
     print("| setting | images | bare forward img/s | curate score img/s | ratio |")
     print("|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:

@@ -7,18 +7,21 @@ every member of every shard, sample by sample. The runs live in different folder
 paths inside the outputs are compared after replacing A's folder with B's. `--ignore` names json
 fields of shard samples to leave out (say why in the note that uses it).
 
-    python bench/compare_demo_runs.py /tmp/before/demo-run /tmp/after/demo-run [--ignore checkpoint_sha256]
+    python bench/tools/compare_demo_runs.py /tmp/before/demo-run /tmp/after/demo-run [--ignore checkpoint_sha256]
 """
 from __future__ import annotations
 
-import argparse
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
 import polars as pl
 
-from curate.shard.format import read_samples
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/, for common
+import common  # noqa: E402
+
+from curate.shard.format import read_samples  # noqa: E402
 
 SCORES = ("scores-cnn", "scores-vit", "scores-val")
 SHARDS = ("shards", "shards-full", "shards-random")
@@ -82,7 +85,7 @@ def compare_shards(a: Path, b: Path, prefix: tuple[str, str], ignore: set[str]) 
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = common.parser(__doc__)
     ap.add_argument("a", type=Path)
     ap.add_argument("b", type=Path)
     ap.add_argument("--ignore", action="append", default=[], help="json field of shard samples to leave out")

@@ -2,41 +2,37 @@
 keeps a fixed k, no maps) against the same weights with all tokens (timm's own forward), in the
 same process, rounds interleaved so a slow moment hits every variant alike.
 
-    python bench/predict_throughput.py [--checkpoint RUN] [--keeps 0.7,0.5] [--blocks 0] [--compile]
+    python bench/throughput/predict_throughput.py [--checkpoint RUN] [--keeps 0.7,0.5] [--blocks 0] [--compile]
         [--device cuda] [--batch-size 256]
 
-Without --checkpoint the demo's ViT (64 px, patch 8, depth 4, dim 128) with a selector before
+Without --checkpoint the demo's ViT (curate.demo.train.DEMO_MODEL) with a selector before
 --blocks and random weights: speed does not depend on what the weights learned. Model only: the
-batch is already a tensor on the device (the loader is measured by bench/loader_throughput.py).
+batch is already a tensor on the device (the loader is measured by bench/throughput/loader_throughput.py).
 """
 from __future__ import annotations
 
-import argparse
-import platform
 import statistics
-import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-from curate.demo.train import DEMO_MODEL
-from sparsevit.model import SparseConfig, SparseViT, create_sparse
-from sparsevit.predict import Deployed, load_model
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/, for common
+import common  # noqa: E402
 
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+from curate.demo.train import DEMO_MODEL  # noqa: E402
+from sparsevit.model import SparseConfig, SparseViT, create_sparse  # noqa: E402
+from sparsevit.predict import Deployed, load_model  # noqa: E402
 
 
 def images_per_s(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, iters: int) -> float:
-    _sync(x.device)
+    common.sync(x.device)
     t0 = time.perf_counter()
     for _ in range(iters):
         fn(x)
-    _sync(x.device)
+    common.sync(x.device)
     return iters * len(x) / (time.perf_counter() - t0)
 
 
@@ -74,10 +70,11 @@ def demo_model(blocks: tuple[int, ...]) -> SparseViT:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = common.parser(__doc__)
     ap.add_argument("--checkpoint", type=Path, help="a `curate train` run with --selector-blocks")
-    ap.add_argument("--blocks", default="0", help="without --checkpoint: selector blocks of the demo ViT")
-    ap.add_argument("--keeps", default="0.7,0.5")
+    ap.add_argument("--blocks", type=common.ints, default="0",
+                    help="without --checkpoint: selector blocks of the demo ViT")
+    ap.add_argument("--keeps", type=common.floats, default="0.7,0.5")
     ap.add_argument("--batch-size", type=int, default=256)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--compile", action="store_true")
@@ -85,15 +82,11 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=5)
     args = ap.parse_args()
     device = torch.device(args.device)
-    core = load_model(args.checkpoint).core if args.checkpoint else demo_model(
-        tuple(int(b) for b in args.blocks.split(",")))
-    keeps = [float(k) for k in args.keeps.split(",")]
-    res = measure(core, keeps, args.batch_size, device, args.compile, args.rounds, args.iters, amp=True)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.machine()} CPU"
-    print(f"# {name}, {torch.get_num_threads()} torch threads, torch {torch.__version__}, commit {commit}; "
-          f"selector blocks {core.cfg.selector_blocks}, batch {args.batch_size}, "
-          f"{'compiled' if args.compile else 'eager'}, median of {args.rounds} rounds x {args.iters} batches")
+    core = load_model(args.checkpoint).core if args.checkpoint else demo_model(tuple(args.blocks))
+    res = measure(core, args.keeps, args.batch_size, device, args.compile, args.rounds, args.iters, amp=True)
+    print(common.header(f"selector blocks {core.cfg.selector_blocks}", f"batch {args.batch_size}",
+                        "compiled" if args.compile else "eager",
+                        f"median of {args.rounds} rounds x {args.iters} batches", device=device))
     print("| tokens | images/s | vs dense |\n|---|---|---|")
     for k, v in res.items():
         print(f"| {k} | {v:,.0f} | {v / res['dense']:.2f}x |")

@@ -1,18 +1,21 @@
 """One attention layer, forward + backward, by mode: dense SDPA vs Tri-Level top-k connections
 vs gathering the top-k keys by importance (k = N/2), as ratios in one run.
 
-    python bench/attention.py [--tokens 197] [--dim 192] [--heads 3] [--batch 64]
+    python bench/throughput/attention.py [--tokens 197] [--dim 192] [--heads 3] [--batch 64]
 """
 from __future__ import annotations
 
-import argparse
-import platform
+import sys
 import time
+from pathlib import Path
 
 import torch
 from timm.layers import Attention
 
-from sparsevit import attention
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/, for common
+import common  # noqa: E402
+
+from sparsevit import attention  # noqa: E402
 
 
 def once(attn: Attention, x: torch.Tensor, mode: str, scores: torch.Tensor, kw: dict[str, float]) -> float:
@@ -37,20 +40,16 @@ def time_modes(attn: Attention, x: torch.Tensor, modes: dict[str, tuple[str, dic
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--tokens", type=int, default=197)
-    ap.add_argument("--dim", type=int, default=192)
-    ap.add_argument("--heads", type=int, default=3)
-    ap.add_argument("--batch", type=int, default=64)
-    ap.add_argument("--repeats", type=int, default=20)
+    ap = common.parser(__doc__)
+    common.int_options(ap, tokens=197, dim=192, heads=3, batch=64, repeats=20)
     args = ap.parse_args()
     torch.manual_seed(0)
     attn = Attention(args.dim, args.heads, qkv_bias=True).train()
     x = torch.randn(args.batch, args.tokens, args.dim)
     rows = time_modes(attn, x, {"dense": ("dense", {}), "topk connections rho 0.5": ("topk", {"rho": 0.5}),
                                 "gather keys k = N/2": ("gather", {"key_keep": 0.5})}, args.repeats)
-    print(f"# {platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}, "
-          f"N={args.tokens}, dim {args.dim}, {args.heads} heads, batch {args.batch}, median of {args.repeats}")
+    print(common.header(f"N={args.tokens}", f"dim {args.dim}", f"{args.heads} heads", f"batch {args.batch}",
+                        f"median of {args.repeats}"))
     print("| mode | ms fwd+bwd | speed vs dense |\n|---|---|---|")
     for name, t in rows.items():
         print(f"| {name} | {t * 1e3:.1f} | {rows['dense'] / t:.2f}x |")

@@ -5,12 +5,10 @@ Both read the same files from a warm page cache and write one or more tars to th
 runs the selection, adds the cls/json/importance members, shuffles across shards, hashes every
 shard (sha256) and fsyncs it. Ratio = ours / tar; the goal is >= 0.5.
 
-    python bench/shard_throughput.py [--images 2000]
+    python bench/throughput/shard_throughput.py [--images 2000]
 """
 from __future__ import annotations
 
-import argparse
-import platform
 import shutil
 import subprocess
 import sys
@@ -18,13 +16,10 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from score_throughput import make_photos  # noqa: E402  (same photo-like JPEGs)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/, for common
+import common  # noqa: E402
 
 from curate.score.job import ScoreConfig, run_score  # noqa: E402
-from curate.score.proxies import create_model, resolve_recipe  # noqa: E402
 from curate.select.policies import SelectConfig  # noqa: E402
 from curate.shard.job import ShardConfig, run_shard  # noqa: E402
 
@@ -41,23 +36,18 @@ def time_tar(src: Path, dest: Path) -> float:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--images", type=int, default=2000)
-    ap.add_argument("--samples-per-shard", type=int, default=250)
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--workers", type=int, default=2, help="curate shard --workers")
+    ap = common.parser(__doc__)
+    common.int_options(ap, images=2000, samples_per_shard=250, repeats=3, workers=2)  # workers: curate shard's
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(dir=".") as tmp_name:
         tmp = Path(tmp_name)
         src = tmp / "photos"
-        make_photos(src, args.images)
-        recipe = resolve_recipe("demo-vit")
-        torch.manual_seed(0)
-        torch.save(create_model(recipe, 4).state_dict(), tmp / "w.pt")
+        common.make_photos(src, args.images)
+        common.random_proxy(tmp / "w.pt", 4)
         run_score(ScoreConfig(str(src), tmp / "scores", checkpoint=tmp / "w.pt", progress=False))
         mb = folder_bytes(src) / 1e6
-        print(f"# {platform.machine()}, {args.images} JPEGs 500x375, {mb:.0f} MB, "
-              f"{args.samples_per_shard} samples/shard, {args.workers} writer processes, best of {args.repeats}")
+        print(common.header(f"{args.images} JPEGs 500x375", f"{mb:.0f} MB", f"{args.samples_per_shard} samples/shard",
+                            f"{args.workers} writer processes", f"best of {args.repeats}"))
         tar_s, ours_s = [], []
         for i in range(args.repeats):
             tar_s.append(time_tar(src, tmp / f"copy{i}.tar"))

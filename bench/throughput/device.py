@@ -1,7 +1,7 @@
 """One-shot device benchmark: is the GPU fed? Everything as images/s, with ratios in the same run.
 
-    python bench/device.py                      # CUDA: deit_tiny and deit_small at 224 px, bf16
-    python bench/device.py --device cpu --quick # the same code paths, small, on 2 CPU cores (< 3 min)
+    python bench/throughput/device.py                      # CUDA: deit_tiny and deit_small at 224 px, bf16
+    python bench/throughput/device.py --device cpu --quick # the same code paths, small, on the CPU
 
 (a) model only: `curate train`'s training step on batches already on the device (dense, keep 0.7,
     keep 0.5; eager and torch.compile);
@@ -11,45 +11,41 @@
 (d) `curate score` (read, decode, forward with importance capture, Parquet) against the bare
     forward on the same pre-decoded tensors;
 (e) inference as `curate predict` ships it: a token selector before block 0 keeps 0.7 / 0.5 of the
-    tokens with no maps, against timm's dense forward (bench/predict_throughput.py).
+    tokens with no maps, against timm's dense forward (bench/throughput/predict_throughput.py).
 
-Sized for 8 minutes on one H100/H200 with 16 cores (not yet run on one: no GPU was lent so far).
+Sized for 8 minutes on one H100/H200 with 16 cores (docs/benchmarks.md says what has run where).
 Writes `device.md` and `device.json` under $OUT (or --out), and `device.log` line by line (what
 was measured survives a timeout). The lent GPU machine lacks webdataset
-and polars: `bash bench/device_wheels.sh` here puts them in .whl/; carry it and run there
+and polars: `bash bench/tools/device_wheels.sh` here puts them in .whl/; carry it and run there
     python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && \
-        PYTHONPATH=/tmp/site:. PYTHONUNBUFFERED=1 python3 bench/device.py
+        PYTHONPATH=/tmp/site:. PYTHONUNBUFFERED=1 python3 bench/throughput/device.py
 """
 from __future__ import annotations
 
-import argparse
-import itertools
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from predict_throughput import measure as predict_measure  # noqa: E402
-from score_throughput import make_photos  # noqa: E402  (500x375 JPEGs, ~108 KB)
-from train_step import write_bench_shards  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/, for common
+import common  # noqa: E402
+from predict_throughput import measure as predict_measure  # noqa: E402  (beside this script)
 
 from curate.common.dist import Dist  # noqa: E402
 from curate.ingest.decode import decode_image  # noqa: E402
 from curate.ingest.sources import open_source, read_bytes  # noqa: E402
 from curate.score.job import ScoreConfig, run_score  # noqa: E402
-from curate.score.proxies import create_model, normalizer, resolve_recipe  # noqa: E402
+from curate.score.proxies import normalizer, resolve_recipe  # noqa: E402
 from curate.shard import format as fmt  # noqa: E402
 from sparsevit.model import SparseConfig, create_sparse  # noqa: E402
 from sparsevit.data import Batch  # noqa: E402
-from sparsevit.train import TrainConfig, build, train_loader, train_step  # noqa: E402
+from sparsevit.train import TrainConfig, build, train_step  # noqa: E402
 
 KEEPS = (1.0, 0.7, 0.5)
 LOADERS = ("original bytes", "--max-side 256", "--decode gpu")
@@ -80,11 +76,6 @@ def plan_for(device: str, quick: bool) -> Plan:
                 8192, 2048, 24, 6, 16, (1.0, 0.5))
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _config(plan: Plan, model: str, shards: Path, tmp: Path, keep: float, decode: str = "cpu") -> TrainConfig:
     return TrainConfig(shards=shards, out=tmp / "run", model=model, img_size=plan.img_size, patch_size=plan.patch,
                        model_kwargs=plan.model_kwargs, num_classes=4, batch_size=plan.batch, keep=keep,
@@ -96,11 +87,11 @@ def _timed(fn: Callable[[], int], steps: int, warmup: int, device: torch.device)
     """images/s of `steps` calls of fn (each returns its images), after `warmup` calls."""
     for _ in range(warmup):
         fn()
-    _sync(device)
+    common.sync(device)
     t0, n = time.perf_counter(), 0
     for _ in range(steps):
         n += fn()
-    _sync(device)
+    common.sync(device)
     return n / (time.perf_counter() - t0)
 
 
@@ -123,12 +114,6 @@ def model_only(plan: Plan, model: str, shards: Path, tmp: Path, keep: float, com
     return _timed(step, plan.steps, plan.warmup + (2 if compiled else 0), plan.device)
 
 
-def batches(run: Any, split: fmt.Split) -> Iterator[Batch]:
-    """`curate train`'s own loader (sparsevit.train.train_loader) across epochs."""
-    for epoch in itertools.count():
-        yield from train_loader(run, split, epoch)[0]
-
-
 def _loader_source(name: str, shards: dict[str, Path]) -> tuple[Path, str]:
     return {"original bytes": (shards["original"], "cpu"), "--max-side 256": (shards["reduced"], "cpu"),
             "--decode gpu": (shards["original"], "gpu")}[name]
@@ -138,7 +123,7 @@ def loader_only(plan: Plan, model: str, shards: dict[str, Path], tmp: Path, name
     """(b) batches as the training step receives them (on the device), nothing trained."""
     root, decode = _loader_source(name, shards)
     split = fmt.read_split(root, "train")
-    it = batches(build(_config(plan, model, root, tmp, 1.0, decode), Dist(), plan.device, split), split)
+    it = common.endless(build(_config(plan, model, root, tmp, 1.0, decode), Dist(), plan.device, split), split)
 
     def take() -> int:
         b = next(it)
@@ -153,7 +138,7 @@ def end_to_end(plan: Plan, model: str, shards: dict[str, Path], tmp: Path, name:
     root, decode = _loader_source(name, shards)
     split = fmt.read_split(root, "train")
     run = build(_config(plan, model, root, tmp, keep, decode), Dist(), plan.device, split)
-    it = batches(run, split)
+    it = common.endless(run, split)
 
     def step() -> int:
         b = next(it)
@@ -167,10 +152,8 @@ def scoring(plan: Plan, photos: Path, tmp: Path) -> dict[str, float]:
     """(d) `curate score` with the ImageNet ViT recipe vs its bare forward on decoded tensors."""
     recipe = resolve_recipe("imagenet-vit")
     items = open_source(photos)
-    torch.manual_seed(0)
-    model = create_model(recipe, 4)
     ckpt = tmp / "proxy.pt"
-    torch.save(model.state_dict(), ckpt)
+    model = common.random_proxy(ckpt, 4, "imagenet-vit")
     images = torch.stack([decode_image(read_bytes(it), recipe.img_size).image for it in items]).to(plan.device)
     model = model.to(plan.device).eval()
     mean, std = (t.to(plan.device) for t in normalizer(model))
@@ -191,11 +174,11 @@ def scoring(plan: Plan, photos: Path, tmp: Path) -> dict[str, float]:
 
 
 def measure(plan: Plan, tmp: Path, log: Callable[[str], None]) -> dict[str, Any]:
-    make_photos(tmp / "photos", plan.images)
-    make_photos(tmp / "score-photos", plan.score_images)
-    common = dict(per_shard=max(8, plan.images // 64), workers=os.cpu_count() or 2)
-    shards = {"original": write_bench_shards(tmp / "photos", tmp / "original", **common),
-              "reduced": write_bench_shards(tmp / "photos", tmp / "reduced", max_side=256, **common)}
+    common.make_photos(tmp / "photos", plan.images)
+    common.make_photos(tmp / "score-photos", plan.score_images)
+    sizes = dict(per_shard=max(8, plan.images // 64), workers=os.cpu_count() or 2)
+    shards = {"original": common.write_bench_shards(tmp / "photos", tmp / "original", **sizes),
+              "reduced": common.write_bench_shards(tmp / "photos", tmp / "reduced", max_side=256, **sizes)}
     results: dict[str, Any] = {"model_only": [], "loader": [], "end_to_end": []}
     for model in plan.models:
         for keep in KEEPS:
@@ -260,7 +243,7 @@ def table(plan: Plan, res: dict[str, Any], header: str) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = common.parser(__doc__)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--quick", action="store_true", help="small sizes: the code paths, not the figures")
     ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "device-bench")))
@@ -268,10 +251,9 @@ def main() -> None:
     plan = plan_for(args.device, args.quick)
     if plan.device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
-    name = torch.cuda.get_device_name(plan.device) if plan.device.type == "cuda" else platform.processor() or "cpu"
-    header = (f"# {name}, {os.cpu_count()} CPU cores, torch {torch.__version__}, images {plan.images} 500x375 JPEG, "
-              f"{plan.img_size} px, batch {plan.batch}, bf16 autocast on CUDA, {plan.steps} timed steps after "
-              f"{plan.warmup}{', quick' if args.quick else ''}")
+    header = common.header(f"images {plan.images} 500x375 JPEG", f"{plan.img_size} px", f"batch {plan.batch}",
+                           "bf16 autocast on CUDA", f"{plan.steps} timed steps after {plan.warmup}",
+                           *(["quick"] if args.quick else []), device=plan.device)
     t0 = time.perf_counter()
     args.out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp, open(args.out / "device.log", "w") as log_file:

@@ -2,8 +2,8 @@
 (40,000 training and 10,000 test JPEGs, ImageFolder; see the README beside it) made into the
 same shard sets `curate demo` makes, with the same proxies trained here and the same selection:
 
-    python bench/cifar_shards.py --out c10 [--train-per-class 1000] [--test-per-class 200] [--flip 0.1]
-    python bench/budget.py --out budget-c10 --data 0:c10 --data 1:c10
+    python bench/experiments/cifar_shards.py --out c10 [--train-per-class 1000] [--test-per-class 200] [--flip 0.1]
+    python bench/experiments/budget.py --out budget-c10 --data 0:c10 --data 1:c10
 
 A seeded share (`--flip`) of the training labels is flipped to another class, so curation has
 something to remove; `data/truth.parquet` records the true labels (the demo's truth format, the
@@ -12,7 +12,6 @@ The default test suite never reads ../shared; this script says so and stops when
 """
 from __future__ import annotations
 
-import argparse
 import random
 import sys
 import tarfile
@@ -24,17 +23,20 @@ from typing import Callable
 import polars as pl
 from PIL import Image
 
-from curate.common.atomic import atomic_path, write_bytes
-from curate.common.runfolder import RunFolder
-from curate.demo import evaluate
-from curate.demo.data import TRUTH
-from curate.demo.run import PROXIES, score_validation, shard_curated
-from curate.demo.train import baseline_shards
-from curate.score import table
-from curate.score.job import ScoreConfig, run_score
-from curate.score.proxies import RECIPES
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/, for common
+import common  # noqa: E402
 
-TARBALL = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10.tar.gz"
+from curate.common.atomic import atomic_path, write_bytes  # noqa: E402
+from curate.common.runfolder import RunFolder  # noqa: E402
+from curate.demo import evaluate  # noqa: E402
+from curate.demo.data import TRUTH  # noqa: E402
+from curate.demo.run import PROXIES, score_validation, shard_curated  # noqa: E402
+from curate.demo.train import baseline_shards  # noqa: E402
+from curate.score import table  # noqa: E402
+from curate.score.job import ScoreConfig, run_score  # noqa: E402
+from curate.score.proxies import RECIPES  # noqa: E402
+
+TARBALL = common.ROOT.parent / "shared" / "data" / "cifar10.tar.gz"
 
 
 def _files(root: Path) -> dict[str, list[Path]]:
@@ -80,7 +82,7 @@ def prepare(tarball: Path, data: Path, train_per_class: int, test_per_class: int
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = common.parser(__doc__)
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--tar", type=Path, default=TARBALL)
     ap.add_argument("--train-per-class", type=int, default=1000)

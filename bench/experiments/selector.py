@@ -10,7 +10,7 @@ For each seed and keep ratio, two runs of the demo's ViT and recipe on the curat
   evaluated as trained (it needs the maps at test time) and with random tokens.
 
     curate demo --out demo-run; curate demo --seed 1 --out demo-s1; curate demo --seed 2 --out demo-s2
-    python bench/selector.py --out sel-demo --data 0:demo-run --data 1:demo-s1 --data 2:demo-s2 \\
+    python bench/experiments/selector.py --out sel-demo --data 0:demo-run --data 1:demo-s1 --data 2:demo-s2 \\
         [--keeps 0.7,0.5] [--blocks 0] [--select-by mix] [--resume]
 
 Results go to OUT/results.json (one record per run, so --resume trains only what is missing) and
@@ -18,28 +18,24 @@ the table to stdout.
 """
 from __future__ import annotations
 
-import argparse
 import json
-import platform
 import statistics
-import subprocess
+import sys
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from curate.common.atomic import write_json
-from curate.demo.train import DEMO_MODEL, DemoTrain, Variant, train_one
-from curate.shard.format import Split, read_split
-from sparsevit import selector
-from sparsevit.model import SparseConfig
-from sparsevit.train import TrainConfig, evaluate, restore
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/, for common
+import common  # noqa: E402
 
-
-def _dataset(text: str) -> tuple[int, Path]:
-    seed, _, root = text.partition(":")
-    return int(seed), Path(root)
+from curate.common.atomic import write_json  # noqa: E402
+from curate.demo.train import DEMO_MODEL, DemoTrain, Variant, train_one  # noqa: E402
+from curate.shard.format import Split, read_split  # noqa: E402
+from sparsevit import selector  # noqa: E402
+from sparsevit.model import SparseConfig  # noqa: E402
+from sparsevit.train import TrainConfig, evaluate, restore  # noqa: E402
 
 
 def train(shards: Path, out: Path, seed: int, keep: float, blocks: tuple[int, ...], select_by: str,
@@ -92,20 +88,19 @@ def report(results: dict[str, Any], keeps: list[float], seeds: list[int]) -> lis
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = common.parser(__doc__)
     ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--data", type=_dataset, action="append", required=True, help="SEED:DEMO_ROOT, repeatable")
-    ap.add_argument("--keeps", default="0.7,0.5")
-    ap.add_argument("--blocks", default="0", help="selector blocks, comma-separated")
+    ap.add_argument("--data", type=common.seed_root, action="append", required=True, help="SEED:DEMO_ROOT, repeatable")
+    ap.add_argument("--keeps", type=common.floats, default="0.7,0.5")
+    ap.add_argument("--blocks", type=common.ints, default="0", help="selector blocks, comma-separated")
     ap.add_argument("--select-by", default="mix", choices=selector.SELECT_BY)
     ap.add_argument("--epochs", type=int, default=DemoTrain.epochs)
     ap.add_argument("--lr-scale", type=float, default=TrainConfig.selector_lr_scale,
                     help="the selector's learning rate / the ViT's")
-    ap.add_argument("--models", default="selector,maps")
+    ap.add_argument("--models", type=common.words, default="selector,maps")
     ap.add_argument("--resume", action="store_true", help="keep the runs already in OUT/results.json")
     args = ap.parse_args()
-    keeps = [float(k) for k in args.keeps.split(",")]
-    blocks = tuple(int(b) for b in args.blocks.split(","))
+    keeps, blocks = args.keeps, tuple(args.blocks)
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / "results.json"
     results: dict[str, Any] = json.loads(path.read_text()) if args.resume and path.is_file() else {}
@@ -115,7 +110,7 @@ def main() -> None:
         if not val.has_maps:
             raise SystemExit(f"{shards}: the validation split has no importance maps (curate shard --val-scores)")
         for keep in keeps:
-            for model in args.models.split(","):
+            for model in args.models:
                 name = f"{model}-keep{keep}-seed{seed}"
                 if name in results:
                     continue
@@ -127,11 +122,9 @@ def main() -> None:
                 results[name] = evaluated(run, val, seed) | logged
                 write_json(path, results)
                 print(name, {k: round(v, 4) for k, v in results[name].items() if v is not None}, flush=True)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    print(f"\n# {platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}, commit "
-          f"{commit}; selector blocks {blocks}, select-by {args.select_by}, selector lr x{args.lr_scale}, "
-          f"{args.epochs} epochs, demo ViT "
-          f"{DEMO_MODEL['model_kwargs']}")
+    print("\n" + common.header(f"selector blocks {blocks}", f"select-by {args.select_by}",
+                               f"selector lr x{args.lr_scale}", f"{args.epochs} epochs",
+                               f"demo ViT {DEMO_MODEL['model_kwargs']}"))
     print("\n".join(report(results, keeps, [s for s, _ in args.data])))
 
 

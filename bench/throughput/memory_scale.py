@@ -19,7 +19,7 @@ all of them and the shard stage writes about `--keep` of N). The proxy is the de
 `--side` px with random weights from `--checkpoint`: no training, since memory is the point,
 and a ViT so that every row carries an importance map for the shards.
 
-    python bench/memory_scale.py [--small 10000] [--large 100000] [--keep-files DIR]
+    python bench/throughput/memory_scale.py [--small 10000] [--large 100000] [--keep-files DIR]
 
 Goal: peak(large) / peak(small) <= 1.5 for every stage.
 """
@@ -41,8 +41,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/, for common
+import common  # noqa: E402
 
 from curate.score.table import THUMB_SIDE  # noqa: E402
 
@@ -81,16 +81,6 @@ def make_images(root: Path, n: int, classes: int, side: int, seed: int) -> None:
     for i in range(n):
         (folders[i % classes] / f"img_{i:07d}.jpg").write_bytes(_jpeg(rng, side, quality=90))
     stamp_path.write_text(json.dumps(stamp))
-
-
-def make_checkpoint(path: Path, classes: int, side: int) -> None:
-    """Random demo-vit weights at `side` px, saved as a state dict for `--checkpoint`."""
-    import torch
-
-    from curate.score.proxies import create_model, resolve_recipe
-
-    torch.manual_seed(0)
-    torch.save(create_model(resolve_recipe("demo-vit", side), classes).state_dict(), path)
 
 
 # --- measuring ------------------------------------------------------------------------------
@@ -135,7 +125,7 @@ def run_measured(stage: str, images: int, cmd: list[str], log: Path, sample_s: f
     """Run `cmd`, sampling its tree's PSS until it exits; its own rusage gives the max RSS."""
     t0 = time.perf_counter()
     with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(cmd, cwd=common.ROOT, stdout=out, stderr=subprocess.STDOUT)
         pss = 0
         while True:
             # wait4, not Popen.wait: it returns this child's rusage alone, whatever ran before.
@@ -152,14 +142,13 @@ def run_measured(stage: str, images: int, cmd: list[str], log: Path, sample_s: f
 
 
 def score_cmd(src: Path, out: Path, ckpt: Path, side: int, batch: int) -> list[str]:
-    return [sys.executable, str(ROOT / "cli.py"), "score", str(src), "--out", str(out), "--proxy", "demo-vit",
-            "--checkpoint", str(ckpt), "--image-size", str(side), "--batch-size", str(batch),
-            "--device", "cpu", "--quiet", "--overwrite"]
+    return common.cli("score", src, "--out", out, "--proxy", "demo-vit", "--checkpoint", ckpt, "--image-size", side,
+                      "--batch-size", batch, "--device", "cpu", "--quiet", "--overwrite")
 
 
 def shard_cmd(src: Path, scores: Path, out: Path, keep: float, dedup: float) -> list[str]:
-    return [sys.executable, str(ROOT / "cli.py"), "shard", str(src), "--scores", str(scores), "--out", str(out),
-            "--keep", str(keep), "--dedup", str(dedup), "--dedup-on", "thumbnail", "--quiet", "--overwrite"]
+    return common.cli("shard", src, "--scores", scores, "--out", out, "--keep", keep, "--dedup", dedup,
+                      "--dedup-on", "thumbnail", "--quiet", "--overwrite")
 
 
 def measure_size(n: int, work: Path, args: argparse.Namespace) -> list[Peak]:
@@ -167,7 +156,7 @@ def measure_size(n: int, work: Path, args: argparse.Namespace) -> list[Peak]:
     work.mkdir(parents=True, exist_ok=True)
     src, ckpt = work / "images", work / "w.pt"
     make_images(src, n, args.classes, args.side, args.seed)
-    make_checkpoint(ckpt, args.classes, args.side)
+    common.random_proxy(ckpt, args.classes, "demo-vit", args.side)
     peaks = []
     if "score" in args.stages:
         cmd = score_cmd(src, work / "scores", ckpt, args.side, args.batch_size)
@@ -181,15 +170,14 @@ def measure_size(n: int, work: Path, args: argparse.Namespace) -> list[Peak]:
 # --- report ---------------------------------------------------------------------------------
 
 
-def machine_line() -> str:
+def versions() -> list[str]:
+    """The libraries whose allocations the peaks hold, beside torch."""
     import faiss
     import polars
     import pyarrow
-    import torch
 
-    return (f"# {platform.machine()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads, "
-            f"python {platform.python_version()}, torch {torch.__version__}, polars {polars.__version__}, "
-            f"pyarrow {pyarrow.__version__}, faiss {faiss.__version__}")
+    return [f"python {platform.python_version()}", f"polars {polars.__version__}", f"pyarrow {pyarrow.__version__}",
+            f"faiss {faiss.__version__}"]
 
 
 def thumbnail_matrix_mib(n: int) -> float:
@@ -221,12 +209,12 @@ def report(imports: Peak, small: list[Peak], large: list[Peak]) -> str:
 
 
 def parse_args() -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = common.parser(__doc__)
     ap.add_argument("--small", type=int, default=10_000, help="images in the small run")
     ap.add_argument("--large", type=int, default=100_000, help="images in the large run")
     ap.add_argument("--keep-files", type=Path, help="keep images and outputs here (images are reused)")
-    ap.add_argument("--stages", default="score,shard", help="comma-separated: score, shard (shard needs scores "
-                                                              "from an earlier run kept with --keep-files)")
+    ap.add_argument("--stages", type=common.words, default="score,shard",
+                    help="comma-separated: score, shard (shard needs the scores of a run kept with --keep-files)")
     ap.add_argument("--classes", type=int, default=10)
     ap.add_argument("--side", type=int, default=32, help="image side and proxy input in px")
     ap.add_argument("--batch-size", type=int, default=1024, help="curate score --batch-size")
@@ -235,7 +223,6 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--sample-s", type=float, default=0.2, help="PSS sampling period")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
-    args.stages = [s.strip() for s in args.stages.split(",") if s.strip()]
     if not set(args.stages) <= {"score", "shard"} or not args.stages:
         ap.error(f"--stages takes score and/or shard, got {args.stages}")
     return args
@@ -243,7 +230,7 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
-    print(machine_line(), flush=True)
+    print(common.header(*versions()), flush=True)
     print(f"# {args.side}px JPEGs, {args.classes} classes; score: demo-vit@{args.side} random checkpoint, "
           f"batch {args.batch_size}; shard: --keep {args.keep} --dedup {args.dedup} (thumbnail)", flush=True)
     tmp = None if args.keep_files else tempfile.TemporaryDirectory()

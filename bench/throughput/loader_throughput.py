@@ -7,12 +7,10 @@ most that, so the loader decodes fewer pixels), as a ratio to the original bytes
 All use a DataLoader with the same batch size and worker count; rounds are interleaved and the
 best kept.
 
-    python bench/loader_throughput.py [--images 2000] [--workers 2] [--max-side 256]
+    python bench/throughput/loader_throughput.py [--images 2000] [--workers 2] [--max-side 256]
 """
 from __future__ import annotations
 
-import argparse
-import platform
 import sys
 import tempfile
 import time
@@ -21,9 +19,8 @@ from pathlib import Path
 import torch
 from torchvision import datasets, transforms
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from score_throughput import make_photos  # noqa: E402  (ImageNet-sized JPEGs)
-from train_step import write_bench_shards  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/, for common
+import common  # noqa: E402
 
 from curate.shard.format import read_split  # noqa: E402
 from sparsevit.train import TrainConfig, build, train_loader  # noqa: E402
@@ -56,20 +53,14 @@ def _drain(batches) -> float:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--images", type=int, default=2000)
-    ap.add_argument("--size", type=int, default=224)
-    ap.add_argument("--patch", type=int, default=16)
-    ap.add_argument("--batch", type=int, default=64)
-    ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--max-side", type=int, default=256)
+    ap = common.parser(__doc__)
+    common.int_options(ap, images=2000, size=224, patch=16, batch=64, workers=2, rounds=3, max_side=256)
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(dir=".") as tmp_name:
         tmp = Path(tmp_name)
-        make_photos(tmp / "photos", args.images)
-        write_bench_shards(tmp / "photos", tmp / "shards", per_shard=250)
-        write_bench_shards(tmp / "photos", tmp / "reduced", per_shard=250, max_side=args.max_side)
+        common.make_photos(tmp / "photos", args.images)
+        common.write_bench_shards(tmp / "photos", tmp / "shards", per_shard=250)
+        common.write_bench_shards(tmp / "photos", tmp / "reduced", per_shard=250, max_side=args.max_side)
         mb = {name: sum(p.stat().st_size for p in (tmp / name).glob("*.tar")) / 1e6 for name in ("shards", "reduced")}
         runs = {"ImageFolder (torchvision)": lambda: imagefolder_ips(tmp / "photos", args.size, args.batch,
                                                                      args.workers),
@@ -81,9 +72,9 @@ def main() -> None:
         for _ in range(args.rounds):
             for name, run in runs.items():
                 best[name] = max(best[name], run())
-    print(f"# {platform.machine()}, torch {torch.__version__}, {args.images} JPEGs 500x375, {args.size}px, "
-          f"batch {args.batch}, {args.workers} workers, best of {args.rounds}; shards {mb['shards']:.0f} MB, "
-          f"--max-side {args.max_side} shards {mb['reduced']:.0f} MB")
+    print(common.header(f"{args.images} JPEGs 500x375", f"{args.size}px", f"batch {args.batch}",
+                        f"{args.workers} workers", f"best of {args.rounds}; shards {mb['shards']:.0f} MB",
+                        f"--max-side {args.max_side} shards {mb['reduced']:.0f} MB"))
     print("| loader | img/s |\n|---|---|")
     for name, ips in best.items():
         print(f"| {name} | {ips:.0f} |")

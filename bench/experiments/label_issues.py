@@ -1,8 +1,8 @@
 """Label issues found in sample (K = 1) against out of sample (K folds), on data whose flipped
-labels are known (`truth.parquet` beside `train/`: the demo's, or `bench/cifar_shards.py`'s):
+labels are known (`truth.parquet` beside `train/`: the demo's, or `bench/experiments/cifar_shards.py`'s):
 
-    python bench/label_issues.py --data demo-data --out li-demo             # makes the demo data if absent
-    python bench/label_issues.py --data c10/data --out li-c10 --image-size 32
+    python bench/experiments/label_issues.py --data demo-data --out li-demo             # makes the demo data if absent
+    python bench/experiments/label_issues.py --data c10/data --out li-c10 --image-size 32
 
 For each K it runs `curate score TRAIN --proxy demo-cnn --train-epochs E --folds K` in its own
 process and reports, against the truth: ROC-AUC of `label_quality` (low = flipped), precision,
@@ -24,11 +24,14 @@ import numpy as np
 import polars as pl
 import torch
 
-from curate.demo.data import TRUTH, DemoConfig, make_demo
-from curate.demo.evaluate import join_truth, label_noise_auc
-from curate.score import table
-from curate.score.label_issues import FILTERS, find_issues
-from curate.score.metrics import roc_auc
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/, for common
+import common  # noqa: E402
+
+from curate.demo.data import TRUTH, DemoConfig, make_demo  # noqa: E402
+from curate.demo.evaluate import join_truth, label_noise_auc  # noqa: E402
+from curate.score import table  # noqa: E402
+from curate.score.label_issues import FILTERS, find_issues  # noqa: E402
+from curate.score.metrics import roc_auc  # noqa: E402
 
 
 def _prf(issue: np.ndarray, flipped: np.ndarray) -> tuple[float, float, float]:
@@ -56,20 +59,19 @@ def measure(scores: Path, data: Path) -> dict[str, float]:
 
 
 def score(data: Path, out: Path, folds: int, args: argparse.Namespace) -> float:
-    cmd = [sys.executable, "-m", "cli", "score", str(data / "train"), "--out", str(out), "--proxy", args.proxy,
-           "--train-epochs", str(args.epochs), "--folds", str(folds), "--seed", str(args.seed),
-           "--workers", str(args.workers), "--overwrite", "--quiet",
-           *(["--image-size", str(args.image_size)] if args.image_size else [])]
+    cmd = common.cli("score", data / "train", "--out", out, "--proxy", args.proxy, "--train-epochs", args.epochs,
+                     "--folds", folds, "--seed", args.seed, "--workers", args.workers, "--overwrite", "--quiet",
+                     *(["--image-size", args.image_size] if args.image_size else []))
     t0 = time.perf_counter()
     subprocess.run(cmd, check=True)
     return time.perf_counter() - t0
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = common.parser(__doc__)
     ap.add_argument("--data", type=Path, required=True, help="dataset root with train/ and truth.parquet")
     ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--folds", default="1,5", help="K values, comma separated")
+    ap.add_argument("--folds", type=common.ints, default="1,5", help="K values, comma separated")
     ap.add_argument("--proxy", default="demo-cnn")
     ap.add_argument("--epochs", type=int, default=10)
     ap.add_argument("--image-size", type=int)
@@ -80,17 +82,17 @@ def main() -> None:
     if not (args.data / TRUTH).exists():
         make_demo(DemoConfig(root=args.data, seed=args.seed))
     args.out.mkdir(parents=True, exist_ok=True)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    commit = common.commit()
     results = []
-    for k in (int(x) for x in args.folds.split(",")):
+    for k in args.folds:
         seconds = (table.read_manifest(args.out / f"k{k}")["timing"]["total_s"] if args.measure_only
                    else score(args.data, args.out / f"k{k}", k, args))
         results.append({"folds": k, "seconds": seconds, **measure(args.out / f"k{k}", args.data)})
         print(json.dumps(results[-1]), flush=True)
     (args.out / "label_issues.json").write_text(json.dumps({"commit": commit, "args": vars(args) | {
         "data": str(args.data), "out": str(args.out)}, "results": results}, indent=1))
-    print(f"\n{args.data} ({results[0]['rows']} images, {results[0]['flipped']} flipped), {args.proxy} "
-          f"{args.epochs} epochs, seed {args.seed}, commit {commit}\n")
+    print("\n" + common.header(f"{args.data} ({results[0]['rows']} images, {results[0]['flipped']} flipped)",
+                               f"{args.proxy} {args.epochs} epochs", f"seed {args.seed}") + "\n")
     print("| K | AUROC label_quality | flagged | precision | recall | F1 | agreement with given labels "
           "| AUROC el2n | wall-clock |")
     print("|---|---|---|---|---|---|---|---|---|")
