@@ -74,8 +74,9 @@ class CurateGroup(click.Group):
 
 
 class RegistryChoice(click.Choice):
-    """The names of a registry (or a tuple of names) as click choices, read when first needed: the
-    modules that hold them import torch and timm, which `curate --help` should not wait for."""
+    """The names of a registry (or a tuple of names) as click choices, read when first needed, so
+    that `curate --help` imports none of the modules that hold them (sparsevit's are torch-free in
+    `sparsevit.names`, so `curate train --help` waits for no torch either)."""
 
     def __init__(self, module: str, attribute: str) -> None:
         self._source, self._names = (module, attribute), None
@@ -129,7 +130,8 @@ def main(debug: bool) -> None:
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--chunk-size", default=4096, show_default=True, help="Inputs per Parquet part (unit of resume).")
-@click.option("--importance", type=RegistryChoice("curate.score.table", "IMPORTANCE_METHODS"), default="cls", show_default=True,
+@click.option("--importance", type=RegistryChoice("curate.score.table", "IMPORTANCE_METHODS"), default="cls",
+              show_default=True,
               help="Patch importance: CLS attention of the last blocks, attention rollout, or none.")
 @click.option("--importance-blocks", callback=lambda _c, _p, v: _blocks(v),
               help="Comma-separated block indices averaged for --importance cls (negative = from the end) "
@@ -415,7 +417,8 @@ def _model_args(values: tuple[str, ...]) -> dict[str, object]:
               help="Selector loss holding its mean keep probability at --keep.")
 @click.option("--selector-lr-scale", default=10.0, show_default=True,
               help="The selector's learning rate as a multiple of the ViT's.")
-@click.option("--attention", type=RegistryChoice("sparsevit.names", "ATTENTION_MODES"), default="dense", show_default=True,
+@click.option("--attention", type=RegistryChoice("sparsevit.names", "ATTENTION_MODES"), default="dense",
+              show_default=True,
               help="topk: Tri-Level connection sparsity (regularises, saves nothing); gather: all queries "
                    "attend to the top --key-keep keys by importance (saves the N^2 part).")
 @click.option("--rho", default=1.0, show_default=True, help="topk: share of keys each query keeps.")

@@ -70,7 +70,8 @@ def test_verify_faults_are_listed_then_refused_with_code_2(where: Path):
 def _run(*args: object, code: str | None = None) -> subprocess.CompletedProcess:
     """The real entry point (`python cli.py ...`), or `code` run before calling it."""
     cmd = [sys.executable, str(ROOT / "cli.py"), *map(str, args)] if code is None else \
-        [sys.executable, "-c", f"import sys, cli\n{code}\nsys.exit(cli.main([{', '.join(repr(str(a)) for a in args)}]))"]
+        [sys.executable, "-c",
+         f"import sys, cli\n{code}\nsys.exit(cli.main([{', '.join(repr(str(a)) for a in args)}]))"]
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
 
 
