@@ -42,7 +42,7 @@ OUTPUT_COLUMNS = ["key", "source", "label", "class_name", "kept", "reason", "sco
 
 @dataclass(frozen=True)
 class SelectConfig:
-    """Which keys to keep. The defaults are `curate shard`'s (70% by CCS on EL2N; tests/test_cli_errors.py
+    """Which keys to keep. The defaults are `curate shard`'s (70% by CCS on EL2N; tests/test_cli.py
     checks the CLI's against them)."""
 
     keep: float | int = 0.7  # float in (0, 1]: fraction of the candidates; int >= 1: absolute count
