@@ -66,10 +66,18 @@ def _score(src: Path, out: Path, folds: int) -> pl.DataFrame:
     return pl.scan_parquet(out / "*.parquet").collect().sort("key")
 
 
+@pytest.fixture(scope="module")
+def k3(small_demo: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, pl.DataFrame]:
+    """One 3-fold scoring of the small demo, and its table as first written (the folder itself
+    is resumed with another label filter by the first test; the second needs only the table)."""
+    out = tmp_path_factory.mktemp("k3") / "k3"
+    return out, _score(small_demo / "train", out, folds=3)
+
+
 @pytest.mark.slow
-def test_folds_score_every_row_with_the_proxy_that_never_saw_it(small_demo: Path, tmp_path: Path):
-    src, out = small_demo / "train", tmp_path / "k3"
-    df = _score(src, out, folds=3)
+def test_folds_score_every_row_with_the_proxy_that_never_saw_it(small_demo: Path, k3: tuple[Path, pl.DataFrame],
+                                                               tmp_path: Path):
+    src, (out, df) = small_demo / "train", k3
     assert df.height == 96 and df["fold"].is_between(0, 2).all() and df["fold"].n_unique() == 3
     probs = np.stack(df["probs"].to_numpy())
     np.testing.assert_allclose(probs.sum(1), 1, atol=1e-5)
@@ -116,9 +124,9 @@ def test_folds_score_every_row_with_the_proxy_that_never_saw_it(small_demo: Path
 
 
 @pytest.mark.slow
-def test_a_run_killed_between_folds_resumes_to_the_clean_table(small_demo: Path, tmp_path: Path):
-    src = small_demo / "train"
-    clean = _score(src, tmp_path / "clean", folds=3)
+def test_a_run_killed_between_folds_resumes_to_the_clean_table(small_demo: Path, k3: tuple[Path, pl.DataFrame],
+                                                               tmp_path: Path):
+    src, clean = small_demo / "train", k3[1]  # the uninterrupted run's table
     killed = tmp_path / "killed"
     cmd = [sys.executable, str(ROOT / "cli.py"), "score", str(src), "--out", str(killed), "--proxy", "demo-cnn",
            "--train-epochs", "1", "--folds", "3", "--workers", "0", "--chunk-size", "32", "--quiet"]
