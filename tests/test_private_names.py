@@ -34,6 +34,11 @@ def _root_name(node: ast.expr) -> str | None:
     return node.id if isinstance(node, ast.Name) else None
 
 
+def _on_self(node: ast.Attribute) -> bool:
+    """`self._x` or `cls._x`: the object's own member (`self.other._x` is not)."""
+    return isinstance(node.value, ast.Name) and node.value.id in ("self", "cls")
+
+
 def reaches_into(path: Path, defs: dict[str, set[Path]]) -> list[str]:
     """Where `path` uses another module's private name: `from ours import _x`, `our_module._x`,
     or `obj._x` where `_x` is a private function or method defined only in other files."""
@@ -52,7 +57,7 @@ def reaches_into(path: Path, defs: dict[str, set[Path]]) -> list[str]:
         root = _root_name(node.value)
         if root in modules:
             found.append(f"{path.name}:{node.lineno} uses {ast.unparse(node)}")
-        elif root not in ("self", "cls") and path not in defs.get(node.attr, {path}):
+        elif not _on_self(node) and path not in defs.get(node.attr, {path}):
             found.append(f"{path.name}:{node.lineno} calls {ast.unparse(node)}, private to "
                          f"{sorted(p.name for p in defs[node.attr])}")
     return found
@@ -73,9 +78,10 @@ def test_the_check_finds_each_kind_of_reach(tmp_path: Path):
     bad = tmp_path / "bad.py"
     bad.write_text("import os\nfrom sparsevit.train import _build\nfrom sparsevit import data\n"
                    "import sparsevit.model as m\n\n"
-                   "def f(a):\n    os._exit(0)\n    data._MEAN\n    m._check_supported(a)\n    return a._step()\n")
+                   "def f(a):\n    os._exit(0)\n    data._MEAN\n    m._check_supported(a)\n    return a._step()\n\n"
+                   "class B:\n    def g(self):\n        return self.inner._helper()\n")
     defs = _private_defs([owner, bad])
     hits = reaches_into(bad, defs)
     assert sorted(h.split(" ", 1)[1].split(",")[0] for h in hits) == [
-        "calls a._step", "imports _build", "uses data._MEAN", "uses m._check_supported"]
+        "calls a._step", "calls self.inner._helper", "imports _build", "uses data._MEAN", "uses m._check_supported"]
     assert reaches_into(owner, defs) == []
