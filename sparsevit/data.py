@@ -28,11 +28,12 @@ import torch
 import torch.nn.functional as F
 import webdataset as wds
 from PIL import Image
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.data.mixup import Mixup, cutmix_bbox_and_lam, mixup_target
 from torchvision.transforms import functional as TF
 
 from curate.common.runtime import die_with_parent
-from curate.common.vit import IMAGENET_MEAN, IMAGENET_STD, mean_std
+from curate.common.vit import mean_std
 from curate.shard.format import FormatError, Split, decode_sample
 
 @dataclass(frozen=True)
@@ -89,8 +90,8 @@ class Geometry:
 class Normalize:
     """Pixels in 0..255 to the model's input scale, with the mean and std of its timm config
     (`of(model)`), as timm's own transforms do."""
-    mean: tuple[float, ...] = IMAGENET_MEAN
-    std: tuple[float, ...] = IMAGENET_STD
+    mean: tuple[float, ...] = IMAGENET_DEFAULT_MEAN
+    std: tuple[float, ...] = IMAGENET_DEFAULT_STD
 
     @classmethod
     def of(cls, model: torch.nn.Module) -> "Normalize":

@@ -543,7 +543,6 @@ def evaluate(run: Run, split: shard_format.Split, random_tokens: bool = False) -
     random_tokens = random_tokens and keep < 1
     counts = {"n": 0, "all": 0, "dropped": 0, "selected": 0, "random": 0, "skipped": 0, "overlap": 0.0,
               "spearman": 0.0, "compared": 0}
-    dense = SparseViT(net.vit, SparseConfig())  # the same weights, all tokens, dense attention
     for batch in eval_loader(run, split):
         counts["skipped"] += len(batch.skipped)
         if batch.image is None:
@@ -551,7 +550,7 @@ def evaluate(run: Run, split: shard_format.Split, random_tokens: bool = False) -
         x, y = batch.image.to(run.device), batch.label.to(run.device)
         maps = batch.importance.to(run.device) if batch.importance is not None else None
         with _autocast(run):
-            counts["all"] += int((_logits(dense(x)).argmax(-1) == y).sum())
+            counts["all"] += int((net.vit(x).argmax(-1) == y).sum())  # timm's forward: all tokens, dense
             if can_drop:
                 counts["dropped"] += int((_logits(net(x, maps, keep, cfg.online_keep)).argmax(-1) == y).sum())
             if random_tokens:  # a random ranking in place of the maps: random tokens kept
@@ -584,7 +583,7 @@ def _logits(out: Any) -> torch.Tensor:
     return out[0] if isinstance(out, tuple) else out
 
 
-def eval_loader(run: Run, split: shard_format.Split, on_error: str = "skip") -> Iterator[data.Batch]:
+def eval_loader(run: Run, split: shard_format.Split) -> Iterator[data.Batch]:
     """This rank's validation shards (urls[rank::world]), in order, partial last batch kept,
     with timm's eval transform (resize, centre crop) and the maps where the split has them."""
     cfg, ctx = run.cfg, run.ctx
@@ -592,7 +591,7 @@ def eval_loader(run: Run, split: shard_format.Split, on_error: str = "skip") -> 
     if not urls:
         return iter(())
     transform = data.EvalTransform(geometry(run), normalize=data.Normalize.of(run.core.vit))
-    aug = data.Augment(transform, need_maps=False, on_error=on_error)
+    aug = data.Augment(transform, need_maps=False)
     pipe = data.make_pipeline(data.EpochPlan(urls, 0, 0), aug, cfg.batch_size, 0, cfg.seed, 0, partial=True,
                               split_nodes=False)
     return iter(data.make_loader(pipe, min(cfg.workers, len(urls))))
@@ -609,11 +608,11 @@ def _save_checkpoint(run: Run) -> None:
     save_weights(state, run.cfg.out / CHECKPOINT)
 
 
-def load_checkpoint(run: Run, path: Path | None = None) -> None:
-    """Continue from the last finished epoch of the run's checkpoint (or `path`): weights, EMA,
-    optimizer, pruner, counters. `run_train`'s run folder has already checked that the settings
-    are the ones this run was started with."""
-    path = path or run.cfg.out / CHECKPOINT
+def load_checkpoint(run: Run) -> None:
+    """Continue from the last finished epoch of the run's checkpoint: weights, EMA, optimizer,
+    pruner, counters. `run_train`'s run folder has already checked that the settings are the ones
+    this run was started with."""
+    path = run.cfg.out / CHECKPOINT
     if not path.is_file():
         return  # --resume on an empty run folder starts from scratch
     _restore(run, load_weights(path, run.device))

@@ -6,6 +6,7 @@ Shapes: B = batch, H = heads, N = tokens (prefix + patches), d = head dim.
 from __future__ import annotations
 
 import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
 
 
@@ -26,12 +27,8 @@ def cls_attention(q: torch.Tensor, k: torch.Tensor, prefix: int) -> torch.Tensor
     return logits.float().softmax(-1).mean(1)[:, 0, prefix:]
 
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
 def mean_std(model: nn.Module) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """The input normalisation a timm model was configured with (`pretrained_cfg`: ImageNet's
     for deit_*, 0.5 for the augreg vit_*), ImageNet's when the model names none."""
     cfg = getattr(model, "pretrained_cfg", None) or {}
-    return tuple(cfg.get("mean", IMAGENET_MEAN)), tuple(cfg.get("std", IMAGENET_STD))
+    return tuple(cfg.get("mean", IMAGENET_DEFAULT_MEAN)), tuple(cfg.get("std", IMAGENET_DEFAULT_STD))

@@ -148,8 +148,8 @@ class PartRows:
     def add(self, batch: Mapping[str, Sequence[Any]]) -> None:
         unknown = sorted(set(batch) - set(self.columns))
         lengths = {len(v) for v in batch.values()}
-        if unknown or len(lengths) != 1:  # a bug in the writer, never the user's data
-            raise ValueError(f"a batch of rows with columns not in the schema {unknown} or of lengths {lengths}")
+        if unknown or len(lengths) != 1:  # a bug in the writer, never the user's data: a traceback
+            raise RuntimeError(f"a batch of rows with columns not in the schema {unknown} or of lengths {lengths}")
         nulls = [None] * lengths.pop()
         for name, column in self.columns.items():
             column.extend(batch.get(name, nulls))
