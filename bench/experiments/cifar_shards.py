@@ -3,11 +3,24 @@
 same shard sets `curate demo` makes, with the same proxies trained here and the same selection:
 
     python bench/experiments/cifar_shards.py --out c10 [--train-per-class 1000] [--test-per-class 200] [--flip 0.1]
+        [--noise uniform|pairs|instance [--probs SCORES_FOLDER | PROBS.npy]]
     python bench/experiments/budget.py --out budget-c10 --data 0:c10 --data 1:c10
 
-A seeded share (`--flip`) of the training labels is flipped to another class, so curation has
-something to remove; `data/truth.parquet` records the true labels (the demo's truth format, the
-box being the whole image). Prints the label-noise AUC of each proxy and what the selection removed.
+A seeded share (`--flip`, exactly round(flip * n) of the n training labels) is flipped to another
+class, so curation has something to remove, in one of bench/noise.py's kinds (`--noise`):
+uniform (to any other class; the default, and the same flips as before --noise existed), pairs
+(cat <-> dog, automobile <-> truck, deer <-> horse, bird <-> airplane; frog and ship keep theirs)
+or instance (each class's hardest images to the class a model finds most likely). `instance` needs
+`--probs`, class probabilities that did not see the labels, either
+  - a `curate score --folds K` folder over clean CIFAR-10 training images, e.g. the extracted
+    tarball's cifar10/train or the data/train of an earlier run at --flip 0: its `probs` are matched
+    to the images picked here by the original image (`source`'s <class>/<index>.jpg, or the
+    <true class>-<index>.jpg this script names files), and every picked image must be in it; or
+  - an .npy (n_train, 10) array, row i for the i-th training row of truth.parquet (class by class,
+    in file-name order; the same seed and --train-per-class pick the same images).
+`data/truth.parquet` records the true labels and the noise kind (the demo's truth format, the box
+being the whole image, plus `noise`). Prints the label-noise AUC of each proxy and what the
+selection removed.
 The default test suite never reads ../shared; this script says so and stops when it is not there.
 """
 from __future__ import annotations
@@ -20,11 +33,13 @@ import time
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import polars as pl
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/, for common
 import common  # noqa: E402
+import noise  # noqa: E402
 
 from curate.common.atomic import atomic_path, write_bytes  # noqa: E402
 from curate.common.runfolder import RunFolder  # noqa: E402
@@ -44,10 +59,50 @@ def _files(root: Path) -> dict[str, list[Path]]:
     return {d.name: sorted(d.iterdir(), key=lambda p: p.name) for d in sorted(root.iterdir()) if d.is_dir()}
 
 
+def image_id(source: str) -> str:
+    """The CIFAR-10 image a file is, as <true class>-<index>: from the tarball's <class>/<index>.jpg
+    or from the <true class>-<index>.jpg that prepare() writes (class names have no "-")."""
+    path = Path(source)
+    return path.stem if "-" in path.stem else f"{path.parent.name}-{path.stem}"
+
+
+def read_probs(path: Path, images: list[str]) -> np.ndarray:
+    """(len(images), C) class probabilities for the named images (see the module's docstring)."""
+    if path.suffix == ".npy":
+        probs = np.load(path)
+        if probs.ndim != 2 or len(probs) != len(images):
+            raise ValueError(f"{path} holds shape {probs.shape}; --probs needs ({len(images)}, classes)")
+        return probs
+    scored = table.scan(path).filter(pl.col("probs").is_not_null()).select("source", "probs").collect()
+    by_image = dict(zip(map(image_id, scored["source"]), scored["probs"].to_list()))
+    missing = [name for name in images if name not in by_image]
+    if missing:
+        raise ValueError(f"{path} has no probs for {len(missing)} of the {len(images)} training images, "
+                         f"e.g. {missing[:3]}: score clean images that include them")
+    return np.array([by_image[name] for name in images], dtype=np.float64)
+
+
+def noisy(kind: str, labels: np.ndarray, flip: float, rng: random.Random, classes: list[str],
+          probs: Callable[[], np.ndarray]) -> np.ndarray:
+    """The given labels: `flip` of `labels` flipped the bench/noise.py way `kind` names."""
+    if kind == "uniform":
+        return noise.uniform(labels, flip, rng, len(classes))
+    if kind == "pairs":
+        return noise.pairs(labels, flip, rng, classes)
+    if kind == "instance":
+        return noise.instance(labels, flip, rng, probs())
+    raise ValueError(f"unknown noise kind {kind!r}; one of {noise.KINDS}")
+
+
 def prepare(tarball: Path, data: Path, train_per_class: int, test_per_class: int, flip: float, seed: int,
-            claim: Callable[[list[str]], None]) -> pl.DataFrame:
+            claim: Callable[[list[str]], None], kind: str = "uniform", probs: Path | None = None) -> pl.DataFrame:
     """Subsample CIFAR-10 into data/train and data/val, flip exactly round(flip * n) of the n
-    training labels (each to a uniformly drawn other class), and write truth.parquet."""
+    training labels (bench/noise.py's `kind`; `probs` for instance), and write truth.parquet.
+
+    One random.Random(seed) picks the images and then the flips, so the default (uniform) run
+    makes the same data set as before there were noise kinds."""
+    if kind == "instance" and probs is None:
+        raise ValueError("instance noise needs probs: a curate score folder or an .npy")
     rng = random.Random(seed)
     with tempfile.TemporaryDirectory() as tmp:
         with tarfile.open(tarball) as tar:
@@ -60,16 +115,18 @@ def prepare(tarball: Path, data: Path, train_per_class: int, test_per_class: int
             for label, name in enumerate(classes):
                 chosen = rng.sample(files[name], min(per_class, len(files[name])))
                 picked += [(split, label, p) for p in sorted(chosen, key=lambda p: p.name)]
-        train_rows = [i for i, (split, _, _) in enumerate(picked) if split == "train"]
-        flipped = set(rng.sample(train_rows, round(flip * len(train_rows))))
+        train = [(label, path) for split, label, path in picked if split == "train"]  # picked lists train first
+        labels = np.array([label for label, _ in train], dtype=np.int64)
+        images = [image_id(str(path)) for _, path in train]
+        given = noisy(kind, labels, flip, rng, classes, lambda: read_probs(probs, images)).tolist()
+        given += [label for split, label, _ in picked if split != "train"]
         rows, sources = [], []
-        for i, (split, label, path) in enumerate(picked):
-            given = rng.choice([c for c in range(len(classes)) if c != label]) if i in flipped else label
+        for (split, label, path), g in zip(picked, given):
             with Image.open(path) as im:
                 w, h = im.size
-            rows.append(dict(path=f"{split}/{classes[given]}/{classes[label]}-{path.stem}.jpg", split=split,
-                             class_name=classes[given], true_class=classes[label], given_label=given,
-                             true_label=label, flipped=i in flipped, dup_group=-1, x0=0, y0=0, x1=w, y1=h))
+            rows.append(dict(path=f"{split}/{classes[g]}/{classes[label]}-{path.stem}.jpg", split=split,
+                             class_name=classes[g], true_class=classes[label], given_label=g, true_label=label,
+                             flipped=g != label, noise=kind, dup_group=-1, x0=0, y0=0, x1=w, y1=h))
             sources.append(path)
         claim([r["path"] for r in rows] + [TRUTH])
         for r, path in zip(rows, sources):
@@ -87,21 +144,27 @@ def main() -> None:
     ap.add_argument("--tar", type=Path, default=TARBALL)
     ap.add_argument("--train-per-class", type=int, default=1000)
     ap.add_argument("--test-per-class", type=int, default=200)
-    ap.add_argument("--flip", type=float, default=0.1)
+    ap.add_argument("--flip", type=float, default=0.1, help="share of training labels flipped: 0.1, 0.2, 0.4, ...")
+    ap.add_argument("--noise", choices=noise.KINDS, default="uniform", help="how labels are flipped (bench/noise.py)")
+    ap.add_argument("--probs", type=Path, default=None,
+                    help="for --noise instance: a curate score folder or an .npy (see above)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--proxy-epochs", type=int, default=None, help="default: each recipe's")
     ap.add_argument("--workers", type=int, default=2)
     args = ap.parse_args()
     if not args.tar.is_file():
         sys.exit(f"{args.tar} is not there: this benchmark needs the shared CIFAR-10 tarball")
+    if (args.noise == "instance") != (args.probs is not None):
+        ap.error("--probs goes with --noise instance, and only with it")
     per_shard = max(1, args.train_per_class // 2)
     with RunFolder.open(args.out, "cifar-shards", "overwrite") as folder:
         t0 = time.perf_counter()
         data = folder.root / "data"
         truth = prepare(args.tar, data, args.train_per_class, args.test_per_class, args.flip, args.seed,
-                        claim=lambda names: folder.claim_many(f"data/{n}" for n in names))
-        print(f"data: {truth.filter(pl.col('split') == 'train').height} train "
-              f"({int(truth['flipped'].sum())} flipped), {truth.filter(pl.col('split') == 'val').height} val "
+                        claim=lambda names: folder.claim_many(f"data/{n}" for n in names), kind=args.noise,
+                        probs=args.probs)
+        print(f"data: {truth.filter(pl.col('split') == 'train').height} train ({int(truth['flipped'].sum())} "
+              f"flipped, {args.noise}), {truth.filter(pl.col('split') == 'val').height} val "
               f"in {time.perf_counter() - t0:.0f}s", flush=True)
         for name, proxy in PROXIES.items():
             t1 = time.perf_counter()
