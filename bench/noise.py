@@ -7,7 +7,8 @@ a rate is what it says:
 
 Labels people give are rarely wrong uniformly: they follow look-alike classes and hard images (see
 CIFAR-10N, Wei et al. 2022, CIFAR-10 relabelled by people), and such flips are harder to find than
-uniform ones, since the wrong label is a plausible one. Pure numpy; a function takes the true labels and returns the given ones.
+uniform ones, since the wrong label is a plausible one. Pure numpy; a function takes the true
+labels and returns the given ones.
 
 A seed is an int, a numpy Generator, or a `random.Random`: the last draws exactly as
 bench/experiments/cifar_shards.py drew before this module existed, so its default run, which
