@@ -113,14 +113,19 @@ def main(debug: bool) -> None:
 @main.command()
 @click.argument("source")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Output folder for the scores table.")
-@click.option("--proxy", default="demo-vit", show_default=True, help="Recipe name (`curate proxies`) or timm model.")
+@click.option("--proxy", help="Recipe name (`curate proxies`) or timm model [default: with --train-epochs, by image "
+              "size: airbench up to 64 px, imagenet-vit above; with given weights, demo-vit].")
 @click.option("--checkpoint", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Proxy weights (a state dict) to load.")
 @click.option("--pretrained", is_flag=True, help="Load timm hub weights (needs network access).")
 @click.option("--train-epochs", type=int, help="Train the proxy here for N epochs (early-dynamics scores).")
 @click.option("--folds", default=1, show_default=True, type=click.IntRange(min=1),
               help="K > 1: also train K proxies, each without one fold (stratified), for out-of-sample "
-                   "probabilities and label issues (needs --train-epochs; costs about K times the training).")
+                   "probabilities and label issues (needs --train-epochs; costs about K times the training); "
+                   "with --probe, the number of probe folds [default then: 5].")
+@click.option("--probe", is_flag=True,
+              help="Label issues from K-fold linear classifiers on the embeddings of the given --checkpoint or "
+                   "--pretrained model (seconds, not K trainings; the way to use a pretrained backbone).")
 @click.option("--label-filter", default="low_self_confidence", show_default=True,
               type=RegistryChoice("curate.score.label_issues", "FILTERS"),
               help="cleanlab's filter_by for label_issue; rerun with --resume to change it (only the label pass runs).")
@@ -130,9 +135,10 @@ def main(debug: bool) -> None:
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--chunk-size", default=4096, show_default=True, help="Inputs per Parquet part (unit of resume).")
-@click.option("--importance", type=RegistryChoice("curate.score.table", "IMPORTANCE_METHODS"), default="cls",
+@click.option("--importance", type=RegistryChoice("curate.score.table", "IMPORTANCE_METHODS"), default="auto",
               show_default=True,
-              help="Patch importance: CLS attention of the last blocks, attention rollout, or none.")
+              help="Patch importance: a ViT's CLS attention (cls) or attention rollout, a CNN's class activation "
+                   "map of the label (cam), or none; auto: cls for a ViT, cam for a CNN.")
 @click.option("--importance-blocks", callback=lambda _c, _p, v: _blocks(v),
               help="Comma-separated block indices averaged for --importance cls (negative = from the end) "
                    "[default: the recipe's, else a quarter, half and three quarters of the depth].")
@@ -185,7 +191,8 @@ def label_issue_lines(proxy: dict) -> list[str]:
     found, folds = proxy.get("label_issues"), proxy.get("folds")
     if not found or not found["rows"]:
         return []
-    where = (f"out-of-sample probabilities of {folds['k']} fold proxies" if folds else
+    where = (f"out-of-sample probabilities of {proxy['probe']['k']} linear probes on the embeddings"
+             if proxy.get("probe") else f"out-of-sample probabilities of {folds['k']} fold proxies" if folds else
              "the proxy's own probabilities (in sample: it trained on these labels; --folds K gives "
              "out-of-sample ones)")
     agree = f", which agree with {found['agreement']:.1%} of the given labels" if found["agreement"] is not None else ""
@@ -203,7 +210,8 @@ def score_summary(manifest: dict, out: Path, parts_written: int) -> str:
     lines = [
         f"scored {c['inputs']} inputs ({c['ok']} ok, {c['error']} errors, {c['classes']} classes) -> {out}",
         f"proxy {p['name']} [{p['model']}, weights: {p['weights']}], importance: {p['importance']['method']}"
-        + (f" {p['importance']['grid']}" if p["importance"]["grid"] else ""),
+        + (f" {p['importance']['grid']}" if p["importance"]["grid"] else "")
+        + (f" (chosen by {p['chosen_by']}; --proxy names another)" if p.get("chosen_by") else ""),
         *([f"proxy training (loss / accuracy per epoch, given labels): " + ", ".join(
             f"{h['epoch']}: {h['loss']:.2f} / {h['accuracy']:.0%}" for h in history)] if history else []),
         *([f"warning: {w}"] if (w := health_warning(history, c["classes"], p["name"])) else []),

@@ -297,7 +297,7 @@ def test_cli_image_size_and_importance_blocks_reach_the_model_and_the_maps(small
         runs[blocks] = json.loads((out / "manifest.json").read_text())["proxy"], read(out), _maps(out)
     (first, df0, maps0), (last, df1, maps1) = runs["0"], runs["-1"]
     assert first["recipe"]["img_size"] == 32 and first["recipe"]["model_kwargs"]["img_size"] == 32
-    assert first["importance"] == {"method": "cls", "blocks": [0], "grid": [4, 4]}  # 32 / patch 8
+    assert first["importance"] == {"method": "cls", "blocks": [0], "grid": [4, 4], "flip_tta": False}  # 32 / patch 8
     assert last["importance"]["blocks"] == [3]  # -1: the last of 4 blocks
     assert all(m.shape == (4, 4) for m in maps0 + maps1) and len(maps0) == 96
     assert not all(np.array_equal(a, b) for a, b in zip(maps0, maps1))  # other blocks, other maps

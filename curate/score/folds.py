@@ -123,7 +123,7 @@ def train_fold_proxies(plan: FoldTraining, recipe: Recipe, items: Sequence[Item]
     for f in range(plan.k):
         model = _fold_model(plan, recipe, f)
         model.load_state_dict(load_weights(plan.out / fold_files(f)[0]))
-        proxies.append(ProxyModel(model, "none").to(device))
+        proxies.append(ProxyModel(model, "none", flip_tta=recipe.flip_tta).to(device))
     histories = {k: v for h in group.all_gather(histories) for k, v in h.items()}
     record = {"k": plan.k, "stratified_by": "label", "seed": plan.seed, "per_fold": [
         {"fold": f, "held_out": int((folds == f).sum()), "checkpoint": str(plan.out / fold_files(f)[0]),

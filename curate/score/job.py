@@ -10,6 +10,7 @@ process would use, so the table, resume and `scan_parquet` do not depend on the 
 """
 from __future__ import annotations
 
+import io
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -24,8 +25,8 @@ from curate.common.runfolder import RunFolder, mode_of
 from curate.common.runtime import rank_device, save_weights, versions
 from curate.ingest.decode import DEFAULT_MAX_PIXELS
 from curate.ingest.limits import MAX_IMAGE_SIDE, MIN_IMAGE_SIDE, class_count_fault
-from curate.ingest.sources import DEFAULT_MAX_CLASSES, Item, index_sha256, open_source
-from curate.score import label_issues, table
+from curate.ingest.sources import DEFAULT_MAX_CLASSES, Item, index_sha256, open_source, read_bytes
+from curate.score import label_issues, probe, table
 from curate.score.folds import FoldTraining, HeldOut, check_folds, fold_files, train_fold_proxies
 from curate.score.proxies import ProxyModel, Recipe, check_input_size, create_model, load_checkpoint, resolve_recipe
 from curate.score.proxy_training import Dynamics, TrainSetup, dynamics_skip, train_proxy
@@ -36,6 +37,7 @@ COMMAND = "score"
 # label_filter too: the label pass runs again at the end of every run, so a resume may change it.
 RESUME_FREE = ("resume", "overwrite", "workers", "progress", "distributed", "label_filter")
 MODEL = "proxy/model.pt"
+PROBE_FOLDS = 5  # cleanlab's recipe: 5-fold cross-validation
 TRAIN_STATE = "proxy/train-state.pt"
 
 
@@ -43,11 +45,14 @@ TRAIN_STATE = "proxy/train-state.pt"
 class ScoreConfig:
     source: str  # ImageFolder root, WebDataset shards (dir, .tar, glob, brace) or a CSV/Parquet list
     out: Path  # output folder: part-*.parquet, manifest.json, config.json, proxy/
-    proxy: str = "demo-vit"  # recipe name (see `curate proxies`) or any timm model name
+    # recipe name (see `curate proxies`) or any timm model name; None: trained here, the recipe that fits
+    # the images' size; given weights, demo-vit (the architecture of a checkpoint cannot be guessed)
+    proxy: str | None = None
     checkpoint: Path | None = None  # weights to load (torch.load, weights_only=True)
     pretrained: bool = False  # timm hub weights (needs network access)
     train_epochs: int | None = None  # train the proxy here for N epochs (early-dynamics scores)
     folds: int = 1  # K > 1: K more proxies, each trained without one fold, score it out of sample
+    probe: bool = False  # label issues from K-fold linear probes on the given model's embeddings (K = 5 if 1)
     label_filter: str = label_issues.DEFAULT_FILTER  # cleanlab's filter_by for `label_issue`
     image_size: int | None = None  # proxy input side; default: the recipe's
     batch_size: int = 256  # inference batch
@@ -55,7 +60,7 @@ class ScoreConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     seed: int = 0  # model init, training order and augmentation
     chunk_size: int = 4096  # inputs per Parquet part (the unit of resume)
-    importance: str = "cls"  # cls: CLS->patch attention of the last blocks | rollout | none
+    importance: str = "auto"  # cls: a ViT's CLS->patch attention | rollout | cam: a CNN's class activation map
     importance_blocks: tuple[int, ...] | None = None  # blocks averaged for `cls`; default: the recipe's
     class_map: Path | None = None  # text file, one class name per line, line = class index
     allow_roots: tuple[Path, ...] = ()  # folders a list file may name files in, besides its own
@@ -72,9 +77,14 @@ class ScoreConfig:
             raise ValueError("give exactly one of --checkpoint, --pretrained, --train-epochs")
         if self.train_epochs is not None and self.train_epochs < 1:
             raise ValueError(f"--train-epochs must be >= 1, got {self.train_epochs}")
-        if self.folds < 1 or (self.folds > 1 and self.train_epochs is None):
+        if self.probe and self.train_epochs is not None:
+            raise ValueError("--probe fits linear classifiers on a frozen model's embeddings: give --checkpoint or "
+                             "--pretrained (a proxy trained here has seen these labels; use --folds K for it)")
+        if self.probe and self.folds == 1:
+            object.__setattr__(self, "folds", PROBE_FOLDS)
+        if self.folds < 1 or (self.folds > 1 and self.train_epochs is None and not self.probe):
             raise ValueError(f"--folds must be >= 1, and K > 1 trains K proxies here: it needs --train-epochs "
-                             f"(got --folds {self.folds})")
+                             f"or --probe (got --folds {self.folds})")
         mode_of(self.resume, self.overwrite)
         if self.label_filter not in label_issues.FILTERS:
             raise ValueError(f"--label-filter must be one of {', '.join(label_issues.FILTERS)}, "
@@ -129,6 +139,11 @@ def _run_score(cfg: ScoreConfig, group: Dist) -> ScoreResult:
     check_folds([it.label for it in items if not it.problem], [it.class_name for it in items if not it.problem],
                 cfg.folds)
     _check_same_index(group, items)
+    chosen = {}
+    if cfg.proxy is None:  # a pure function of the index: every rank and every resume picks the same
+        name, why = default_proxy(items, cfg.max_pixels) if cfg.train_epochs else (
+            GIVEN_WEIGHTS_PROXY, "default for given weights (name their architecture with --proxy)")
+        cfg, chosen = replace(cfg, proxy=name), {"chosen_by": why}
     device = rank_device(cfg.device, group)
     run = _Run(cfg, items, resolve_recipe(cfg.proxy, cfg.image_size), device, group)
     model, given = _make_model(run)
@@ -136,9 +151,10 @@ def _run_score(cfg: ScoreConfig, group: Dist) -> ScoreResult:
     try:
         held_out, folds = _fold_proxies(run)  # first: rank 0 has the full one to train
         dyn, trained = _train_here(run, model)
-        proxy = ProxyModel(model, cfg.importance, cfg.importance_blocks or run.recipe.importance_blocks).to(device)
+        proxy = ProxyModel(model, cfg.importance, cfg.importance_blocks or run.recipe.importance_blocks,
+                           run.recipe.img_size, run.recipe.flip_tta).to(device)
         # The proxy's manifest record, in the order a reader meets it: what it is, its weights, how it scores.
-        record = given | folds | trained | {"importance": proxy.record()}
+        record = chosen | given | folds | trained | {"importance": proxy.record()}
         t_train = time.perf_counter()
         parts = group.from_main(lambda: missing_parts(cfg.out, len(items), cfg.chunk_size))
         summary = dyn.summary(dynamics_skip(run.recipe)) if dyn is not None else None
@@ -146,6 +162,8 @@ def _run_score(cfg: ScoreConfig, group: Dist) -> ScoreResult:
                            parts[group.rank::group.world_size])
         t_scored = time.perf_counter()
         ranks = group.all_gather({"rank": group.rank, **work})  # also: every part is written
+        if cfg.probe:
+            record |= {"probe": group.from_main(lambda: probe.fit_parts(table.parts(cfg.out), cfg.folds, cfg.seed))}
         labels = group.from_main(lambda: label_issues.annotate(table.parts(cfg.out), cfg.label_filter))
         t_end = time.perf_counter()
         timing = {"index_and_train_s": t_train - t0, "score_s": t_scored - t_train,
@@ -159,6 +177,37 @@ def _run_score(cfg: ScoreConfig, group: Dist) -> ScoreResult:
         if folder is not None:
             folder.close()
     return ScoreResult(manifest, sum(r["parts_written"] for r in ranks), timing, group.is_main)
+
+
+GIVEN_WEIGHTS_PROXY = "demo-vit"  # --checkpoint / --pretrained without --proxy, as before recipes were chosen
+# Images whose median side is at most this get the small-image recipe at 32 px.
+SMALL_IMAGE_SIDE = 64
+SIZE_SAMPLE = 64  # images whose headers are read to tell the size
+
+
+def default_proxy(items: Sequence[Item], max_pixels: int) -> tuple[str, str]:
+    """The recipe for these images when none is named, and why: airbench for small images (it
+    learns CIFAR-10 at 32 px where demo-vit learns 30% of it), imagenet-vit for larger ones."""
+    step = max(1, len(items) // SIZE_SAMPLE)
+    sides = [side for it in items[::step][:SIZE_SAMPLE] if (side := _long_side(it, max_pixels))]
+    if not sides:
+        return "airbench", "no readable image among the first sampled: the small-image recipe"
+    median = sorted(sides)[len(sides) // 2]
+    if median <= SMALL_IMAGE_SIDE:
+        return "airbench", f"median image side {median} px <= {SMALL_IMAGE_SIDE}: the small-image recipe"
+    return "imagenet-vit", f"median image side {median} px > {SMALL_IMAGE_SIDE}: the ImageNet-size recipe"
+
+
+def _long_side(item: Item, max_pixels: int) -> int:
+    """The longer side from the image's header (nothing decoded), or 0 when it cannot be read."""
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(read_bytes(item))) as im:
+            w, h = im.size
+    except (OSError, ValueError, Image.DecompressionBombError):
+        return 0
+    return max(w, h) if w * h <= max_pixels else 0
 
 
 def missing_parts(out: Path, n_items: int, chunk_size: int) -> list[int]:
@@ -192,8 +241,9 @@ def open_out(cfg: ScoreConfig, items: Sequence[Item]) -> RunFolder:
                             config={**cfg.fingerprint(), "index_sha256": index_sha256(items)},
                             free=RESUME_FREE, sources=[source] if source.is_dir() else [])
     names = [table.part_path(Path(), i).as_posix() for i in range(_num_parts(len(items), cfg.chunk_size))]
+    fold_proxies = cfg.folds if cfg.folds > 1 and cfg.train_epochs else 0
     proxy_files = [*((MODEL, TRAIN_STATE) if cfg.train_epochs else ()),
-                   *(name for f in range(cfg.folds if cfg.folds > 1 else 0) for name in fold_files(f))]
+                   *(name for f in range(fold_proxies) for name in fold_files(f))]
     folder.claim(table.MANIFEST, *names, *proxy_files)
     for name in proxy_files:
         (cfg.out / name).parent.mkdir(parents=True, exist_ok=True)
@@ -260,7 +310,7 @@ def _train_here(run: _Run, model: torch.nn.Module) -> tuple[Dynamics | None, dic
 def _fold_proxies(run: _Run) -> tuple[HeldOut | None, dict[str, Any]]:
     """With --folds K > 1: the K fold proxies and their record; nothing otherwise."""
     cfg = run.cfg
-    if cfg.folds < 2:
+    if cfg.folds < 2 or cfg.probe:
         return None, {}
     assert cfg.train_epochs is not None
     plan = FoldTraining(cfg.folds, cfg.train_epochs, cfg.seed, num_classes(run.items, cfg.max_classes),

@@ -19,9 +19,8 @@ from typing import Any
 import numpy as np
 import polars as pl
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-from curate.common.atomic import atomic_path
+from curate.score import table
 
 COLUMNS = ("label_issue", "label_quality", "suggested_label")
 # cleanlab's `filter_by` choices. The default flags the n lowest self-confidences, n being confident
@@ -85,7 +84,7 @@ def annotate(parts: list[Path], filter_by: str = DEFAULT_FILTER) -> dict[str, An
     offsets = np.cumsum([0, *frame.group_by("part", maintain_order=True).len()["len"].to_list()])
     for i, part in enumerate(parts):
         a, b = offsets[i], offsets[i + 1]
-        _rewrite(part, {"label_issue": pa.array(issue[a:b].tolist(), pa.bool_()),
+        table.rewrite_columns(part, {"label_issue": pa.array(issue[a:b].tolist(), pa.bool_()),
                         "label_quality": pa.array(quality[a:b], pa.float32(), mask=~has[a:b]),
                         "suggested_label": pa.array(suggested[a:b], pa.int32(), mask=~has[a:b])})
     flagged = int(sum(bool(x) for x in issue if x is not None))
@@ -98,11 +97,3 @@ def annotate(parts: list[Path], filter_by: str = DEFAULT_FILTER) -> dict[str, An
             # labels (with folds: the fold proxies' held-out accuracy)
             "agreement": float(agrees.mean()) if scored.height else None,
             "agreement_per_fold": dict(sorted(per_fold.items())) or None}
-
-
-def _rewrite(path: Path, columns: dict[str, pa.Array]) -> None:
-    table = pq.read_table(path)
-    for name, values in columns.items():
-        table = table.set_column(table.schema.get_field_index(name), table.schema.field(name), values)
-    with atomic_path(path) as tmp:
-        pq.write_table(table, tmp, compression="zstd")

@@ -56,7 +56,7 @@ class Scorer:
             return cols
         good = torch.tensor(ok)
         labels = torch.tensor([it.label for it in items])[good]
-        out = self.proxy.score_batch(images[good])
+        out = self.proxy.score_batch(images[good], labels)
         decoded = {**_scores(out.logits, labels.to(out.logits.device), table.names(table.SCORE_FIELDS)),
                    **self._dynamics(idx[good]), **_maps(out), "thumbnail": list(thumbnails(images[good])),
                    **self._probs(images[good], idx[good], labels, out)}

@@ -49,7 +49,8 @@ DYNAMICS_FIELDS: list[pa.Field] = [  # a proxy trained here (named as proxy_trai
     pa.field("el2n_mean", pa.float32()),  # EL2N averaged over training epochs
     pa.field("margin_mean", pa.float32()),  # margin averaged over training epochs (AUM)
 ]
-IMPORTANCE_METHODS = ("cls", "rollout", "none")  # how a ViT proxy fills the map (`curate score --importance`)
+# How the proxy fills the map (`curate score --importance`): auto = cls for a ViT, cam for a CNN.
+IMPORTANCE_METHODS = ("auto", "cls", "rollout", "cam", "none")
 MAP_FIELDS: list[pa.Field] = [
     pa.field("importance", pa.binary()),  # float16 little-endian [importance_h, importance_w]
     pa.field("importance_h", pa.int16()),
@@ -206,3 +207,13 @@ def read_manifest(out: Path) -> dict[str, Any]:
         raise SchemaError(f"{out}/{MANIFEST} has schema_version {manifest.get('schema_version')!r}; this curate "
                           f"reads version {SCHEMA_VERSION}")
     return manifest
+
+
+def rewrite_columns(path: Path, columns: Mapping[str, pa.Array]) -> None:
+    """Replace whole columns of a part (the rest as it was), temp-then-rename: a part on disk is
+    always complete, before or after."""
+    part = pq.read_table(path)
+    for name, values in columns.items():
+        part = part.set_column(part.schema.get_field_index(name), part.schema.field(name), values)
+    with atomic_path(path) as tmp:
+        pq.write_table(part, tmp, compression="zstd")
