@@ -60,3 +60,37 @@ def test_default_recipe_fits_the_image_size(tmp_path: Path):
                 Image.new("RGB", (side, side), (i * 40, 0, 0)).save(root / c / f"{i}.jpg")
         name, why = default_proxy(from_image_folder(root), 10 ** 8)
         assert name == ("airbench" if side == 32 else "imagenet-vit") and f"{side} px" in why
+
+
+def test_airbench_training_resumes_exactly_inside_the_lookahead(small_demo: Path, tmp_path: Path, monkeypatch):
+    """Killed after epoch 4 (lookahead averaging running since epoch 3), resumed: the same weights
+    and dynamics as an uninterrupted run."""
+    from dataclasses import replace
+
+    from curate.score import proxy_training as pt
+
+    items = from_image_folder(small_demo / "train")[::2]  # 48 images, 6 steps an epoch
+    recipe = replace(resolve_recipe("airbench"), batch_size=8)
+
+    def run(state: Path) -> tuple[dict, pt.Dynamics]:
+        torch.manual_seed(0)
+        model = create_model(recipe, 4)
+        dyn = pt.train_proxy(model, items, recipe, pt.TrainSetup(5, 8, 0, torch.device("cpu"), 0, state), False)
+        return model.state_dict(), dyn
+
+    clean, clean_dyn = run(tmp_path / "clean.pt")
+    save = pt.save_state
+
+    def save_then_die(path, model, opt, dyn, epoch):
+        save(path, model, opt, dyn, epoch)
+        if epoch == 4:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(pt, "save_state", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "killed.pt")
+    monkeypatch.setattr(pt, "save_state", save)
+    resumed, resumed_dyn = run(tmp_path / "killed.pt")
+    for name, value in clean.items():
+        torch.testing.assert_close(resumed[name], value, rtol=0, atol=0, msg=name)
+    torch.testing.assert_close(resumed_dyn.el2n, clean_dyn.el2n, equal_nan=True)

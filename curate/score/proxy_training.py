@@ -227,7 +227,7 @@ def train_proxy(model: nn.Module, items: Sequence[Item], recipe: Recipe, setup: 
             bar.set_postfix(loss=f"{loss.item():.3f}")
         if look is not None:
             look.update(model, 1.0)  # the epoch ends on the average
-        _save_state(setup.state_path, model, stepper.opt, dyn, epoch + 1)
+        save_state(setup.state_path, model, stepper.opt, dyn, epoch + 1)
     return dyn
 
 
@@ -239,7 +239,7 @@ def _record(dyn: Dynamics, epoch: int, idx: torch.Tensor, logits: torch.Tensor, 
     dyn.loss[epoch, idx] = s["loss"]
 
 
-def _save_state(path: Path, model: nn.Module, opt: torch.optim.Optimizer, dyn: Dynamics, epoch: int) -> None:
+def save_state(path: Path, model: nn.Module, opt: torch.optim.Optimizer, dyn: Dynamics, epoch: int) -> None:
     save_weights({"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch,
                   "correct": dyn.correct, "el2n": dyn.el2n, "margin": dyn.margin, "loss": dyn.loss}, path)
 
