@@ -37,7 +37,8 @@ def scored(small_demo: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[
     src = small_demo / "train"
     for proxy in ("demo-cnn", "demo-vit"):
         ckpt = random_checkpoint(tmp / f"{proxy}.pt", classes=4, proxy=proxy)
-        run_score(ScoreConfig(str(src), tmp / proxy, proxy=proxy, checkpoint=ckpt, workers=0, progress=False))
+        run_score(ScoreConfig(str(src), tmp / proxy, proxy=proxy, checkpoint=ckpt, workers=0, progress=False,
+                              importance="none" if proxy == "demo-cnn" else "auto"))
     return src, tmp / "demo-cnn", tmp / "demo-vit"
 
 

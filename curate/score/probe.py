@@ -25,9 +25,9 @@ import torch
 from curate.score import metrics, table
 from curate.score.folds import assign_folds
 
-# L2 strength of the multinomial logistic regression on standardised features. On CIFAR-10 with a
-# CNN backbone trained on disjoint images, C from 0.01 to 1 moved label-issue F1 by under a point
-# (docs/benchmarks.md, "Label issues from frozen features").
+# Inverse L2 strength of the multinomial logistic regression on standardised features: a moderate
+# penalty, so a probe on a few thousand rows of a wide embedding does not fit its folds' noise. Not
+# tuned yet (docs/benchmarks.md, "Proxies for real photographs", says what was measured).
 C = 0.1
 MAX_ITER = 500
 
