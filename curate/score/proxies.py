@@ -84,8 +84,8 @@ def _airbench() -> Recipe:
     return Recipe("airbench_net", {}, img_size=32, epochs=10, optimizer="sgd", lr=11.5, weight_decay=0.0153,
                   warmup_epochs=2.3, batch_size=500, label_smoothing=0.2, translate=2, alternate_flip=True,
                   flip_tta=True,
-                  note="small images (CIFAR-size) at 32 px: a whitened CNN that learns real photographs in "
-                       "10 epochs; class activation maps (--importance cam)")
+                  note="small images (CIFAR-size) at 32 px: airbench's whitened CNN for real photographs; "
+                       "class activation maps (--importance cam)")
 
 
 @register_recipe("imagenet-vit")
