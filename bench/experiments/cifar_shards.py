@@ -138,6 +138,28 @@ def prepare(tarball: Path, data: Path, train_per_class: int, test_per_class: int
     return truth
 
 
+def disjoint(tarball: Path, data: Path, per_class: int, scored_per_class: int, seed: int) -> int:
+    """Write data/train/<class>/<index>.jpg: `per_class` clean training images per class that
+    prepare(tarball, ..., scored_per_class, ..., seed) does not pick, for a `--probe` backbone that
+    never saw the scored images. Returns how many it wrote; refuses an existing `data`."""
+    if data.exists():
+        raise ValueError(f"{data} exists; give a new folder")
+    with tempfile.TemporaryDirectory() as tmp:
+        with tarfile.open(tarball) as tar:
+            tar.extractall(tmp, filter="data")
+        files = _files(Path(tmp) / "cifar10" / "train")
+        rng, other = random.Random(seed), random.Random(f"disjoint-{seed}")
+        written = 0
+        for name in sorted(files):  # prepare()'s own draws, in its order: its first are the training picks
+            picked = set(rng.sample(files[name], min(scored_per_class, len(files[name]))))
+            rest = [p for p in files[name] if p not in picked]
+            for path in other.sample(rest, min(per_class, len(rest))):
+                (data / "train" / name).mkdir(parents=True, exist_ok=True)
+                write_bytes(data / "train" / name / path.name, path.read_bytes())
+                written += 1
+    return written
+
+
 def main() -> None:
     ap = common.parser(__doc__)
     ap.add_argument("--out", type=Path, required=True)
