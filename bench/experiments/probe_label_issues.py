@@ -16,7 +16,6 @@ and of "prediction != given label", and the probe's seconds.
 """
 from __future__ import annotations
 
-import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -41,13 +40,13 @@ def prf(flag: np.ndarray, truth: np.ndarray) -> str:
     return f"{p:.2f} / {r:.2f} / {2 * p * r / max(1e-9, p + r):.3f}"
 
 
-def method_config(args, cfg: ScoreConfig) -> ScoreConfig:
-    """The scoring the --method names: probes on the backbone's embeddings, or K proxies trained here."""
+def method_fields(args) -> dict:
+    """The ScoreConfig fields of the --method: probes on the backbone's embeddings, or K proxies trained here."""
     if args.method == "probe":
-        return dataclasses.replace(cfg, checkpoint=args.backbone, probe=True)
+        return {"checkpoint": args.backbone, "probe": True}
     if not (args.method.startswith("k") and args.method[1:].isdigit()):
         raise ValueError(f"--method is probe or kN (k1, k5), got {args.method!r}")
-    return dataclasses.replace(cfg, train_epochs=args.epochs, folds=int(args.method[1:]))
+    return {"train_epochs": args.epochs, "folds": int(args.method[1:])}
 
 
 def method_seconds(proxy: dict) -> str:
@@ -91,9 +90,8 @@ def main() -> None:
                 truth = cifar_shards.prepare(cifar_shards.TARBALL, data, 1000, 200, rate, args.seed, claim, kind=kind)
                 out = folder.claim_run(f"{cell}/scores")
                 t0 = time.perf_counter()
-                result = run_score(method_config(args, ScoreConfig(source=str(data / "train"), out=out,
-                                                                   proxy=args.proxy, seed=args.seed, progress=False,
-                                                                   overwrite=True)))
+                result = run_score(ScoreConfig(source=str(data / "train"), out=out, proxy=args.proxy, seed=args.seed,
+                                               progress=False, overwrite=True, **method_fields(args)))
                 t = (table.scan(out).collect().with_columns(path=pl.col("source").str.extract(r"(train/.*)$", 1))
                      .join(truth, on="path", how="inner"))
                 flipped = t["flipped"].to_numpy()
