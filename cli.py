@@ -282,7 +282,8 @@ def parse_keep(value: str) -> float | int:
 @click.argument("source")
 @click.option("--scores", "scores", multiple=True, required=True,
               type=click.Path(exists=True, file_okay=False, path_type=Path),
-              help="A `curate score` output; repeat for several proxies (joined by key).")
+              help="A `curate score` output; repeat for several proxies (joined by key, each weighed by its "
+                   "held-out accuracy when the tables record one).")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Output folder for the shards.")
 @click.option("--keep", default="0.7", show_default=True,
               help="Fraction of the candidates (0.7, 70%; 1.0 keeps all), or a whole count (5000).")
@@ -298,13 +299,16 @@ def parse_keep(value: str) -> float | int:
               help="thumbnail: 8x8 pixel layout, right for any proxy; embedding: the proxy's features "
                    "(semantic: also crops and flips, needs a strong pretrained proxy).")
 @click.option("--drop-label-issues", is_flag=True,
-              help="Drop the rows cleanlab flagged as label issues in the first --scores table (score it with "
-                   "--folds 5 for out-of-sample probabilities); reason `label_issue`.")
+              help="Drop the rows cleanlab flagged as label issues (in the most accurate --scores table; score "
+                   "with --folds 5 or --probe for out-of-sample probabilities); reason `label_issue`.")
 @click.option("--relabel", type=click.FloatRange(0, 1, min_open=True),
               help="Flagged label issues whose suggested class has at least this probability (e.g. 0.7) ship "
                    "with it as cls (the given label kept in the sample's json as relabelled_from) instead of "
                    "being dropped.")
 @click.option("--prototypes", type=int, help="k-means clusters for the proto_dist score.")
+@click.option("--maps-from", type=int,
+              help="Index (0 = the first) of the --scores table whose importance maps ship [default: the most "
+                   "accurate proxy's with maps].")
 @click.option("--val", help="Validation source, written unpruned as the `validation` split.")
 @click.option("--val-scores", type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="A `curate score` output over --val: its importance maps go into the validation shards.")
@@ -336,6 +340,9 @@ def shard(source: str, scores: tuple[Path, ...], keep: str, by: tuple[str, ...],
     result = run_shard(cfg)
     with pl.Config(tbl_rows=100, tbl_hide_dataframe_shape=True, tbl_hide_column_data_types=True):
         click.echo(str(result.per_class))
+    if len(scores) > 1 or any("near chance" in line for line in result.weighing):
+        for line in result.weighing:
+            click.echo(line, err=True)
     sel = result.selection
     reasons = ", ".join(f"{r} {n}" for r, n in sel.group_by("reason").len().sort("reason").iter_rows())
     click.echo(f"{len(sel)} inputs: {reasons}", err=True)

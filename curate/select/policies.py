@@ -291,29 +291,46 @@ def _proxy_columns(table: pl.LazyFrame, i: int) -> pl.LazyFrame:
     )
 
 
-def _combine(joined: pl.LazyFrame, n: int, by: Sequence[str]) -> pl.LazyFrame:
-    """status/error over all tables; each `by` column rank-averaged across tables."""
+def _weighted_rank(column: str, ok: list[pl.Expr], weights: Sequence[float]) -> pl.Expr:
+    """The column's per-table normalised ranks, averaged with the tables' weights (0: no vote);
+    one voting table: its raw values (a single table's score, so ccs strata stay equal-width)."""
+    voting = [i for i, w in enumerate(weights) if w > 0]
+    if len(voting) == 1:
+        return pl.when(ok[voting[0]]).then(pl.col(f"{column}_{voting[0]}"))
+    ranks = {i: _rank01(pl.when(ok[i]).then(pl.col(f"{column}_{i}"))) for i in voting}
+    if len({weights[i] for i in voting}) == 1:
+        return pl.mean_horizontal(list(ranks.values()))  # equal votes: exactly the plain mean
+    total = pl.sum_horizontal([ranks[i] * weights[i] for i in voting])
+    present = pl.sum_horizontal([pl.when(ranks[i].is_not_null()).then(pl.lit(weights[i])) for i in voting])
+    return pl.when(present > 0).then(total / present)
+
+
+def _combine(joined: pl.LazyFrame, n: int, by: Sequence[str], weights: Sequence[float], lead: int) -> pl.LazyFrame:
+    """status/error over all tables; each `by` column rank-averaged across the voting tables;
+    the label columns from the `lead` table."""
     ok = [pl.col(f"status_{i}") == "ok" for i in range(n)]
     names = set(joined.collect_schema().names())
-    averaged = [
-        pl.mean_horizontal([_rank01(pl.when(ok[i]).then(pl.col(f"{c}_{i}"))) for i in range(n)])
-        .alias(c)
-        for c in by if all(f"{c}_{i}" in names for i in range(n))
-    ]  # ranks, not values: proxies' scales differ; direction (e.g. margin) is preserved
+    averaged = [  # ranks, not values: proxies' scales differ; direction (e.g. margin) is preserved
+        _weighted_rank(c, ok, weights).alias(c) for c in by
+        if all(f"{c}_{i}" in names for i in range(n) if weights[i] > 0)
+    ]
     status = pl.when(pl.all_horizontal(ok)).then(pl.lit("ok")).otherwise(pl.lit("error"))
     error = pl.coalesce([pl.col(f"error_{i}") for i in range(n)])
-    labels = [pl.col(f"{c}_0").alias(c) for c in LABEL_COLUMNS if f"{c}_0" in names]
+    labels = [pl.col(f"{c}_{lead}").alias(c) for c in LABEL_COLUMNS if f"{c}_{lead}" in names]
     return joined.with_columns(status.alias("status"), error.alias("error"), *averaged, *labels)
 
 
-def load_scores(dirs: Sequence[Path], by: Sequence[str] = ("el2n",)) -> pl.LazyFrame:
+def load_scores(dirs: Sequence[Path], by: Sequence[str] = ("el2n",), weights: Sequence[float] | None = None,
+                lead: int = 0) -> pl.LazyFrame:
     """All part files of one scores table, or several proxies' tables over the SAME keys.
 
     Several tables are joined on key: identity columns (IDENTITY_COLUMNS) come from the
     first; every other column is suffixed with the table's index (el2n_0, el2n_1, ...); each
-    `by` column is also present unsuffixed as the average of its per-table normalised ranks;
-    a key that is an error in any table is an error (first error text kept). Raises when the
-    tables' key sets differ or a table repeats a key.
+    `by` column is also present unsuffixed as the average of its per-table normalised ranks,
+    weighted by `weights` (curate/select/weighing.py; default: equal; 0 leaves a table out, and a
+    single voting table gives its raw values); the label columns (label_issue, probs, ...) come
+    from table `lead`. A key that is an error in any table is an error (first error text kept).
+    Raises when the tables' key sets differ or a table repeats a key.
     """
     dirs = [Path(d) for d in dirs]
     if not dirs:
@@ -322,11 +339,15 @@ def load_scores(dirs: Sequence[Path], by: Sequence[str] = ("el2n",)) -> pl.LazyF
     if len(tables) == 1:
         return tables[0]
     _check_same_keys(tables, dirs)
+    weights = list(weights) if weights is not None else [1.0] * len(dirs)
+    if len(weights) != len(dirs) or not any(w > 0 for w in weights) or not 0 <= lead < len(dirs):
+        raise ValueError(f"{len(dirs)} tables need as many weights, one of them > 0, and a lead table among them; "
+                         f"got weights {weights}, lead {lead}")
     names = tables[0].collect_schema().names()
     joined = tables[0].select([c for c in names if c in IDENTITY_COLUMNS - {"status", "error"}])
     for i, table in enumerate(tables):
         joined = joined.join(_proxy_columns(table, i), on="key", how="left")
-    return _combine(joined, len(tables), by)
+    return _combine(joined, len(tables), by, weights, lead)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -40,9 +40,10 @@ class ReportInfo:
 
 
 def write_report(scores: Sequence[Path], path: Path, selection: pl.DataFrame | None = None,
-                 per_gallery: int = 24) -> ReportInfo:
-    """Write the report for the scores tables (the first gives the labels and scores; the first
-    with importance maps gives the overlays) and, when given, `curate shard`'s selection."""
+                 per_gallery: int = 24, maps: Path | None = None) -> ReportInfo:
+    """Write the report for the scores tables (the first gives the labels and scores; `maps`, by
+    default the first with importance maps, gives the overlays) and, when given, `curate shard`'s
+    selection."""
     page = _Page(ReportInfo(path))
     rows = _rows(scores, selection)
     manifest = table.read_manifest(scores[0])
@@ -53,7 +54,7 @@ def write_report(scores: Sequence[Path], path: Path, selection: pl.DataFrame | N
     page.label_errors(rows, per_gallery)
     page.duplicates(rows, scores[0], per_gallery // 3)
     page.extremes(rows, per_gallery, selection is not None)
-    page.overlays(rows, _maps_table(scores), per_gallery)
+    page.overlays(rows, maps if maps is not None else _maps_table(scores), per_gallery)
     with atomic_path(path) as tmp:
         tmp.write_text(page.render(), encoding="utf-8")
     return page.info

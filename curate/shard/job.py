@@ -34,6 +34,7 @@ from curate.score import table
 from curate.select.embeddings import DEDUP_ON, embedding_columns
 from curate.select.policies import SelectConfig, load_scores, select, selection_hash
 from curate.select.report import ReportInfo, write_report
+from curate.select.weighing import MIN_SKILL, ProxyWeight, describe, lead, maps_order, weigh
 from curate.shard import format as fmt
 from curate.shard.plan import ShardPlan, plan_shards
 from curate.shard.writer import write_split
@@ -59,6 +60,7 @@ class ShardConfig:
     dedup: float | None = None  # cosine threshold for near-duplicates (e.g. 0.93); None = off
     dedup_on: str = "thumbnail"  # thumbnail: pixel layout (any proxy) | embedding: semantic (strong proxies)
     prototypes: int | None = None  # k-means clusters for the proto_dist score; None = off
+    maps_from: int | None = None  # index into `scores` of the table whose maps ship; None: the most accurate's
     val: str | None = None  # validation source, written unpruned as the `validation` split
     val_scores: Path | None = None  # a `curate score` output over `val`: its importance maps go in too
     max_side: int | None = None  # ship images re-encoded with the longer side at most this; None: original bytes
@@ -87,6 +89,9 @@ class ShardConfig:
             raise ValueError(f"--quality is a JPEG quality in 1..95, got {self.quality}")
         if self.dedup_on not in DEDUP_ON:
             raise ValueError(f"--dedup-on must be one of {', '.join(DEDUP_ON)}, got {self.dedup_on!r}")
+        if self.maps_from is not None and not 0 <= self.maps_from < len(self.scores):
+            raise ValueError(f"--maps-from is an index into the {len(self.scores)} --scores tables "
+                             f"(0 to {len(self.scores) - 1}), got {self.maps_from}")
         if self.select.dedup and self.dedup is None:
             raise ValueError("select.dedup needs a threshold to group near-duplicates by: give dedup (e.g. 0.93)")
         object.__setattr__(self, "select", replace(self.select, dedup=self.dedup is not None))
@@ -103,34 +108,71 @@ class ShardResult:
     manifest: dict[str, Any] | None  # None on a dry run
     seconds: float
     report: ReportInfo | None = None  # with `report`: what OUT/report.html holds
+    weighing: list[str] = field(default_factory=list)  # one line per proxy: its weight, and why
 
 
 def run_shard(cfg: ShardConfig) -> ShardResult:
     t0 = time.perf_counter()
     manifests = [table.read_manifest(d) for d in cfg.scores]
-    extra = _embedding_extra(cfg) if cfg.dedup is not None or cfg.prototypes else None
-    sel = select(load_scores(cfg.scores, cfg.select.by), cfg.select, extra)
+    roles = _roles(cfg, manifests)
+    maps_dir = roles.maps_dir(cfg.scores)
+    extra = _embedding_extra(cfg, roles.lead) if cfg.dedup is not None or cfg.prototypes else None
+    sel = select(load_scores(cfg.scores, cfg.select.by, roles.weights(), roles.lead), cfg.select, extra)
     if extra is not None and cfg.dedup is not None:  # say which image each dropped one duplicates
         sel = sel.join(extra.select("key", "dup_group"), on="key", how="left")
     per_class = per_class_counts(sel)
     # Everything that can fail on the inputs fails before --out is touched, and on a dry run too.
     items = _check_source(cfg, manifests, sel.filter(pl.col("kept")))
     if cfg.dry_run:
-        return ShardResult(cfg.out, sel, per_class, None, time.perf_counter() - t0)
+        return ShardResult(cfg.out, sel, per_class, None, time.perf_counter() - t0, weighing=roles.lines())
     plan = _train_plan(cfg, sel)
     val = _validation(cfg) if cfg.val is not None else None
     with _open_out(cfg, [plan] + ([val.plan] if val is not None else [])):
         _write_parquet(cfg.out / SELECTION, sel)
-        maps_dir = _maps_dir(cfg.scores)
         splits = {"train": _write_train(cfg, plan, sel, items, manifests, maps_dir)}
         maps = {"train": maps_dir is not None}
         if val is not None:
             splits["validation"], maps["validation"] = _write_validation(cfg, val), bool(val.maps)
         names = class_names(sel, list(val.items.values()) if val is not None else [])
         manifest = fmt.write_index(cfg.out, cfg.name, splits, maps, num_classes=len(names),
-                                   extra=_manifest(cfg, sel, manifests, time.perf_counter() - t0), names=names)
-        report = write_report(cfg.scores, cfg.out / REPORT, sel) if cfg.report else None
-    return ShardResult(cfg.out, sel, per_class, manifest, time.perf_counter() - t0, report)
+                                   extra=_manifest(cfg, sel, manifests, roles, time.perf_counter() - t0), names=names)
+        report = None
+        if cfg.report:
+            report = write_report(roles.report_order(cfg.scores), cfg.out / REPORT, sel, maps=maps_dir)
+    return ShardResult(cfg.out, sel, per_class, manifest, time.perf_counter() - t0, report, roles.lines())
+
+
+@dataclass(frozen=True)
+class Roles:
+    """What each scores table decided: its vote, whether label issues and embeddings come from it
+    (`lead`), and whether its maps ship (`maps`)."""
+
+    votes: list[ProxyWeight]
+    lead: int
+    maps: int | None
+
+    def weights(self) -> list[float]:
+        return [v.weight for v in self.votes]
+
+    def maps_dir(self, dirs: Sequence[Path]) -> Path | None:
+        return Path(dirs[self.maps]) if self.maps is not None else None
+
+    def lines(self) -> list[str]:
+        return [describe(v, self.lead, self.maps) for v in self.votes]
+
+    def report_order(self, dirs: Sequence[Path]) -> tuple[Path, ...]:
+        """The lead table first: the report reads its labels and scores from the first."""
+        return (dirs[self.lead], *[d for i, d in enumerate(dirs) if i != self.lead])
+
+    def manifest(self) -> dict[str, Any]:
+        return {"proxies": [v.as_dict() for v in self.votes], "label_issues_from": self.votes[self.lead].scores,
+                "maps_from": self.votes[self.maps].scores if self.maps is not None else None,
+                "min_skill": MIN_SKILL}
+
+
+def _roles(cfg: ShardConfig, manifests: Sequence[dict[str, Any]]) -> Roles:
+    votes = weigh(cfg.scores, manifests)
+    return Roles(votes, lead(votes), _maps_index(cfg, votes))
 
 
 def _open_out(cfg: ShardConfig, plans: Sequence[ShardPlan]) -> RunFolder:
@@ -164,9 +206,10 @@ def per_class_counts(sel: pl.DataFrame) -> pl.DataFrame:
             .sort("label"))
 
 
-def _embedding_extra(cfg: ShardConfig) -> pl.DataFrame:
-    """Duplicate groups and prototype scores from the first table's embeddings."""
-    return embedding_columns(cfg.scores[0], cfg.dedup, cfg.prototypes, seed=cfg.select.seed, dedup_on=cfg.dedup_on)
+def _embedding_extra(cfg: ShardConfig, lead_index: int) -> pl.DataFrame:
+    """Duplicate groups and prototype scores from the lead (most accurate) table's embeddings."""
+    return embedding_columns(cfg.scores[lead_index], cfg.dedup, cfg.prototypes, seed=cfg.select.seed,
+                             dedup_on=cfg.dedup_on)
 
 
 def _check_source(cfg: ShardConfig, manifests: list[dict[str, Any]], kept: pl.DataFrame) -> pl.DataFrame:
@@ -236,14 +279,20 @@ def _train_rows(cfg: ShardConfig, order: pl.DataFrame, kept: pl.DataFrame,
     return rows.drop("pos").to_arrow(), score_cols
 
 
-def _maps_dir(dirs: Sequence[Path]) -> Path | None:
-    """The first table whose rows carry importance maps (e.g. the ViT proxy's). The grid size
-    is written with every map, so its small int column answers without reading the maps."""
-    for d in dirs:
-        has = table.scan(d).select(pl.col("importance_h").is_not_null().any())
-        if has.collect().item():
-            return d
-    return None
+def _has_maps(d: Path) -> bool:
+    # the grid size is written with every map: its small int column answers without reading the maps
+    return bool(table.scan(d).select(pl.col("importance_h").is_not_null().any()).collect().item())
+
+
+def _maps_index(cfg: ShardConfig, votes: Sequence[ProxyWeight]) -> int | None:
+    """The table whose maps ship: --maps-from, else the most accurate proxy with maps (kept
+    proxies first; in --scores order when no accuracy is recorded)."""
+    if cfg.maps_from is not None:
+        if not _has_maps(Path(cfg.scores[cfg.maps_from])):
+            raise ValueError(f"--maps-from {cfg.maps_from}: {cfg.scores[cfg.maps_from]} has no importance maps "
+                             "(its proxy wrote none; score with --importance cls or cam)")
+        return cfg.maps_from
+    return next((i for i in maps_order(votes) if _has_maps(Path(cfg.scores[i]))), None)
 
 
 @dataclass(frozen=True)
@@ -433,7 +482,7 @@ def _validation_maps(scores: Path, keys: Sequence[str]) -> dict[str, np.ndarray]
     return maps
 
 
-def _manifest(cfg: ShardConfig, sel: pl.DataFrame, manifests: list[dict[str, Any]], seconds: float
+def _manifest(cfg: ShardConfig, sel: pl.DataFrame, manifests: list[dict[str, Any]], roles: Roles, seconds: float
               ) -> dict[str, Any]:
     """What made the shards, beside the format's own fields (`fmt.write_index` adds those)."""
     reasons = dict(sel.group_by("reason").len().iter_rows())
@@ -443,6 +492,7 @@ def _manifest(cfg: ShardConfig, sel: pl.DataFrame, manifests: list[dict[str, Any
         "scores": [{"dir": str(d), "proxy": m["proxy"]["name"], "index_sha256": m["index_sha256"],
                     "checkpoint_sha256": m["proxy"].get("checkpoint_sha256", "")}
                    for d, m in zip(cfg.scores, manifests)],
+        "weighing": roles.manifest(),
         "images": {"max_side": cfg.max_side, "quality": cfg.quality if cfg.max_side else None},
         "config": cfg.fingerprint(),
         "seconds": seconds,
