@@ -293,11 +293,14 @@ def parse_keep(value: str) -> float | int:
 @click.option("--beta", default=0.1, show_default=True, help="ccs: hardest fraction dropped first.")
 @click.option("--class-balanced", is_flag=True, help="Apply the keep fraction per class.")
 @click.option("--min-per-class", default=0, show_default=True)
-@click.option("--dedup", type=float, help="Drop near-duplicates above this cosine similarity (e.g. 0.93).")
-@click.option("--dedup-on", type=RegistryChoice("curate.select.embeddings", "DEDUP_ON"), default="thumbnail",
+@click.option("--dedup", type=float,
+              help="Drop near-duplicates at or above this similarity (phash: 0.75; thumbnail: 0.93); copies with "
+                   "different labels are flagged dup_label_conflict, and dropped with --drop-label-issues.")
+@click.option("--dedup-on", type=RegistryChoice("curate.select.embeddings", "DEDUP_ON"), default="phash",
               show_default=True,
-              help="thumbnail: 8x8 pixel layout, right for any proxy; embedding: the proxy's features "
-                   "(semantic: also crops and flips, needs a strong pretrained proxy).")
+              help="phash: perceptual hashes of the image, its mirror and centre crop (copies, re-encoded, "
+                   "resized, cropped or flipped; any proxy); thumbnail: 8x8 pixel layout; embedding: the "
+                   "proxy's features (semantic, needs a strong pretrained proxy).")
 @click.option("--drop-label-issues", is_flag=True,
               help="Drop the rows cleanlab flagged as label issues (in the most accurate --scores table; score "
                    "with --folds 5 or --probe for out-of-sample probabilities); reason `label_issue`.")
@@ -346,6 +349,11 @@ def shard(source: str, scores: tuple[Path, ...], keep: str, by: tuple[str, ...],
     sel = result.selection
     reasons = ", ".join(f"{r} {n}" for r, n in sel.group_by("reason").len().sort("reason").iter_rows())
     click.echo(f"{len(sel)} inputs: {reasons}", err=True)
+    if conflicts := int(sel["dup_label_conflict"].sum()):
+        fate = ("dropped as label issues" if cfg.select.drop_label_issues
+                else "kept as duplicates are; --drop-label-issues drops them")
+        click.echo(f"{conflicts} inputs are copies of an image with another label (dup_label_conflict in "
+                   f"{cfg.out}/selection.parquet): {fate}", err=True)
     click.echo(epoch_cost_line(sel), err=True)
     if result.report is not None:
         click.echo(report_line(result.report), err=True)

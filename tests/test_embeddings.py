@@ -148,7 +148,7 @@ def test_thumbnail_dedup_finds_brightened_noisy_copies(tmp_path: Path) -> None:
     keys = [f"k{i:03d}" for i in range(len(thumbs))]
     emb = np.ones((len(keys), 4), np.float32)  # a collapsed embedding: useless for dedup
     directory = write_embeddings(tmp_path / "s", keys, emb, set(), parts=2, thumbs=thumbs)
-    cols = embedding_columns(directory, dedup_threshold=0.95, prototypes=None)  # thumbnail by default
+    cols = embedding_columns(directory, dedup_threshold=0.95, prototypes=None, dedup_on="thumbnail")
     groups = dict(zip(cols["key"], cols["dup_group"]))
     for i in range(5):
         assert groups[keys[i]] == groups[keys[60 + i]] >= 0

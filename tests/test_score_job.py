@@ -20,7 +20,7 @@ from cli import main
 from curate.common.runfolder import RunFolderError
 from curate.score.job import ScoreConfig, run_score
 from curate.score.proxies import create_model, resolve_recipe
-from curate.score.table import importance_from_bytes, read_schema_version
+from curate.score.table import SCHEMA_VERSION, importance_from_bytes, read_schema_version
 
 from .conftest import ROOT, jpeg_bytes
 
@@ -107,7 +107,7 @@ def test_table_schema_importance_and_embedding(small_demo: Path, tmp_path: Path)
     run_score(ScoreConfig(str(small_demo / "train"), out, checkpoint=ckpt, workers=0, progress=False,
                           chunk_size=40))
     parts = sorted(out.glob("part-*.parquet"))
-    assert len(parts) == 3 and all(read_schema_version(p) == 2 for p in parts)
+    assert len(parts) == 3 and all(read_schema_version(p) == SCHEMA_VERSION for p in parts)
     df = read(out)
     assert len(df) == 96 and (df["status"] == "ok").all()
     row = df.row(0, named=True)

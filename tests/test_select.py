@@ -89,7 +89,8 @@ def test_hard_and_easy_exact_sets(small: pl.LazyFrame) -> None:
     easy = select(small, SelectConfig(keep=3, policy="easy"))
     assert kept_keys(hard) == {"a", "d", "c"}
     assert kept_keys(easy) == {"b", "f", "e"}
-    assert hard.columns == ["key", "source", "label", "class_name", "kept", "reason", "score", "relabelled_from"]
+    assert hard.columns == ["key", "source", "label", "class_name", "kept", "reason", "score", "relabelled_from",
+                            "dup_label_conflict"]
     assert hard.schema["score"] == pl.Float64 and hard.schema["kept"] == pl.Boolean
     errors = hard.filter(pl.col("key").is_in(["x", "y"]))
     assert errors["reason"].to_list() == ["error", "error"] and not errors["kept"].any()

@@ -54,7 +54,7 @@ from curate.score.proxies import RECIPES  # noqa: E402
 TARBALL = common.ROOT.parent / "shared" / "data" / "cifar10.tar.gz"
 
 
-def _files(root: Path) -> dict[str, list[Path]]:
+def class_files(root: Path) -> dict[str, list[Path]]:
     """Class name -> its files, in file-name order (a stable order whatever the tar's)."""
     return {d.name: sorted(d.iterdir(), key=lambda p: p.name) for d in sorted(root.iterdir()) if d.is_dir()}
 
@@ -109,9 +109,9 @@ def prepare(tarball: Path, data: Path, train_per_class: int, test_per_class: int
             tar.extractall(tmp, filter="data")
         src = Path(tmp) / "cifar10"
         picked: list[tuple[str, int, Path]] = []  # (split, true label, file)
-        classes = sorted(_files(src / "train"))
+        classes = sorted(class_files(src / "train"))
         for split, source, per_class in (("train", "train", train_per_class), ("val", "test", test_per_class)):
-            files = _files(src / source)
+            files = class_files(src / source)
             for label, name in enumerate(classes):
                 chosen = rng.sample(files[name], min(per_class, len(files[name])))
                 picked += [(split, label, p) for p in sorted(chosen, key=lambda p: p.name)]
@@ -147,7 +147,7 @@ def disjoint(tarball: Path, data: Path, per_class: int, scored_per_class: int, s
     with tempfile.TemporaryDirectory() as tmp:
         with tarfile.open(tarball) as tar:
             tar.extractall(tmp, filter="data")
-        files = _files(Path(tmp) / "cifar10" / "train")
+        files = class_files(Path(tmp) / "cifar10" / "train")
         rng, other = random.Random(seed), random.Random(f"disjoint-{seed}")
         written = 0
         for name in sorted(files):  # prepare()'s own draws, in its order: its first are the training picks

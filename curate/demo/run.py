@@ -104,6 +104,7 @@ def curated_config(root: Path, data: Path, out: Path, seed: int, per_shard: int,
     """The curated shard set's settings, from the score tables under `root`."""
     return ShardConfig(str(data / "train"), tuple(root / f for f in PROXIES), out,
                        SelectConfig(keep=0.7, by=("el2n",), policy="ccs", seed=seed), dedup=DEDUP_THRESHOLD,
+                       dedup_on="thumbnail",  # the demo's figures (planted copies of drawn shapes) are on thumbnails
                        val=str(data / "val"), val_scores=root / "scores-val", samples_per_shard=per_shard,
                        shard_multiple=4, name=name, overwrite=True, progress=progress, report=True)
 

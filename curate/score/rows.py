@@ -20,6 +20,7 @@ from curate.ingest.sources import Item
 from curate.score import metrics, table
 from curate.score.folds import HeldOut
 from curate.score.loader import DecodedItems, Meta, chunk_batches, make_loader
+from curate.score.phash import phashes
 from curate.score.proxies import ProxyModel, ProxyOutput
 
 
@@ -59,6 +60,7 @@ class Scorer:
         out = self.proxy.score_batch(images[good], labels)
         decoded = {**_scores(out.logits, labels.to(out.logits.device), table.names(table.SCORE_FIELDS)),
                    **self._dynamics(idx[good]), **_maps(out), "thumbnail": list(thumbnails(images[good])),
+                   "phash": list(phashes(images[good])),
                    **self._probs(images[good], idx[good], labels, out)}
         return cols | {name: _with_nulls(values, ok) for name, values in decoded.items()}
 

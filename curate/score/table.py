@@ -19,7 +19,8 @@ import pyarrow.parquet as pq
 from curate.common.atomic import atomic_path, read_json_object
 from curate.common.runfolder import wrong_kind
 
-SCHEMA_VERSION = 2  # 2: probs, out-of-sample scores (folds) and label issues
+SCHEMA_VERSION = 3  # 2: probs, out-of-sample scores (folds) and label issues; 3: phash
+READABLE_VERSIONS = (2, 3)  # a version-2 table reads the same, less its `phash` (no --dedup-on phash)
 PART_GLOB = "part-*.parquet"
 
 # Columns every scores table has, in order, in groups by what fills them (`BASE_FIELDS`). Proxy
@@ -75,6 +76,7 @@ def names(fields: Sequence[pa.Field]) -> tuple[str, ...]:
     return tuple(f.name for f in fields)
 
 
+PHASH_BYTES = 256  # `phash`: 4 views x (pHash + dHash) x 256 bits, packed (curate/score/phash.py)
 THUMB_SIDE = 8  # `thumbnail`: the decoded image area-averaged to 8x8 RGB, uint8, (3, 8, 8) flattened
 
 
@@ -86,11 +88,12 @@ def schema(embed_dim: int, num_classes: int, metadata: Mapping[str, str] | None 
     otherwise; label issues are found from them.
 
     `embedding` is the proxy's pre-logit features (semantic); `thumbnail` keeps the pixels'
-    layout, which is what tells a near-copy from another image of the same class when the
-    proxy is small (see curate/select/embeddings.py).
+    layout and `phash` the perceptual hashes of 4 views (curate/score/phash.py), which is what
+    tells a copy from another image that looks alike (see curate/select/embeddings.py).
     """
     fields = [*BASE_FIELDS, pa.field("embedding", pa.list_(pa.float32(), embed_dim)),
               pa.field("thumbnail", pa.list_(pa.uint8(), 3 * THUMB_SIDE ** 2)),
+              pa.field("phash", pa.list_(pa.uint8(), PHASH_BYTES)),
               pa.field("probs", pa.list_(pa.float32(), num_classes))]
     meta = {"schema_version": str(SCHEMA_VERSION), **(metadata or {})}
     return pa.schema(fields, metadata=meta)
@@ -184,9 +187,13 @@ def parts(out: Path) -> list[Path]:
             version = read_schema_version(part)
         except (OSError, ValueError, pa.ArrowException) as e:
             raise SchemaError(f"{part} is not a readable Parquet part: {e}") from e
-        if version != SCHEMA_VERSION:
-            raise SchemaError(f"{part} has scores schema_version {version}; this curate reads version "
-                              f"{SCHEMA_VERSION}: score again with this version, or use the curate that wrote it")
+        if version not in READABLE_VERSIONS:
+            raise SchemaError(f"{part} has scores schema_version {version}; this curate reads versions "
+                              f"{', '.join(map(str, READABLE_VERSIONS))}: score again with this version, or use "
+                              "the curate that wrote it")
+    if len({read_schema_version(p) for p in found}) > 1:
+        raise SchemaError(f"{out}: parts of different schema versions (a run resumed by another curate?): "
+                          "score again with --overwrite")
     return found
 
 
@@ -203,9 +210,9 @@ def read_manifest(out: Path) -> dict[str, Any]:
     if kind := wrong_kind(Path(out), "score", "--scores takes the folder `curate score --out` wrote"):
         raise SchemaError(kind)
     manifest = read_json_object(Path(out) / MANIFEST, "is it a finished `curate score` output?")
-    if manifest.get("schema_version") != SCHEMA_VERSION:
+    if manifest.get("schema_version") not in READABLE_VERSIONS:
         raise SchemaError(f"{out}/{MANIFEST} has schema_version {manifest.get('schema_version')!r}; this curate "
-                          f"reads version {SCHEMA_VERSION}")
+                          f"reads versions {', '.join(map(str, READABLE_VERSIONS))}")
     return manifest
 
 

@@ -6,12 +6,13 @@ objects are the keys. Everything after that is faiss on that matrix, in place an
 batches, so peak memory is one matrix plus one batch of search results; with thumbnail dedup
 and prototypes both on, the two matrices are loaded one after the other, never together.
 
-- Near-duplicates (SemDeDup-style, Abbas et al. 2023): rows linked by cosine similarity above a
-  threshold, grouped by connected components; one representative per group is kept. By default
-  the vectors are the 8x8 `thumbnail`s: a small proxy's pre-logit embedding collapses each class
-  (docs/benchmarks.md, "Figures formerly quoted in code"), while thumbnails tell a near-copy
-  from a look-alike (docs/benchmarks.md, "Demo quality": planted groups found, other images
-  merged). With a strong pretrained proxy, `dedup_on="embedding"` also catches crops and flips.
+- Near-duplicates: by default on the `phash` column (perceptual hashes of 4 views, curate/score/
+  phash.py): rows within a Hamming radius of a centre's plain view form a star around it, and
+  members do not recruit further, so look-alikes do not chain into one group (on real photos the
+  0.93 thumbnail groups chained birds and airplanes on a blue sky; docs/benchmarks.md,
+  "Near-duplicates on real photographs"). `dedup_on="thumbnail"` (8x8 pixels) and "embedding"
+  (the proxy's features) link rows by cosine similarity above a threshold and group them by
+  connected components (SemDeDup-style, Abbas et al. 2023). One representative per group is kept.
 - Prototype score (Sorscher et al. 2022, "Beyond neural scaling laws"): spherical k-means on
   the embeddings, score = cosine distance to the nearest centroid (large = atypical = hard).
 """
@@ -26,13 +27,18 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from curate.score.phash import HASH_BYTES, VIEWS
 from curate.score.table import parts as table_parts
 
 # The thumbnail cosine above which two images are near-duplicates where no one chose one: the
 # demo's shards and `curate inspect --html` (measured on the demo data, see the docstring above).
 DEDUP_THRESHOLD = 0.93
-# What near-duplicates are found on: the 8x8 thumbnails (any proxy) or the proxy's embedding.
-DEDUP_ON = ("thumbnail", "embedding")
+# What near-duplicates are found on: perceptual hashes (any proxy), the 8x8 thumbnails (any
+# proxy) or the proxy's embedding.
+DEDUP_ON = ("phash", "thumbnail", "embedding")
+# Each descriptor's threshold where no one chose one (`curate inspect --html`, the help): phash's
+# from bench/experiments/duplicates.py on real photographs (83% of planted copies, 0.72% merged).
+DEFAULT_THRESHOLDS = {"phash": 0.75, "thumbnail": DEDUP_THRESHOLD}
 
 
 def _embed_dim(part: Path, column: str = "embedding") -> int:
@@ -206,17 +212,82 @@ def prototype_scores(
     return _nearest(centroids, x, batch)
 
 
-def _dup_columns(frame: pl.DataFrame, emb: np.ndarray, threshold: float | None) -> pl.DataFrame:
-    if threshold is None:  # not computed: null, so `select --dedup` can refuse to guess
+def default_descriptor(scores_dir: Path) -> str:
+    """What near-duplicates are found on when no one said: phash, or thumbnail in a table scored
+    before the phash column existed (schema version 2)."""
+    return "phash" if "phash" in pq.read_schema(table_parts(scores_dir)[0]).names else "thumbnail"
+
+
+def load_phashes(scores_dir: Path, batch_rows: int = 65536) -> tuple[list[str], np.ndarray]:
+    """Keys of the ok rows and their (N, PHASH_BYTES) uint8 hashes, in part/row order."""
+    parts = table_parts(scores_dir)
+    if "phash" not in pq.read_schema(parts[0]).names:
+        raise ValueError(f"{scores_dir} has no phash column (scored by an older curate): score it again, or use "
+                         "--dedup-on thumbnail")
+    dim = _embed_dim(parts[0], "phash")
+    out = np.empty((_count_ok(parts), dim), dtype=np.uint8)
+    keys: list[str] = []
+    for part in parts:
+        for batch in pq.ParquetFile(part).iter_batches(batch_size=batch_rows, columns=["key", "status", "phash"]):
+            ok = pc.equal(batch.column("status"), "ok")
+            block = _as_matrix(batch.column("phash").filter(ok), dim)
+            out[len(keys): len(keys) + len(block)] = block
+            keys.extend(batch.column("key").filter(ok).to_pylist())
+    return keys, out
+
+
+def phash_links(h: np.ndarray, threshold: float, k: int = 10, batch: int = 16384) -> np.ndarray:
+    """(2, E) row pairs whose similarity (1 - normalised Hamming distance between one's plain view
+    and any view of the other) is >= threshold, among each view's k nearest plain views."""
+    bits = 8 * HASH_BYTES
+    radius = int(np.floor((1.0 - threshold) * bits + 1e-9))
+    index = faiss.IndexBinaryFlat(bits)
+    index.add(np.ascontiguousarray(h[:, :HASH_BYTES]))
+    k = min(k + 1, len(h))  # +1: a row finds its own plain view
+    pairs = [np.empty((2, 0), dtype=np.int64)]
+    for view in range(VIEWS):
+        queries = np.ascontiguousarray(h[:, view * HASH_BYTES: (view + 1) * HASH_BYTES])
+        for start in range(0, len(h), batch):
+            dist, nbr = index.search(queries[start: start + batch], k)  # (B, k) Hamming distances
+            rows = np.broadcast_to(np.arange(start, start + len(nbr))[:, None], nbr.shape)
+            hit = (dist <= radius) & (nbr >= 0) & (nbr != rows)
+            pairs.append(np.stack([rows[hit], nbr[hit]]))
+    return np.concatenate(pairs, axis=1)
+
+
+def star_groups(n: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """int64 group id per row (its centre's row), -1 if none, over links a[i]-b[i].
+
+    Rows are taken in order; a row not yet in a group becomes a centre and takes every linked row
+    not yet in one. Members do not recruit: A~B and B~C with A !~ C gives {A, B} and leaves C out,
+    where connected components would chain look-alikes into one group."""
+    groups = np.full(n, -1, dtype=np.int64)
+    if a.size == 0:
+        return groups
+    src, dst = np.concatenate([a, b]), np.concatenate([b, a])  # links are symmetric
+    order = np.lexsort((dst, src))
+    src, dst = src[order], dst[order]
+    starts = np.searchsorted(src, np.arange(n + 1))
+    for row in np.unique(src):
+        if groups[row] != -1:
+            continue
+        members = dst[starts[row]: starts[row + 1]]
+        members = members[groups[members] == -1]
+        if members.size:
+            groups[row] = row
+            groups[members] = row
+    return groups
+
+
+def _dup_columns(frame: pl.DataFrame, groups: np.ndarray | None) -> pl.DataFrame:
+    if groups is None:  # not computed: null, so `select --dedup` can refuse to guess
         return frame.with_columns(
             dup_group=pl.lit(None, pl.Int64), dup_keep=pl.lit(None, pl.Boolean)
         )
     group = pl.col("dup_group")
     # representative = smallest key, not smallest row, so it does not depend on part layout
     keep = (group == -1) | (pl.col("key") == pl.col("key").min().over(group))
-    return frame.with_columns(dup_group=pl.Series(duplicate_groups(emb, threshold))).with_columns(
-        dup_keep=keep
-    )
+    return frame.with_columns(dup_group=pl.Series(groups, dtype=pl.Int64)).with_columns(dup_keep=keep)
 
 
 def _proto_columns(frame: pl.DataFrame, emb: np.ndarray | None, k: int | None, seed: int) -> pl.DataFrame:
@@ -231,7 +302,7 @@ def _proto_columns(frame: pl.DataFrame, emb: np.ndarray | None, k: int | None, s
 
 def embedding_columns(
     scores_dir: Path, dedup_threshold: float | None, prototypes: int | None, seed: int = 0,
-    dedup_on: str = "thumbnail",
+    dedup_on: str = "phash",
 ) -> pl.DataFrame:
     """Per ok row: key, dup_group, dup_keep, proto_dist, proto_cluster.
 
@@ -241,14 +312,19 @@ def embedding_columns(
     """
     frame: pl.DataFrame | None = None
     emb: np.ndarray | None = None
-    if dedup_threshold is not None and dedup_on != "embedding":
+    if dedup_threshold is not None and dedup_on == "phash":
+        keys, hashes = load_phashes(scores_dir)
+        frame = _dup_columns(_key_frame(keys), star_groups(len(hashes), *phash_links(hashes, dedup_threshold)))
+        del hashes
+    elif dedup_threshold is not None and dedup_on == "thumbnail":
         keys, vectors = load_embeddings(scores_dir, column=dedup_on)
-        frame = _dup_columns(_key_frame(keys), vectors, dedup_threshold)
+        frame = _dup_columns(_key_frame(keys), duplicate_groups(vectors, dedup_threshold))
         del vectors  # one N x D matrix at a time: free it before the embeddings are loaded
     if frame is None or prototypes is not None:  # the embeddings only when a step uses them
         keys, emb = load_embeddings(scores_dir)
         if frame is None:
-            frame = _dup_columns(_key_frame(keys), emb, dedup_threshold)
+            groups = duplicate_groups(emb, dedup_threshold) if dedup_threshold is not None else None
+            frame = _dup_columns(_key_frame(keys), groups)
         elif keys != frame["key"].to_list():
             raise ValueError(f"{scores_dir}: {dedup_on} and embedding rows differ (table changed?)")
     return _proto_columns(frame, emb, prototypes, seed)

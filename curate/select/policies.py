@@ -35,9 +35,10 @@ IDENTITY_COLUMNS = frozenset(
 # Score columns where a larger value means an EASIER example: the one table of score directions
 # (negated into a hardness here; the demo negates them before its "label was flipped" AUC).
 HIGHER_IS_EASIER = frozenset({"margin", "margin_mean", "confidence"})
-# cleanlab's columns; with several tables they come from the first (`curate shard --scores` order).
+# cleanlab's columns; with several tables they come from the lead one (curate/select/weighing.py).
 LABEL_COLUMNS = ("label_issue", "label_quality", "suggested_label", "probs")
-OUTPUT_COLUMNS = ["key", "source", "label", "class_name", "kept", "reason", "score", "relabelled_from"]
+OUTPUT_COLUMNS = ["key", "source", "label", "class_name", "kept", "reason", "score", "relabelled_from",
+                  "dup_label_conflict"]
 
 
 @dataclass(frozen=True)
@@ -393,6 +394,10 @@ def _scored(scores: pl.LazyFrame, cfg: SelectConfig, extra: pl.DataFrame | None)
     _check_columns(frame, cfg)
     ok = pl.col("status") == "ok"
     dup_keep = pl.col("dup_keep") if cfg.dedup else pl.lit(True)
+    # copies with different labels: at least one label is wrong, and nothing says which
+    conflict = pl.lit(False)
+    if cfg.dedup and "dup_group" in frame.collect_schema().names():
+        conflict = ((pl.col("dup_group") >= 0) & (pl.col("label").n_unique().over("dup_group") > 1)).fill_null(False)
     flagged = pl.col("label_issue").fill_null(False)
     relabel = (flagged & (pl.col("probs").arr.max() >= cfg.relabel_min_prob)
                if cfg.relabel_min_prob is not None else pl.lit(False))
@@ -402,12 +407,14 @@ def _scored(scores: pl.LazyFrame, cfg: SelectConfig, extra: pl.DataFrame | None)
         .cast(pl.Int32).alias("label"), "class_name", ok.alias("ok"),
         score_expr(cfg.by, ok).cast(pl.Float64).alias("score"), dup_keep.alias("dup_keep"),
         issue.alias("label_issue"), pl.when(relabel).then(pl.col("label")).cast(pl.Int32).alias("relabelled_from"),
+        conflict.alias("dup_label_conflict"),
     ).collect()
     table = _renamed(table)
     _check_scored(table, cfg)
     reason = (
         pl.when(~pl.col("ok")).then(pl.lit("error"))
-        .when(pl.col("label_issue")).then(pl.lit("label_issue"))
+        .when(pl.col("label_issue") | (pl.col("dup_label_conflict") & cfg.drop_label_issues))
+        .then(pl.lit("label_issue"))
         .when(~pl.col("dup_keep")).then(pl.lit("duplicate"))
         .otherwise(pl.lit(None, pl.String))
     )

@@ -24,7 +24,7 @@ import polars as pl
 from curate.common.atomic import atomic_path
 from curate.score import inspect as score_inspect
 from curate.score import table
-from curate.select.embeddings import DEDUP_THRESHOLD, embedding_columns
+from curate.select.embeddings import DEFAULT_THRESHOLDS, default_descriptor, embedding_columns
 
 REASON_COLOURS = {"kept": "#2e7d32", "min_per_class": "#66bb6a", "pruned": "#9e9e9e", "duplicate": "#ef6c00",
                   "label_issue": "#c62828", "error": "#212121", "ok": "#2e7d32"}
@@ -140,9 +140,10 @@ class _Page:
     def duplicates(self, rows: pl.DataFrame, scores: Path, groups: int) -> None:
         if "dup_group" not in rows.columns:
             # no selection grouped them (inspect --html): `curate shard` has no dedup default
-            dup = embedding_columns(scores, DEDUP_THRESHOLD, None).select("key", "dup_group")
+            on = default_descriptor(scores)
+            dup = embedding_columns(scores, DEFAULT_THRESHOLDS[on], None, dedup_on=on).select("key", "dup_group")
             rows = rows.join(dup, on="key", how="left")
-            note = f"thumbnail cosine > {DEDUP_THRESHOLD}"
+            note = f"{on} similarity >= {DEFAULT_THRESHOLDS[on]}"
         else:
             note = "as curate shard grouped them; the kept one is marked"
         found = (rows.filter(pl.col("dup_group").fill_null(-1) >= 0).sort("dup_group", "key")
@@ -152,7 +153,10 @@ class _Page:
             names = [c for c in grp if c != "dup_group"]
             members = [dict(zip(names, vals)) for vals in zip(*(grp[c] for c in names))]
             tiles = [self._tile(m, f"{_e(m['class_name'])}<br>{_e(m['reason'])}") for m in members]
-            blocks.append(f"<div class=group>{''.join(tiles)}</div>")
+            # copies with different labels: one of the labels is wrong
+            conflict = ("<p><b>labels disagree: a label issue</b></p>"
+                        if len({m["class_name"] for m in members}) > 1 else "")
+            blocks.append(f"<div class=group>{conflict}{''.join(tiles)}</div>")
         self.parts.append(f"<h2>Near-duplicate groups ({note})</h2>"
                           + (f"<div class=groups>{''.join(blocks)}</div>" if blocks else "<p>none found</p>"))
 

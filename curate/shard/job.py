@@ -57,8 +57,10 @@ class ShardConfig:
     # which keys to keep and why (policy, budget, `by` columns, label issues, seed); `seed` also orders
     # the samples across shards and seeds k-means, and `dedup` is set from the threshold below
     select: SelectConfig = field(default_factory=SelectConfig)
-    dedup: float | None = None  # cosine threshold for near-duplicates (e.g. 0.93); None = off
-    dedup_on: str = "thumbnail"  # thumbnail: pixel layout (any proxy) | embedding: semantic (strong proxies)
+    dedup: float | None = None  # similarity threshold for near-duplicates (phash 0.75, thumbnail 0.93); None = off
+    # phash: perceptual hashes (copies, also mirrored and cropped) | thumbnail: 8x8 pixel layout |
+    # embedding: the proxy's features (semantic, strong proxies)
+    dedup_on: str = "phash"
     prototypes: int | None = None  # k-means clusters for the proto_dist score; None = off
     maps_from: int | None = None  # index into `scores` of the table whose maps ship; None: the most accurate's
     val: str | None = None  # validation source, written unpruned as the `validation` split
@@ -82,7 +84,7 @@ class ShardConfig:
         if self.samples_per_shard < 1 or self.shard_multiple < 1:
             raise ValueError("--samples-per-shard and --shard-multiple must be >= 1")
         if self.dedup is not None and not 0.0 < self.dedup < 1.0:
-            raise ValueError(f"--dedup is a cosine similarity in (0, 1), got {self.dedup}")
+            raise ValueError(f"--dedup is a similarity in (0, 1) (phash: 0.75, thumbnail: 0.93), got {self.dedup}")
         if self.max_side is not None and self.max_side < 8:
             raise ValueError(f"--max-side is the longer side in pixels (e.g. 256), got {self.max_side}")
         if not 1 <= self.quality <= 95:  # above 95 libjpeg's own docs say the files grow for nothing
@@ -488,7 +490,8 @@ def _manifest(cfg: ShardConfig, sel: pl.DataFrame, manifests: list[dict[str, Any
     reasons = dict(sel.group_by("reason").len().iter_rows())
     return {
         "selection_sha256": selection_hash(sel),
-        "counts": {"inputs": len(sel), "kept": int(sel["kept"].sum()), **{str(k): int(v) for k, v in reasons.items()}},
+        "counts": {"inputs": len(sel), "kept": int(sel["kept"].sum()), **{str(k): int(v) for k, v in reasons.items()},
+                   "dup_label_conflict": int(sel["dup_label_conflict"].sum())},
         "scores": [{"dir": str(d), "proxy": m["proxy"]["name"], "index_sha256": m["index_sha256"],
                     "checkpoint_sha256": m["proxy"].get("checkpoint_sha256", "")}
                    for d, m in zip(cfg.scores, manifests)],
