@@ -1,6 +1,7 @@
 """Near-duplicates on real photographs: 4,000 CIFAR-10 training photos (400 a class, from
-`../shared/data/cifar10.tar.gz`) and 100 planted copies of 100 of them, 20 of each kind: JPEG
-quality 50, resized to 24 px and back, 2-px crop (resized back), mirror image, brightened by 30%.
+`../shared/data/cifar10.tar.gz`) and 120 planted copies of 120 of them, 20 of each kind: JPEG
+quality 50, resized to 24 px and back, 2 px cropped off the top and left (a shift; resized back),
+2 px cropped off every side (centred; resized back), mirror image, brightened by 30%.
 Each descriptor is computed by the function `curate score` uses (`rows.thumbnails`,
 `phash.phashes`) on the 32-px images the scorer sees, and grouped the way `curate shard --dedup`
 groups it:
@@ -8,7 +9,7 @@ groups it:
     python bench/experiments/duplicates.py [--thresholds 0.70,0.75,0.80]
 
 Prints, per descriptor and threshold, the share of copies grouped with their original (recall,
-per kind) and the share of the other 3,900 photos (none of them copied) merged into any group.
+per kind) and the share of the other 3,880 photos (none of them copied) merged into any group.
 """
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ from curate.score.phash import phashes  # noqa: E402
 from curate.score.rows import thumbnails  # noqa: E402
 from curate.select.embeddings import DEDUP_THRESHOLD, duplicate_groups, phash_links, star_groups  # noqa: E402
 
-KINDS = ("jpeg q50", "resized", "2-px crop", "mirror", "brightened")
+KINDS = ("jpeg q50", "resized", "2-px shift crop", "2-px centred crop", "mirror", "brightened")
 
 
 def _jpeg(im: Image.Image, quality: int) -> Image.Image:
@@ -46,7 +47,8 @@ def copy_of(im: Image.Image, kind: str) -> Image.Image:
     """A planted copy, re-encoded as a JPEG (quality 90 unless the kind is the encoding)."""
     w, h = im.size
     made = {"jpeg q50": lambda: im, "resized": lambda: im.resize((24, 24), Image.BICUBIC).resize((w, h), Image.BICUBIC),
-            "2-px crop": lambda: im.crop((2, 2, w, h)).resize((w, h), Image.BICUBIC),
+            "2-px shift crop": lambda: im.crop((2, 2, w, h)).resize((w, h), Image.BICUBIC),
+            "2-px centred crop": lambda: im.crop((2, 2, w - 2, h - 2)).resize((w, h), Image.BICUBIC),
             "mirror": lambda: ImageOps.mirror(im), "brightened": lambda: ImageEnhance.Brightness(im).enhance(1.3)}
     return _jpeg(made[kind](), 50 if kind == "jpeg q50" else 90)
 
@@ -83,7 +85,7 @@ def main() -> None:
         sys.exit(f"{cifar_shards.TARBALL} is not there: this benchmark needs the shared CIFAR-10 tarball")
     base = photos(args.per_class, args.seed)
     rng = random.Random(args.seed)
-    copied = np.array(sorted(rng.sample(range(len(base)), 100)))
+    copied = np.array(sorted(rng.sample(range(len(base)), 20 * len(KINDS))))
     kinds = [KINDS[i % len(KINDS)] for i in range(len(copied))]
     images = as_batch(base + [copy_of(base[c], k) for c, k in zip(copied, kinds)])
     t0 = time.perf_counter()
