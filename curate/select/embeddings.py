@@ -239,6 +239,8 @@ def load_phashes(scores_dir: Path, batch_rows: int = 65536) -> tuple[list[str], 
 def phash_links(h: np.ndarray, threshold: float, k: int = 10, batch: int = 16384) -> np.ndarray:
     """(2, E) row pairs whose similarity (1 - normalised Hamming distance between one's plain view
     and any view of the other) is >= threshold, among each view's k nearest plain views."""
+    if len(h) == 0:
+        return np.empty((2, 0), dtype=np.int64)
     bits = 8 * HASH_BYTES
     radius = int(np.floor((1.0 - threshold) * bits + 1e-9))
     index = faiss.IndexBinaryFlat(bits)
