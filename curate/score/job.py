@@ -214,10 +214,11 @@ def missing_parts(out: Path, n_items: int, chunk_size: int) -> list[int]:
     """Indices of the parts not yet on disk, ascending. Listed once, by rank 0, and shared: a rank
     listing `out` itself could already see parts that another rank has just written."""
     done = table.done_parts(out)
-    if old := sorted(i for i in done if table.read_schema_version(table.part_path(out, i)) != table.SCHEMA_VERSION):
-        raise table.SchemaError(f"{table.part_path(out, old[0])} was written by another version of curate (scores "
-                                f"schema {table.read_schema_version(table.part_path(out, old[0]))}): a resumed "
-                                "table must be one version; score again with --overwrite")
+    for i in sorted(done):
+        if (version := table.read_schema_version(table.part_path(out, i))) != table.SCHEMA_VERSION:
+            raise table.SchemaError(f"{table.part_path(out, i)} was written by another version of curate (scores "
+                                    f"schema {version}): a resumed table must be one version; score again with "
+                                    "--overwrite")
     return sorted(set(range(_num_parts(n_items, chunk_size))) - done)
 
 

@@ -182,6 +182,7 @@ def parts(out: Path) -> list[Path]:
     found = sorted(Path(out).glob(PART_GLOB))
     if not found:
         raise FileNotFoundError(f"no {PART_GLOB} in {out}: run `curate score` first")
+    versions = set()
     for part in found:
         try:
             version = read_schema_version(part)
@@ -191,7 +192,8 @@ def parts(out: Path) -> list[Path]:
             raise SchemaError(f"{part} has scores schema_version {version}; this curate reads versions "
                               f"{', '.join(map(str, READABLE_VERSIONS))}: score again with this version, or use "
                               "the curate that wrote it")
-    if len({read_schema_version(p) for p in found}) > 1:
+        versions.add(version)
+    if len(versions) > 1:
         raise SchemaError(f"{out}: parts of different schema versions (a run resumed by another curate?): "
                           "score again with --overwrite")
     return found

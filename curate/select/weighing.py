@@ -72,19 +72,20 @@ def weigh(dirs: Sequence[Path], manifests: Sequence[dict[str, Any]]) -> list[Pro
                          f"{MIN_SKILL}: {', '.join(f'{d} {s:.2f}' for d, s in zip(dirs, skills) if s is not None)}); "
                          "their scores are noise: train stronger proxies")
     total = sum(max(s, 1e-9) for s, k in zip(skills, kept) if k and s is not None)
-    return [ProxyWeight(i, str(d), names[i], accuracies[i], chances[i], skills[i],
-                        max(skills[i], 1e-9) / total if kept[i] else 0.0, _why(skills[i], kept[i], total))
+    weights = [max(s, 1e-9) / total if k and s is not None else 0.0 for s, k in zip(skills, kept)]
+    return [ProxyWeight(i, str(d), names[i], accuracies[i], chances[i], skills[i], weights[i],
+                        _why(skills[i], kept[i], weights[i]))
             for i, d in enumerate(dirs)]
 
 
-def _why(skill: float | None, kept: bool, total: float) -> str:
+def _why(skill: float | None, kept: bool, weight: float) -> str:
     if skill is None:
         return ("no held-out accuracy (scored in sample; --folds K or --probe records one): not weighed, left out "
                 "of the vote; its maps may still ship")
     if skill < MIN_SKILL:
         return (f"skill {skill:.2f} < {MIN_SKILL}: near chance, but the only table, so it decides: its scores are "
                 "close to noise" if kept else f"skill {skill:.2f} < {MIN_SKILL}: near chance, left out")
-    return f"skill {skill:.2f}: weight {max(skill, 1e-9) / total:.2f}"
+    return f"skill {skill:.2f}: weight {weight:.2f}"
 
 
 def lead(weights: Sequence[ProxyWeight]) -> int:
