@@ -447,10 +447,14 @@ def _model_args(values: tuple[str, ...]) -> dict[str, object]:
 @click.option("--rho", default=1.0, show_default=True, help="topk: share of keys each query keeps.")
 @click.option("--key-keep", default=0.5, show_default=True, help="gather: share of patch keys attended to.")
 @click.option("--example-pruning", type=RegistryChoice("sparsevit.names", "EXAMPLE_PRUNERS"), default="none",
-              show_default=True)
+              show_default=True, help="rs2: a fresh random --example-keep share of the examples each epoch.")
+@click.option("--example-keep", default=0.7, show_default=True, help="rs2: share of the examples each epoch trains.")
 @click.option("--workers", default=2, show_default=True, help="Loader processes per rank.")
 @click.option("--decode", type=RegistryChoice("sparsevit.names", "DECODE"), default="cpu", show_default=True,
               help="gpu: loader workers only read bytes and draw crops; JPEGs decode with nvJPEG on the GPU.")
+@click.option("--loader", type=RegistryChoice("sparsevit.names", "LOADERS"), default="stream", show_default=True,
+              help="memory: decode the train split once and augment in batches (small images: an epoch costs "
+                   "what its model steps cost; examples the pruner sets out take no steps).")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--log-every", default=10, show_default=True, help="Steps between metrics.jsonl step records.")
 @click.option("--record-keys", is_flag=True, help="Write the keys each rank trained on (keys-rankR-epochE.txt).")

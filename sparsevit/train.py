@@ -34,7 +34,7 @@ from curate.common.runtime import load_weights, save_weights
 from curate.common.schedule import warmup_cosine
 from curate.ingest.limits import class_count_fault
 from curate.shard import format as shard_format
-from sparsevit import data, device_decode, names, prune, schedule, selector
+from sparsevit import data, device_decode, memory, names, prune, schedule, selector
 from sparsevit.model import SparseConfig, SparseViT, check_geometry, create_sparse, num_keep
 
 COMMAND = "train"
@@ -43,7 +43,7 @@ METRICS = "metrics.jsonl"
 SUMMARY = "summary.json"
 MAX_SKIPPED_LISTED = 100  # keys of undecodable samples written per epoch record; the count is exact
 # Settings that may change between a run and its --resume without changing what it trains.
-RESUME_FREE = ("out", "resume", "overwrite", "progress", "workers", "log_every", "eval_every", "record_keys")
+RESUME_FREE = ("out", "resume", "overwrite", "progress", "workers", "loader", "log_every", "eval_every", "record_keys")
 
 
 @dataclass(frozen=True)
@@ -75,9 +75,11 @@ class TrainConfig:
     distill_weight: float = 1.0  # selector: loss towards the maps' top k
     ratio_weight: float = 2.0  # selector: loss holding the mean keep probability at the keep ratio (DynamicViT)
     selector_lr_scale: float = 10.0  # selectors' lr / the ViT's (docs/benchmarks.md, "A learned token selector")
-    example_pruning: str = "none"  # none | infobatch | trilevel
+    example_pruning: str = "none"  # none | infobatch | trilevel | rs2
+    example_keep: float = 0.7  # rs2: share of the examples each epoch trains
     workers: int = 2  # loader processes per rank
     decode: str = "cpu"  # cpu: loader workers decode (PIL) | gpu: nvJPEG in the main process (device_decode)
+    loader: str = "stream"  # stream: decode every epoch in loader workers | memory: decode once (sparsevit.memory)
     shuffle_buffer: int = 1000
     amp: bool = True  # bf16 autocast on CUDA; ignored on CPU
     seed: int = 0
@@ -101,8 +103,14 @@ class TrainConfig:
             raise ValueError(f"keep schedule must be one of {sorted(schedule.KEEP_SCHEDULES)}")
         if self.example_pruning not in prune.PRUNERS:
             raise ValueError(f"example pruning must be one of {sorted(prune.PRUNERS)}")
+        if not 0 < self.example_keep <= 1:
+            raise ValueError(f"example_keep must be in (0, 1], got {self.example_keep}")
         if self.decode not in names.DECODE:
             raise ValueError(f"decode must be one of {names.DECODE}, got {self.decode!r}")
+        if self.loader not in names.LOADERS:
+            raise ValueError(f"loader must be one of {names.LOADERS}, got {self.loader!r}")
+        if self.loader == "memory" and self.decode == "gpu":
+            raise ValueError("--loader memory decodes the split once, on the CPU: it has no use for --decode gpu")
         if self.epochs < 1 or self.batch_size < 1:
             raise ValueError("epochs and batch size must be >= 1")
         check_geometry(self.img_size, self.patch_size)
@@ -155,6 +163,7 @@ class Run:
     wall: float = 0.0  # training seconds so far (resume adds to it)
     folder: RunFolder | None = None  # the run folder, on rank 0
     class_names: list[str] | None = None  # by class index, from the shards; kept in the checkpoint
+    decoded: dict[tuple[str, ...], memory.Decoded] = field(default_factory=dict)  # --loader memory, by split urls
 
 
 def run_train(cfg: TrainConfig) -> dict[str, Any]:
@@ -294,8 +303,10 @@ def build(cfg: TrainConfig, ctx: dist.Dist | None = None, device: torch.device |
                         drop_path_rate=cfg.drop_path, **cfg.model_kwargs).to(device)
     if cfg.keep < 1 and cfg.sparse.drop_by == "importance" and not split.has_maps:
         raise ValueError(f"{cfg.shards}: the train split has no importance maps; use --drop-by random or keep 1")
+    # fused: one kernel per step instead of a dozen ops per parameter (on CPU the per-op cost
+    # is a fixed share of a small model's step; docs/benchmarks.md, "Epochs that cost what they train")
     opt = create_optimizer_v2(param_groups(core, cfg), "adamw", lr=base_lr(cfg, ctx.world_size),
-                              weight_decay=cfg.weight_decay)
+                              weight_decay=cfg.weight_decay, fused=True)
     net: torch.nn.Module = core
     if ctx.enabled:
         net = torch.nn.parallel.DistributedDataParallel(core, device_ids=[device.index] if device.index is not None
@@ -303,7 +314,7 @@ def build(cfg: TrainConfig, ctx: dist.Dist | None = None, device: torch.device |
     ema = ModelEmaV3(core, decay=cfg.ema) if cfg.ema > 0 else None
     mixer = data.MapMixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, label_smoothing=cfg.smoothing,
                           num_classes=core.vit.num_classes) if cfg.mixup > 0 or cfg.cutmix > 0 else None
-    pruner = prune.make_pruner(cfg.example_pruning, cfg.epochs, cfg.seed)
+    pruner = prune.make_pruner(cfg.example_pruning, cfg.epochs, cfg.seed, cfg.example_keep)
     return Run(cfg, net, core, opt, ema, pruner, mixer, ctx, device, class_names=class_names(cfg))
 
 
@@ -336,9 +347,11 @@ def train_loader(run: Run, split: shard_format.Split, epoch: int) -> tuple[Itera
     """This rank's batches of one epoch (`plan.steps` of them, the same on every rank), augmented
     and normalised for the model, the maps following every crop and flip; and the epoch's plan."""
     cfg = run.cfg
-    plan = data.plan_epoch(split, epoch, cfg.seed, run.ctx.world_size, cfg.workers, cfg.batch_size)
     normalize = data.Normalize.of(run.core.vit)
     transform = data.TrainTransform(geometry(run), scale=cfg.crop_scale, normalize=normalize)
+    if cfg.loader == "memory":
+        return _memory_loader(run, split, epoch, transform)
+    plan = data.plan_epoch(split, epoch, cfg.seed, run.ctx.world_size, cfg.workers, cfg.batch_size)
     aug: Any = data.Augment(transform, need_maps=split.has_maps)
     if cfg.decode == "gpu":
         aug = device_decode.DeferredAugment(aug)
@@ -347,6 +360,20 @@ def train_loader(run: Run, split: shard_format.Split, epoch: int) -> tuple[Itera
     if cfg.decode == "gpu":
         batches = (device_decode.finish_batch(b, cfg.img_size, run.device, normalize) for b in batches)
     return batches, plan
+
+
+def _memory_loader(run: Run, split: shard_format.Split, epoch: int, transform: data.TrainTransform
+                   ) -> tuple[Iterator[data.Batch], data.EpochPlan]:
+    """`train_loader` from the split decoded once (sparsevit.memory), the pruner's sat-out rows
+    left out before batching."""
+    cfg, ctx = run.cfg, run.ctx
+    urls = tuple(split.urls)
+    if urls not in run.decoded:
+        run.decoded[urls] = memory.decode_split(split, cfg.workers)
+    decoded = run.decoded[urls]
+    order = memory.epoch_order(decoded, cfg.seed, epoch, lambda keys: run.pruner.weights(keys, epoch))
+    plan = memory.epoch_plan(order, ctx.world_size, cfg.batch_size)
+    return memory.batches(decoded, order[ctx.rank::ctx.world_size], plan.steps, cfg.batch_size, transform), plan
 
 
 def train_epoch(run: Run, split: shard_format.Split, epoch: int) -> dict[str, Any]:

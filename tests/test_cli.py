@@ -27,7 +27,7 @@ def _options() -> list[tuple[str, click.Option]]:
 
 def test_choices_are_the_registries_and_every_default_is_one_of_them():
     registry = {(name, p.name): p for name, p in _options() if isinstance(p.type, RegistryChoice)}
-    assert len(registry) == 10
+    assert len(registry) == 11
     for where, option in registry.items():
         assert option.type.choices and option.default in option.type.choices, where
     registry = {where: option.type for where, option in registry.items()}

@@ -1,0 +1,152 @@
+"""`--loader memory`: the train split decoded once, batches augmented in the main process, read
+back through curate's own shard reader and compared with the per-sample transform."""
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from torchvision.transforms import functional as TF
+
+from cli import main
+from curate.shard.format import decode_sample, read_split
+from sparsevit import data, memory
+from sparsevit.train import TrainConfig, build, train_loader
+
+from .sparse_fixtures import write_shards
+
+TINY = dict(model="vit_tiny_patch16_224", model_kwargs={"depth": 2}, img_size=64, patch_size=8, batch_size=8,
+            num_classes=4, progress=False, workers=2, loader="memory")
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_shards(tmp_path_factory.mktemp("toy"))
+
+
+def _run(toy: Path, tmp_path: Path, **changes):
+    return build(TrainConfig(shards=toy, out=tmp_path / "run", **(TINY | changes)), device=torch.device("cpu"))
+
+
+def _stored(toy: Path) -> dict[str, dict]:
+    """Every training sample as curate's reader decodes it, by key."""
+    import webdataset as wds
+    split = read_split(toy, "train")
+    return {s["key"]: s for s in map(decode_sample, wds.DataPipeline(wds.SimpleShardList(split.urls),
+                                                                     wds.tarfile_to_samples()))}
+
+
+def test_an_epoch_covers_the_split_once_in_an_order_of_its_own(toy: Path, tmp_path: Path):
+    run = _run(toy, tmp_path)
+    split = read_split(toy, "train")
+    epochs = []
+    for epoch in (0, 1):
+        batches, plan = train_loader(run, split, epoch)
+        keys = [k for b in batches for k in b.keys]
+        assert plan.steps == 8 and plan.unused == 0 and len(keys) == 64 == len(set(keys))
+        epochs.append(keys)
+    assert sorted(epochs[0]) == sorted(epochs[1]) and epochs[0] != epochs[1]
+    stored = _stored(toy)
+    batch = next(train_loader(run, split, 0)[0])
+    assert batch.label.tolist() == [stored[k]["label"] for k in batch.keys]
+    assert batch.image.shape == (8, 3, 64, 64) and batch.importance.shape == (8, 64)
+
+
+def test_batched_crops_and_maps_are_what_the_per_sample_transform_makes(toy: Path, tmp_path: Path):
+    split = read_split(toy, "train")
+    decoded = memory.decode_split(split, 0)
+    stored = _stored(toy)
+    rows = list(range(16))
+    geometry = data.Geometry(64, 8)
+    whole = data.TrainTransform(geometry, scale=(1.0, 1.0), ratio=(1.0, 1.0), hflip=0.0)
+    batch = memory.make_batch(decoded, rows, whole, [])
+    for i, key in enumerate(batch.keys):  # the box of the whole image: the image itself, exactly
+        assert torch.allclose(batch.image[i], data.to_tensor(stored[key]["image"]), atol=1e-5)
+    crop = data.TrainTransform(geometry, scale=(0.2, 0.6))
+    random.seed(3)
+    batch = memory.make_batch(decoded, rows, crop, [])
+    random.seed(3)
+    for i, key in enumerate(batch.keys):
+        (top, left, h, w), flip = crop.draw(64, 64)
+        image = data.to_tensor(stored[key]["image"])
+        want = TF.resized_crop(image, top, left, h, w, [64, 64], antialias=False)
+        want = TF.hflip(want) if flip else want
+        # bilinear both; only the crop's border differs (roi_align reads the pixels beyond it)
+        assert (batch.image[i] - want).abs().mean() < 0.03
+        grid = data.crop_map(stored[key]["importance"], (top, left, h, w), (64, 64), 8, flip)
+        assert torch.allclose(batch.importance[i], grid.flatten(), atol=1e-6)
+
+
+def test_batched_map_reprojection_is_crop_map_for_any_box_flip_and_image_shape():
+    rng = np.random.default_rng(0)
+    maps = rng.random((32, 7, 5)).astype(np.float32)
+    hw = np.stack([rng.integers(20, 90, 32), rng.integers(20, 90, 32)], 1)
+    boxes = []
+    for h, w in hw:
+        bh, bw = rng.integers(1, h + 1), rng.integers(1, w + 1)
+        boxes.append((rng.integers(0, h - bh + 1), rng.integers(0, w - bw + 1), bh, bw))
+    flips = rng.random(32) < 0.5
+    got = data.crop_maps(maps, np.array(boxes), hw, 6, flips)
+    for i in range(32):
+        want = data.crop_map(maps[i], boxes[i], tuple(hw[i]), 6, bool(flips[i]))
+        assert torch.allclose(got[i], want, atol=1e-6)
+
+
+def test_the_same_seed_draws_the_same_batches(toy: Path, tmp_path: Path):
+    split = read_split(toy, "train")
+    out = []
+    for name in ("a", "b"):
+        run = _run(toy, tmp_path / name)
+        random.seed(5)
+        out.append(list(train_loader(run, split, 2)[0]))
+    for a, b in zip(*out):
+        assert a.keys == b.keys and torch.equal(a.image, b.image) and torch.equal(a.importance, b.importance)
+
+
+def test_rows_the_pruner_sets_out_take_no_steps(toy: Path, tmp_path: Path):
+    run = _run(toy, tmp_path, example_pruning="trilevel")
+    split = read_split(toy, "train")
+    held = {k for k in _stored(toy) if run.pruner.is_held(k)}
+    assert 0 < len(held) < 64
+    batches, plan = train_loader(run, split, 0)
+    keys = [k for b in batches for k in b.keys]
+    assert not held & set(keys) and plan.steps == (64 - len(held)) // 8
+    assert len(keys) + plan.unused == 64 - len(held)
+
+
+def test_ranks_share_the_order_and_take_disjoint_equal_steps(toy: Path):
+    decoded = memory.decode_split(read_split(toy, "train"), 0)
+    order = memory.epoch_order(decoded, 0, 0, lambda keys: torch.ones(len(keys)))
+    plan = memory.epoch_plan(order[:61], 2, 8)
+    assert plan.steps == 3 and plan.unused == 61 - 48
+    assert not set(order[0::2]) & set(order[1::2])
+
+
+def test_a_split_too_big_for_memory_is_refused(toy: Path):
+    with pytest.raises(ValueError, match="--loader stream"):
+        memory.decode_split(read_split(toy, "train"), 0, max_bytes=10_000)
+
+
+def test_curate_train_memory_lists_undecodable_samples_every_epoch(tmp_path: Path):
+    broken = {"train-1-0003", "train-2-0007"}
+    shards = write_shards(tmp_path / "some", corrupt=lambda key: key in broken)
+    args = ["train", str(shards), "--out", str(tmp_path / "r1"), "--model", "vit_tiny_patch16_224", "--model-arg",
+            "depth=2", "--img-size", "64", "--patch-size", "8", "--batch-size", "8", "--num-classes", "4", "--quiet",
+            "--epochs", "2", "--loader", "memory", "--keep", "0.5"]
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 0, res.output
+    epochs = [json.loads(line) for line in (tmp_path / "r1" / "metrics.jsonl").read_text().splitlines()
+              if '"kind": "epoch"' in line]
+    assert len(epochs) == 2
+    for e in epochs:  # 62 good samples: 7 batches of 8, 6 left for the next epoch's order
+        assert e["images"] == 56 and e["unused"] == 6 and e["skipped"] == 2
+        assert sorted(s["key"] for s in e["skipped_keys"]) == sorted(broken)
+    res = CliRunner().invoke(main, args[:3] + [str(tmp_path / "r2")] + args[4:] + ["--decode", "gpu"])
+    assert res.exit_code == 2 and "--loader memory" in res.output and not (tmp_path / "r2").exists()
+    dead = write_shards(tmp_path / "dead", corrupt=lambda key: key.startswith("train"))
+    res = CliRunner().invoke(main, ["train", str(dead), "--out", str(tmp_path / "r3")] + args[4:])
+    assert res.exit_code != 0 and "every training sample failed to decode" in res.output
