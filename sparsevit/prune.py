@@ -143,5 +143,31 @@ class HoldOutSwap(NoPruning):
         self.learned, self.held, self.seen = set(state["learned"]), set(state["held"]), set(state["seen"])
 
 
-def make_pruner(name: str, epochs: int, seed: int) -> NoPruning:
-    return NoPruning() if name == "none" else PRUNERS[name](epochs=epochs, seed=seed)  # type: ignore[call-arg]
+@PRUNERS.register("rs2")
+@dataclass
+class FreshSubsets(NoPruning):
+    """RS2 (Okanovic et al., arXiv 2305.18424): every epoch trains a fresh random share `keep` of
+    the examples, so an epoch costs `keep` of a full one but, over the run, every example teaches.
+    Without replacement: each key has one random position u in [0, 1) and epoch e takes the window
+    [e * keep, (e + 1) * keep) of positions (mod 1), so a key comes back before any other returns
+    twice. (The paper reshuffles after each pass; here one order is walked again.) Needs no
+    records: a function of (seed, epoch, key)."""
+    epochs: int
+    seed: int = 0
+    keep: float = 0.7
+
+    def __post_init__(self) -> None:
+        if not 0 < self.keep <= 1:
+            raise ValueError(f"rs2 keeps a share of the examples each epoch: in (0, 1], got {self.keep}")
+
+    def weights(self, keys: list[str], epoch: int) -> torch.Tensor:
+        start = epoch * self.keep % 1.0
+        return torch.tensor([1.0 if (unit(self.seed, k, "rs2") - start) % 1.0 < self.keep else 0.0 for k in keys])
+
+
+def make_pruner(name: str, epochs: int, seed: int, keep: float = 0.7) -> NoPruning:
+    """The named pruner; `keep` is rs2's share of the examples per epoch."""
+    if name == "none":
+        return NoPruning()
+    extra = {"keep": keep} if name == "rs2" else {}
+    return PRUNERS[name](epochs=epochs, seed=seed, **extra)  # type: ignore[call-arg]

@@ -375,3 +375,17 @@ def test_holdout_swap_holds_out_a_fifth_and_swaps_the_most_unforgettable():
     q = prune.HoldOutSwap(epochs=20, seed=0, every=2)
     q.load_state_dict(p.state_dict())
     assert {k for k in keys if q.is_held(k)} == held1
+
+
+def test_rs2_trains_a_fresh_share_each_epoch_and_every_example_in_turn():
+    keys = [f"k{i}" for i in range(2000)]
+    p = prune.make_pruner("rs2", 10, 4, keep=0.7)
+    subsets = [{k for k, w in zip(keys, p.weights(keys, e).tolist()) if w == 1.0} for e in range(10)]
+    assert all(0.66 < len(s) / 2000 < 0.74 for s in subsets)
+    assert subsets[0] != subsets[1] and subsets[0] == {k for k, w in zip(keys, p.weights(keys, 0)) if w}
+    seen = {k: sum(k in s for s in subsets) for k in keys}
+    assert set(seen.values()) == {7}  # without replacement: the 10 windows of 0.7 tile [0, 7), 7 visits each
+    assert not p.tracks
+    assert torch.equal(p.weights(keys, 3), prune.make_pruner("rs2", 10, 4, keep=0.7).weights(keys, 3))
+    with pytest.raises(ValueError, match="rs2"):
+        prune.make_pruner("rs2", 10, 0, keep=0.0)
