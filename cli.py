@@ -387,8 +387,9 @@ def epoch_cost_line(selection: "pl.DataFrame") -> str:
     kept = int(selection["kept"].sum())
     share = kept / readable if readable else 0.0
     return (f"an epoch over the kept set costs ~{share:.2f}x one over all {readable} readable inputs "
-            f"({kept} samples); --keep in curate train multiplies the step's share further "
-            "(measured: docs/benchmarks.md)")
+            f"({kept} samples) with curate train --loader memory, which costs what it trains on small images; "
+            "the stream loader adds a fixed cost per epoch, and --keep multiplies the step's share further "
+            "(docs/benchmarks.md, \"Epochs that cost what they train\")")
 
 
 def _model_args(values: tuple[str, ...]) -> dict[str, object]:

@@ -118,6 +118,19 @@ def test_rows_the_pruner_sets_out_take_no_steps(toy: Path, tmp_path: Path):
     assert len(keys) + plan.unused == 64 - len(held)
 
 
+def test_rs2_epochs_are_fresh_shares_in_full_batches(toy: Path, tmp_path: Path):
+    run = _run(toy, tmp_path, example_pruning="rs2", example_keep=0.5)
+    split = read_split(toy, "train")
+    shares = []
+    for epoch in (0, 1):
+        batches, plan = train_loader(run, split, epoch)
+        keys = {k for b in batches for k in b.keys}
+        admitted = {k for k, w in zip(sorted(_stored(toy)), run.pruner.weights(sorted(_stored(toy)), epoch)) if w}
+        assert keys <= admitted and plan.steps == len(admitted) // 8 and len(keys) == 8 * plan.steps
+        shares.append(keys)
+    assert shares[0] != shares[1]
+
+
 def test_ranks_share_the_order_and_take_disjoint_equal_steps(toy: Path):
     decoded = memory.decode_split(read_split(toy, "train"), 0)
     order = memory.epoch_order(decoded, 0, 0, lambda keys: torch.ones(len(keys)))

@@ -23,11 +23,18 @@ import common  # noqa: E402
 
 from curate.demo.budget import BUDGET_VARIANTS, BudgetConfig, run_budget, table_lines  # noqa: E402
 from curate.demo.train import DEMO_MODEL  # noqa: E402
+from sparsevit.names import LOADERS  # noqa: E402
 
 
 def _model(args: argparse.Namespace) -> dict:
     return DEMO_MODEL | {"img_size": args.img_size, "patch_size": args.patch_size,
                          "model_kwargs": {"depth": args.depth, "embed_dim": args.dim, "num_heads": args.heads}}
+
+
+def _extra(args) -> dict:
+    """TrainConfig settings beyond the model; only those given, so older runs' configs still match."""
+    extra = {"loader": args.loader} if args.loader != "stream" else {}
+    return extra | ({"crop_scale": tuple(args.crop_scale)} if args.crop_scale else {})
 
 
 def main() -> None:
@@ -43,6 +50,9 @@ def main() -> None:
     ap.add_argument("--dim", type=int, default=DEMO_MODEL["model_kwargs"]["embed_dim"])
     ap.add_argument("--heads", type=int, default=DEMO_MODEL["model_kwargs"]["num_heads"])
     ap.add_argument("--ref-epochs", type=int, default=15, help="full data's complete schedule")
+    ap.add_argument("--loader", choices=LOADERS, default="stream",
+                    help="memory on small images: an epoch costs what it trains (docs/benchmarks.md)")
+    ap.add_argument("--crop-scale", type=common.floats, default=None, help="LO,HI: RandomResizedCrop's area range")
     ap.add_argument("--in-process", action="store_true", help="train every run in this process")
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--report-only", action="store_true", help="train nothing: report the cells already trained")
@@ -54,7 +64,7 @@ def main() -> None:
         ap.error(f"unknown variants {unknown}; known: {list(by_name)}")
     cfg = BudgetConfig(out=args.out, datasets=tuple(args.data), budgets=tuple(args.budgets),
                        variants=tuple(by_name[n] for n in names), model=_model(args),
-                       ref_epochs=args.ref_epochs, warmup_share=1 / args.ref_epochs,
+                       ref_epochs=args.ref_epochs, warmup_share=1 / args.ref_epochs, extra=_extra(args),
                        fresh_process=not args.in_process, resume=args.resume, report_only=args.report_only)
     results = run_budget(cfg)
     ref = results["reference"]

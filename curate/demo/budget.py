@@ -33,6 +33,7 @@ BUDGET_VARIANTS = (
     Variant("full at low res (~0.7 tokens)", "shards-full", token_scale=0.7),
     Variant("curated 70% + keep 0.5", "shards", keep=0.5),
     Variant("full + InfoBatch", "shards-full", example_pruning="infobatch"),
+    Variant("fresh random 70% (RS2)", "shards-full", example_pruning="rs2"),  # an epoch costs 0.7 with --loader memory
 )
 
 
