@@ -75,9 +75,13 @@ def decode_split(split: Split, workers: int, max_bytes: int = MAX_BYTES) -> Deco
     loader = data.make_loader(wds.DataPipeline(*stages), min(workers, len(split.urls)))
     good: list[dict[str, Any]] = []
     skipped: list[tuple[str, str]] = []
+    held = 0
     for chunk in loader:
         good += [s for s in chunk.samples if "error" not in s]
         skipped += [(s["key"], s["error"]) for s in chunk.samples if "error" in s]
+        held += sum(s["image"].nbytes for s in chunk.samples if "error" not in s)
+        if held > max_bytes:  # before the whole split sits in memory
+            raise ValueError(_too_big(f"more than {max_bytes / 2**30:.1f} GiB after {len(good)} images", max_bytes))
     if skipped and not good:
         example = skipped[0]
         raise FormatError(f"every training sample failed to decode ({len(skipped)}; e.g. {example[0]}: "
@@ -86,20 +90,35 @@ def decode_split(split: Split, workers: int, max_bytes: int = MAX_BYTES) -> Deco
     return _pack(good, skipped, split.has_maps, max_bytes)
 
 
+def _too_big(what: str, max_bytes: int) -> str:
+    return (f"--loader memory would hold {what} of decoded pixels; the limit is {max_bytes / 2**30:.1f} GiB: "
+            "use --loader stream")
+
+
 def _pack(good: list[dict[str, Any]], skipped: list[tuple[str, str]], has_maps: bool, max_bytes: int) -> Decoded:
-    sizes = [tuple(s["image"].shape[:2]) for s in good]
-    h, w = (max(hw[i] for hw in sizes) for i in (0, 1)) if sizes else (1, 1)
-    need = len(good) * 3 * h * w
-    if need > max_bytes:
-        raise ValueError(f"--loader memory would hold {need / 2**30:.1f} GiB of decoded pixels ({len(good)} images, "
-                         f"up to {h}x{w}); more than {max_bytes / 2**30:.1f} GiB: use --loader stream")
-    images = torch.zeros(len(good), 3, h, w, dtype=torch.uint8)
-    for i, s in enumerate(good):
-        images[i, :, :s["image"].shape[0], :s["image"].shape[1]] = torch.from_numpy(s["image"]).permute(2, 0, 1)
+    images = pad_images([s["image"] for s in good], max_bytes)
     maps = [s["importance"] for s in good] if has_maps else None
     stacked = np.stack(maps) if maps and len({m.shape for m in maps}) == 1 else None
-    return Decoded([s["key"] for s in good], images, sizes,  # type: ignore[arg-type]
+    return Decoded([s["key"] for s in good], images, [s["image"].shape[:2] for s in good],
                    torch.tensor([s["label"] for s in good], dtype=torch.long), maps, stacked, skipped)
+
+
+def pad_images(arrays: list[np.ndarray], max_bytes: int = MAX_BYTES) -> torch.Tensor:
+    """(H, W, 3) uint8 arrays -> one (N, 3, Hmax, Wmax) tensor, each image top-left, its last row and
+    column repeated into the padding: roi_align's bilinear samples near an image's edge then read
+    what interpolating the image alone would (its edge), not black."""
+    h = max((a.shape[0] for a in arrays), default=1)
+    w = max((a.shape[1] for a in arrays), default=1)
+    if len(arrays) * 3 * h * w > max_bytes:
+        raise ValueError(_too_big(f"{len(arrays) * 3 * h * w / 2**30:.1f} GiB ({len(arrays)} images padded to "
+                                  f"{h}x{w})", max_bytes))
+    images = torch.empty(len(arrays), 3, h, w, dtype=torch.uint8)
+    for i, a in enumerate(arrays):
+        ih, iw = a.shape[:2]
+        images[i, :, :ih, :iw] = torch.from_numpy(a).permute(2, 0, 1)
+        images[i, :, ih:, :iw] = images[i, :, ih - 1:ih, :iw]
+        images[i, :, :, iw:] = images[i, :, :, iw - 1:iw]
+    return images
 
 
 def epoch_order(decoded: Decoded, seed: int, epoch: int, admits: Callable[[list[str]], torch.Tensor]) -> list[int]:

@@ -163,3 +163,31 @@ def test_curate_train_memory_lists_undecodable_samples_every_epoch(tmp_path: Pat
     dead = write_shards(tmp_path / "dead", corrupt=lambda key: key.startswith("train"))
     res = CliRunner().invoke(main, ["train", str(dead), "--out", str(tmp_path / "r3")] + args[4:])
     assert res.exit_code != 0 and "every training sample failed to decode" in res.output
+
+
+class CornerCrops(data.TrainTransform):
+    def draw(self, height: int, width: int) -> tuple[tuple[int, int, int, int], bool]:
+        return (height - 5, width - 7, 5, 7), random.random() < 0.5
+
+
+def test_images_of_other_sizes_crop_as_they_would_alone():
+    from torchvision.ops import roi_align
+    rng = np.random.default_rng(1)
+    arrays = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in ((20, 31), (32, 32), (27, 18))]
+    images = memory.pad_images(arrays)
+    sizes = [a.shape[:2] for a in arrays]
+    decoded = memory.Decoded(["a", "b", "c"], images, sizes, torch.zeros(3, dtype=torch.long), None, None, [])
+    plain = data.Normalize((0, 0, 0), (1, 1, 1))
+    random_crops = data.TrainTransform(data.Geometry(32, 4), scale=(0.05, 0.3), normalize=plain)
+    corner = CornerCrops(data.Geometry(32, 4), normalize=plain)  # upsampled against the bottom-right edge
+    for seed, crop in [(0, corner), (1, corner)] + [(s, random_crops) for s in range(5)]:
+        random.seed(seed)
+        batch = memory.make_batch(decoded, [0, 1, 2], crop, [])
+        random.seed(seed)
+        for i, a in enumerate(arrays):
+            (top, left, h, w), flip = crop.draw(*sizes[i])
+            alone = torch.from_numpy(a).permute(2, 0, 1)[None].float()
+            box = torch.tensor([[0, left, top, left + w, top + h]], dtype=torch.float32)
+            want = roi_align(alone, box, output_size=32, spatial_scale=1.0, sampling_ratio=-1, aligned=True)[0]
+            want = want.flip(-1) if flip else want
+            assert torch.allclose(batch.image[i] * 255, want, atol=1e-3), (seed, i)
