@@ -146,7 +146,7 @@ def crop_maps(maps: np.ndarray, boxes: np.ndarray, image_hw: np.ndarray, out: in
     """`crop_map` for a batch of maps of one shape: maps (B, gh, gw), boxes (B, 4) as (top, left,
     height, width), image_hw (B, 2), flips (B,) bool. The same arithmetic in a few array ops
     instead of B calls (float32 products in another order: equal to within rounding)."""
-    b, gh, gw = maps.shape
+    _, gh, gw = maps.shape
     h, w = image_hw[:, 0:1].astype(np.float64), image_hw[:, 1:2].astype(np.float64)
     rows = _overlaps(boxes[:, 0:1] * gh / h, boxes[:, 2:3] * gh / h, gh, out)  # (B, out, gh)
     cols = _overlaps(boxes[:, 1:2] * gw / w, boxes[:, 3:4] * gw / w, gw, out)  # (B, out, gw)
