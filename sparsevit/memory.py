@@ -8,7 +8,7 @@ tensor; every epoch then draws its order from a seed shared by all ranks, takes 
 drawn by `TrainTransform.draw` (the same draws as the stream loader makes, from Python's `random`,
 seeded per epoch, so a resumed run draws what the uninterrupted one drew), the crops resized by
 `roi_align` (bilinear; over several source pixels per output pixel when shrinking), and the maps
-re-projected through the same boxes by `data.crop_map`. The shards stay what timm and webdataset
+re-projected through the same boxes by `data.crop_maps` (`crop_map` batched). The shards stay what timm and webdataset
 read; only how `curate train` reads them changes.
 
 Samples the example pruner sets out this epoch are left out before batching, so an epoch over
@@ -58,8 +58,8 @@ class Decoded:
     images: torch.Tensor  # (N, 3, H, W) uint8; row i's image is images[i, :, :h_i, :w_i]
     sizes: list[tuple[int, int]]  # (h, w) per row
     labels: torch.Tensor  # (N,) long
-    maps: list[np.ndarray] | None  # the stored maps, by row; None when the split has none
-    stacked: np.ndarray | None  # the maps as one (N, gh, gw) array when they all share a shape
+    # the stored maps by row: one (N, gh, gw) array when they share a shape, else a list; None without maps
+    maps: np.ndarray | list[np.ndarray] | None
     skipped: list[tuple[str, str]]  # (key, error) of the samples that failed to decode
 
     def __len__(self) -> int:
@@ -98,9 +98,10 @@ def _too_big(what: str, max_bytes: int) -> str:
 def _pack(good: list[dict[str, Any]], skipped: list[tuple[str, str]], has_maps: bool, max_bytes: int) -> Decoded:
     images = pad_images([s["image"] for s in good], max_bytes)
     maps = [s["importance"] for s in good] if has_maps else None
-    stacked = np.stack(maps) if maps and len({m.shape for m in maps}) == 1 else None
+    if maps and len({m.shape for m in maps}) == 1:
+        maps = np.stack(maps)  # one shape: make_batch re-projects them all in a few array ops
     return Decoded([s["key"] for s in good], images, [s["image"].shape[:2] for s in good],
-                   torch.tensor([s["label"] for s in good], dtype=torch.long), maps, stacked, skipped)
+                   torch.tensor([s["label"] for s in good], dtype=torch.long), maps, skipped)
 
 
 def pad_images(arrays: list[np.ndarray], max_bytes: int = MAX_BYTES) -> torch.Tensor:
@@ -159,8 +160,8 @@ def make_batch(decoded: Decoded, rows: list[int], transform: data.TrainTransform
     flips = torch.tensor([flip for _, flip in draws])
     x[flips] = x[flips].flip(-1)
     grid, maps = transform.geometry.grid, None
-    if decoded.stacked is not None:  # one shape: all maps in a few array ops
-        maps = data.crop_maps(decoded.stacked[rows], np.array([box for box, _ in draws]),
+    if isinstance(decoded.maps, np.ndarray):
+        maps = data.crop_maps(decoded.maps[rows], np.array([box for box, _ in draws]),
                               np.array([decoded.sizes[i] for i in rows]), grid, flips.numpy()).flatten(1)
     elif decoded.maps is not None:
         maps = torch.stack([data.crop_map(decoded.maps[i], box, decoded.sizes[i], grid, flip)

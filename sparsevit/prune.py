@@ -12,7 +12,7 @@ keeps the same number of steps.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
@@ -166,8 +166,9 @@ class FreshSubsets(NoPruning):
 
 
 def make_pruner(name: str, epochs: int, seed: int, keep: float = 0.7) -> NoPruning:
-    """The named pruner; `keep` is rs2's share of the examples per epoch."""
+    """The named pruner; `keep` goes to the pruners that take a share of the examples (rs2)."""
     if name == "none":
         return NoPruning()
-    extra = {"keep": keep} if name == "rs2" else {}
-    return PRUNERS[name](epochs=epochs, seed=seed, **extra)  # type: ignore[call-arg]
+    cls = PRUNERS[name]
+    extra = {"keep": keep} if "keep" in {f.name for f in fields(cls)} else {}
+    return cls(epochs=epochs, seed=seed, **extra)  # type: ignore[call-arg]

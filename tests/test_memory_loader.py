@@ -176,7 +176,7 @@ def test_images_of_other_sizes_crop_as_they_would_alone():
     arrays = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in ((20, 31), (32, 32), (27, 18))]
     images = memory.pad_images(arrays)
     sizes = [a.shape[:2] for a in arrays]
-    decoded = memory.Decoded(["a", "b", "c"], images, sizes, torch.zeros(3, dtype=torch.long), None, None, [])
+    decoded = memory.Decoded(["a", "b", "c"], images, sizes, torch.zeros(3, dtype=torch.long), None, [])
     plain = data.Normalize((0, 0, 0), (1, 1, 1))
     random_crops = data.TrainTransform(data.Geometry(32, 4), scale=(0.05, 0.3), normalize=plain)
     corner = CornerCrops(data.Geometry(32, 4), normalize=plain)  # upsampled against the bottom-right edge
