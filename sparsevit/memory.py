@@ -8,8 +8,8 @@ tensor; every epoch then draws its order from a seed shared by all ranks, takes 
 drawn by `TrainTransform.draw` (the same draws as the stream loader makes, from Python's `random`,
 seeded per epoch, so a resumed run draws what the uninterrupted one drew), the crops resized by
 `roi_align` (bilinear; over several source pixels per output pixel when shrinking), and the maps
-re-projected through the same boxes by `data.crop_maps` (`crop_map` batched). The shards stay what timm and webdataset
-read; only how `curate train` reads them changes.
+re-projected through the same boxes by `data.crop_maps` (`crop_map` batched). The shards stay
+what timm and webdataset read; only how `curate train` reads them changes.
 
 Samples the example pruner sets out this epoch are left out before batching, so an epoch over
 fewer examples takes fewer full steps (the stream loader reads them and drops their rows from the
