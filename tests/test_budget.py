@@ -68,8 +68,14 @@ def test_every_cell_is_trained_for_the_epochs_its_budget_fits_and_resume_reuses_
     assert all(c["val_acc_dropped"] is not None for c in keep)
     rows = {(r["budget"], r["variant"]): r for r in res["summary"]}
     assert len(rows) == 6 and all(r["seeds"] == 2 for r in rows.values())
+    acc = {(c["budget"], c["variant"], c["seed"]): c["val_acc"] for c in res["cells"]}
+    for (budget, variant), r in rows.items():  # paired with full data at the same budget and seed
+        diffs = [acc[budget, variant, s] - acc[budget, "full", s] for s in (0, 1)]
+        assert r["paired"] == 2 and r["paired_wins"] == sum(d > 0 for d in diffs)
+        assert r["paired_diff_mean"] == pytest.approx(sum(diffs) / 2)
     table = (out / "table.md").read_text()
     assert table.count("\n") == 2 + 3 and "budget 0.5x" in table and "±" in table
+    assert table.count("vs full, wins ") == 4  # every row but full's, at both budgets
     with Image.open(out / "budget.png") as png:
         assert png.size[0] > 300 and np.unique(np.asarray(png.convert("L"))).size > 10  # drawn, not blank
 

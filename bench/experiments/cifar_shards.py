@@ -3,7 +3,7 @@
 same shard sets `curate demo` makes, with the same proxies trained here and the same selection:
 
     python bench/experiments/cifar_shards.py --out c10 [--train-per-class 1000] [--test-per-class 200] [--flip 0.1]
-        [--noise uniform|pairs|instance [--probs SCORES_FOLDER | PROBS.npy]]
+        [--noise uniform|pairs|instance [--probs SCORES_FOLDER | PROBS.npy]] [--backbone MODEL.pt]
     python bench/experiments/budget.py --out budget-c10 --data 0:c10 --data 1:c10
 
 A seeded share (`--flip`, exactly round(flip * n) of the n training labels) is flipped to another
@@ -18,6 +18,13 @@ or instance (each class's hardest images to the class a model finds most likely)
     <true class>-<index>.jpg this script names files), and every picked image must be in it; or
   - an .npy (n_train, 10) array, row i for the i-th training row of truth.parquet (class by class,
     in file-name order; the same seed and --train-per-class pick the same images).
+With `--backbone` (an airbench checkpoint trained on other CIFAR-10 images: probe_label_issues.py
+--disjoint, then `curate score DJ/train --proxy airbench`: the situation of a user with a pretrained
+model) nothing is trained here: one `curate score --checkpoint --probe` table decides, with its
+out-of-sample label issues, and the shard sets are those of the issue-25 benchmark (BACKBONE_SETS):
+full, random 70%, `curate shard`'s defaults (70% by CCS on EL2N), clean (label issues and
+near-duplicates dropped, nothing else) and clean + 70% of the inputs by CCS on EL2N. No maps: random
+tokens beat every map source on CIFAR-10 (docs/benchmarks.md, "Proxies for real photographs").
 `data/truth.parquet` records the true labels and the noise kind (the demo's truth format, the box
 being the whole image, plus `noise`). Prints the label-noise AUC of each proxy and what the
 selection removed.
@@ -50,8 +57,21 @@ from curate.demo.train import baseline_shards  # noqa: E402
 from curate.score import table  # noqa: E402
 from curate.score.job import ScoreConfig, run_score  # noqa: E402
 from curate.score.proxies import RECIPES  # noqa: E402
+from curate.select.policies import SelectConfig  # noqa: E402
+from curate.shard.job import ShardConfig, run_shard  # noqa: E402
 
 TARBALL = common.ROOT.parent / "shared" / "data" / "cifar10.tar.gz"
+PHASH_DEDUP = 0.75  # `curate shard --dedup-on phash`'s threshold (docs/benchmarks.md, "Near-duplicates")
+# --backbone's shard sets: folder -> (the selection, near-duplicate threshold); a float keep is a share of the
+# candidates left after the drops, an int a count (clean + 70%: 70% of all inputs, as many as random 70% keeps)
+BACKBONE_SETS: dict[str, Callable[[int, int], tuple[SelectConfig, float | None]]] = {
+    "shards-full": lambda n, seed: (SelectConfig(keep=1.0, policy="random", seed=seed), None),
+    "shards-random": lambda n, seed: (SelectConfig(keep=0.7, policy="random", seed=seed), None),
+    "shards": lambda n, seed: (SelectConfig(seed=seed), None),  # curate shard's defaults
+    "shards-clean": lambda n, seed: (SelectConfig(keep=1.0, drop_label_issues=True, seed=seed), PHASH_DEDUP),
+    "shards-clean-70": lambda n, seed: (SelectConfig(keep=round(0.7 * n), drop_label_issues=True, seed=seed),
+                                        PHASH_DEDUP),
+}
 
 
 def class_files(root: Path) -> dict[str, list[Path]]:
@@ -160,6 +180,31 @@ def disjoint(tarball: Path, data: Path, per_class: int, scored_per_class: int, s
     return written
 
 
+def backbone_sets(folder: RunFolder, data: Path, backbone: Path, seed: int, per_shard: int,
+                  workers: int) -> None:
+    """Score data/train with the frozen backbone and its K-fold probes (out-of-sample label issues),
+    then write BACKBONE_SETS under the run folder, each with the unpruned validation split."""
+    t0 = time.perf_counter()
+    scores = folder.claim_run("scores-probe")
+    result = run_score(ScoreConfig(source=str(data / "train"), out=scores, proxy="airbench", checkpoint=backbone,
+                                   probe=True, seed=seed, workers=workers, overwrite=True, progress=False))
+    joined = evaluate.join_truth(table.scan(scores).collect(), data)
+    flagged = joined.filter(pl.col("label_issue"))
+    print(f"probe: {time.perf_counter() - t0:.0f}s, held-out agreement with the given labels "
+          f"{result.manifest['proxy']['probe']['held_out_accuracy']:.1%}; label issues {flagged.height}, "
+          f"{int(flagged['flipped'].sum())} of them flipped (of {int(joined['flipped'].sum())})", flush=True)
+    n = joined.height
+    for name, selection in BACKBONE_SETS.items():
+        select, dedup = selection(n, seed)
+        shard = run_shard(ShardConfig(str(data / "train"), (scores,), folder.claim_run(name), select, dedup=dedup,
+                                      val=str(data / "val"), samples_per_shard=per_shard, shard_multiple=4,
+                                      name="cifar10", overwrite=True, progress=False))
+        sel = evaluate.join_truth(shard.selection.join(joined.select("key", "source"), on="key"), data)
+        kept = sel.filter(pl.col("kept"))
+        print(f"{name}: kept {kept.height} of {n}, flipped among them {int(kept['flipped'].sum())} "
+              f"(of {int(sel['flipped'].sum())})", flush=True)
+
+
 def main() -> None:
     ap = common.parser(__doc__)
     ap.add_argument("--out", type=Path, required=True)
@@ -173,6 +218,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--proxy-epochs", type=int, default=None, help="default: each recipe's")
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--backbone", type=Path, default=None,
+                    help="an airbench checkpoint trained on other images: probe it, train no proxy (see above)")
     args = ap.parse_args()
     if not args.tar.is_file():
         sys.exit(f"{args.tar} is not there: this benchmark needs the shared CIFAR-10 tarball")
@@ -188,6 +235,10 @@ def main() -> None:
         print(f"data: {truth.filter(pl.col('split') == 'train').height} train ({int(truth['flipped'].sum())} "
               f"flipped, {args.noise}), {truth.filter(pl.col('split') == 'val').height} val "
               f"in {time.perf_counter() - t0:.0f}s", flush=True)
+        if args.backbone is not None:
+            backbone_sets(folder, data, args.backbone, args.seed, per_shard, args.workers)
+            print(f"{', '.join(BACKBONE_SETS)} under {folder.root} in {time.perf_counter() - t0:.0f}s")
+            return
         for name, proxy in PROXIES.items():
             t1 = time.perf_counter()
             run_score(ScoreConfig(source=str(data / "train"), out=folder.claim_run(name), proxy=proxy,

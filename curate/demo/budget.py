@@ -34,6 +34,10 @@ BUDGET_VARIANTS = (
     Variant("curated 70% + keep 0.5", "shards", keep=0.5),
     Variant("full + InfoBatch", "shards-full", example_pruning="infobatch"),
     Variant("fresh random 70% (RS2)", "shards-full", example_pruning="rs2"),  # an epoch costs 0.7 with --loader memory
+    # label issues and near-duplicates dropped, nothing else (bench/experiments/cifar_shards.py --backbone)
+    Variant("clean", "shards-clean"),
+    Variant("clean + 70% by CCS", "shards-clean-70"),
+    Variant("clean + keep 0.7 random", "shards-clean", keep=0.7, drop_by="random"),
 )
 
 
@@ -147,26 +151,32 @@ def _cell(folder: RunFolder, cfg: BudgetConfig, v: Variant, seed: int, root: Pat
     return cell
 
 
-def summarise(cells: Sequence[dict[str, Any]], full_s: float) -> list[dict[str, Any]]:
+def summarise(cells: Sequence[dict[str, Any]], full_s: float, reference: str = "full") -> list[dict[str, Any]]:
     """Mean and spread over seeds for every (budget, variant); wall-clock as a share of `full_s`,
-    full data's complete schedule."""
+    full data's complete schedule; and the paired comparison with `reference` at the same budget
+    and seed: the mean difference in accuracy and in how many seeds the variant is ahead."""
     groups: dict[tuple[float, str], list[dict[str, Any]]] = {}
     for c in cells:
         groups.setdefault((c["budget"], c["variant"]), []).append(c)
+    ref = {(c["budget"], c["seed"]): c["val_acc"] for c in cells if c["variant"] == reference}
     rows = []
     for (fraction, variant), cs in groups.items():
         acc = [c["val_acc"] for c in cs]
         dropped = [c["val_acc_dropped"] for c in cs if c["val_acc_dropped"] is not None]
+        diffs = [c["val_acc"] - ref[fraction, c["seed"]] for c in cs if (fraction, c["seed"]) in ref]
         rows.append({"budget": fraction, "variant": variant, "seeds": len(cs), "epochs": cs[0]["epochs"],
                      "acc_mean": statistics.fmean(acc), "acc_sd": statistics.stdev(acc) if len(acc) > 1 else 0.0,
                      "acc_as_trained_mean": statistics.fmean(dropped) if dropped else None,
-                     "wall_ratio_mean": statistics.fmean(c["wall_s"] / full_s for c in cs)})
+                     "wall_ratio_mean": statistics.fmean(c["wall_s"] / full_s for c in cs),
+                     "paired": len(diffs), "paired_wins": sum(d > 0 for d in diffs),
+                     "paired_diff_mean": statistics.fmean(diffs) if diffs else None})
     return rows
 
 
 def table_lines(results: dict[str, Any]) -> list[str]:
     """Markdown: one row per variant, one column per budget; each cell mean ± sd of accuracy,
-    epochs, and the wall-clock used as a share of full data's complete schedule."""
+    epochs, the wall-clock used as a share of full data's complete schedule, and (rows other than
+    the reference) the mean paired difference from full data and the seeds it wins."""
     rows = results["summary"]
     budgets = sorted({r["budget"] for r in rows})
     variants = list(dict.fromkeys(r["variant"] for r in rows))
@@ -181,8 +191,10 @@ def table_lines(results: dict[str, Any]) -> list[str]:
                 cells.append("")
                 continue
             trained = "" if r["acc_as_trained_mean"] is None else f"; as trained {100 * r['acc_as_trained_mean']:.1f}"
+            paired = "" if v == variants[0] or not r["paired"] else \
+                f"; {100 * r['paired_diff_mean']:+.1f} vs full, wins {r['paired_wins']}/{r['paired']}"
             cells.append(f"{100 * r['acc_mean']:.1f} ± {100 * r['acc_sd']:.1f} ({r['epochs']} ep, "
-                         f"{r['wall_ratio_mean']:.2f}x{trained})")
+                         f"{r['wall_ratio_mean']:.2f}x{trained}{paired})")
         lines.append(f"| {v} | " + " | ".join(cells) + " |")
     return lines
 
