@@ -108,3 +108,19 @@ def test_a_fresh_process_trains_each_run_and_its_failure_is_raised_here(dataset:
     missing = dataset.parent / "no-such-dataset"
     with pytest.raises(RuntimeError, match="failed in its process"):
         run_budget(_config(tmp_path / "broken", missing, **(one | {"datasets": ((0, missing),)})))
+
+
+def test_given_epoch_seconds_plan_the_cells_without_calibrating(dataset: Path, tmp_path: Path):
+    variants = (BY_NAME["full"], BY_NAME["random 70%"])
+    given = {"full": 10.0, "random 70%": 7.0}  # as another run measured them
+    cfg = _config(tmp_path / "b", dataset, variants=variants, budgets=(0.5,), datasets=((0, dataset),),
+                  epoch_seconds=given)
+    res = run_budget(cfg)
+    assert res["epoch_seconds"] == given and not (tmp_path / "b" / "calibration").exists()
+    epochs = {c["variant"]: c["epochs"] for c in res["cells"]}
+    assert epochs == {"full": 2, "random 70%": 2}  # 0.5 x 4 epochs x 10 s = 20 s: 2 of 10 s, 2 of 7 s
+    assert {c["variant"]: c["planned_s"] for c in res["cells"]} == {"full": 20.0, "random 70%": 14.0}
+    rows = {r["variant"]: r for r in res["summary"]}
+    assert rows["random 70%"]["planned_ratio_mean"] == pytest.approx(14.0 / 40.0)
+    with pytest.raises(ValueError, match="no 'random 70%'"):
+        run_budget(_config(tmp_path / "c", dataset, variants=variants, budgets=(0.5,), epoch_seconds={"full": 1.0}))

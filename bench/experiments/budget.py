@@ -7,14 +7,18 @@ epochs that fit and the wall-clock actually used.
     curate demo --out demo-run; curate demo --seed 1 --out demo-s1; curate demo --seed 2 --out demo-s2
     python bench/experiments/budget.py --out budget-demo --data 0:demo-run --data 1:demo-s1 --data 2:demo-s2 \\
         [--budgets 0.35,0.5,0.7,1.0] [--variants full,"random 70%",...] [--resume] [--report-only]
+        [--epoch-seconds-from OTHER/results.json] [--ratio planned]
 
 A seed may name the same root as another (training seeds on one dataset): --data 0:c10 --data 1:c10.
 The student defaults to the demo's ViT (curate.demo.train.DEMO_MODEL); --img-size, --patch-size,
 --depth, --dim and --heads change it (CIFAR-10: --img-size 32 --patch-size 4, the same 8x8 grid).
+The shard sets of the clean variants (`shards-clean`, `shards-clean-70`) come from
+bench/experiments/cifar_shards.py --backbone.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -37,6 +41,10 @@ def _extra(args) -> dict:
     return extra | ({"crop_scale": tuple(args.crop_scale)} if args.crop_scale else {})
 
 
+def _epoch_seconds(results: Path | None) -> dict[str, float] | None:
+    return None if results is None else json.loads(results.read_text())["epoch_seconds"]
+
+
 def main() -> None:
     ap = common.parser(__doc__)
     ap.add_argument("--out", type=Path, required=True)
@@ -53,6 +61,11 @@ def main() -> None:
     ap.add_argument("--loader", choices=LOADERS, default="stream",
                     help="memory on small images: an epoch costs what it trains (docs/benchmarks.md)")
     ap.add_argument("--crop-scale", type=common.floats, default=None, help="LO,HI: RandomResizedCrop's area range")
+    ap.add_argument("--epoch-seconds-from", type=Path, default=None,
+                    help="another run's results.json: plan with its calibration (runs split over processes); "
+                         "--budgets '' only calibrates")
+    ap.add_argument("--ratio", choices=("wall", "planned"), default="wall",
+                    help="the table's wall-clock: as run, or epochs x calibrated epoch (runs that shared the cores)")
     ap.add_argument("--in-process", action="store_true", help="train every run in this process")
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--report-only", action="store_true", help="train nothing: report the cells already trained")
@@ -65,13 +78,14 @@ def main() -> None:
     cfg = BudgetConfig(out=args.out, datasets=tuple(args.data), budgets=tuple(args.budgets),
                        variants=tuple(by_name[n] for n in names), model=_model(args),
                        ref_epochs=args.ref_epochs, warmup_share=1 / args.ref_epochs, extra=_extra(args),
+                       epoch_seconds=_epoch_seconds(args.epoch_seconds_from),
                        fresh_process=not args.in_process, resume=args.resume, report_only=args.report_only)
     results = run_budget(cfg)
     ref = results["reference"]
     epoch_s = {k: round(v, 2) for k, v in results["epoch_seconds"].items()}
     print("\n" + common.header(f"reference: {ref['variant']} for {ref['epochs']} epochs = {ref['seconds']:.0f}s",
                                f"seeds {[s for s, _ in cfg.datasets]}", f"epoch seconds {epoch_s}"))
-    print("\n".join(table_lines(results)))
+    print("\n".join(table_lines(results, args.ratio)))
     if results["missing"]:
         print(f"not trained ({len(results['missing'])} cells): "
               + "; ".join(f"{b:g}x {v} seed {s}" for b, v, s in results["missing"]))

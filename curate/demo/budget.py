@@ -51,6 +51,9 @@ class BudgetConfig:
     ref_epochs: int = 15  # full data's complete schedule
     warmup_share: float = 1 / 15  # warmup as a share of every schedule (the demo: 1 of 15 epochs)
     calibration_epochs: int = 3  # the median epoch is kept: one disturbed epoch does not move it
+    # variant -> epoch seconds measured by another run (its results.json): no calibration here, so runs split
+    # over processes or sessions plan the same epochs
+    epoch_seconds: dict[str, float] | None = None
     batch_size: int = 64
     lr: float = 4e-3
     workers: int = 2
@@ -82,7 +85,7 @@ def run_budget(cfg: BudgetConfig) -> dict[str, Any]:
     mode = "resume" if cfg.report_only else mode_of(cfg.resume, cfg.overwrite)
     with RunFolder.open(cfg.out, "budget", mode, config=_config_json(cfg),
                         free=free, sources=[root for _, root in cfg.datasets]) as folder:
-        epoch_s = {v.name: _calibrate(folder, cfg, v) for v in cfg.variants}
+        epoch_s = {v.name: _epoch_seconds(folder, cfg, v) for v in cfg.variants}
         full_s = cfg.ref_epochs * epoch_s[cfg.variants[0].name]
         cells = [_cell(folder, cfg, v, seed, root, f, f * full_s, epoch_s[v.name])
                  for f in cfg.budgets for v in cfg.variants for seed, root in cfg.datasets]
@@ -116,6 +119,15 @@ def _train(cfg: BudgetConfig, tc: TrainConfig) -> None:
         raise RuntimeError(f"training {tc.out} failed in its process (exit code {proc.exitcode})")
 
 
+def _epoch_seconds(folder: RunFolder, cfg: BudgetConfig, v: Variant) -> float:
+    """The variant's epoch seconds: given (`cfg.epoch_seconds`) or calibrated here."""
+    if cfg.epoch_seconds is None:
+        return _calibrate(folder, cfg, v)
+    if v.name not in cfg.epoch_seconds:
+        raise ValueError(f"the given epoch seconds have no {v.name!r}: calibrate it (run without them) first")
+    return cfg.epoch_seconds[v.name]
+
+
 def _calibrate(folder: RunFolder, cfg: BudgetConfig, v: Variant) -> float:
     """Median epoch seconds of a short run of the variant on the first dataset (reused if done).
     The median, not the mean: on a shared machine one epoch slowed by another process would
@@ -143,7 +155,7 @@ def _cell(folder: RunFolder, cfg: BudgetConfig, v: Variant, seed: int, root: Pat
         _train(cfg, train_config(cfg, v, root, folder.claim_run(name), seed, epochs))
     summary = json.loads(done.read_text())
     cell = {"trained": True, "budget": fraction, "budget_s": budget_s, "variant": v.name, "seed": seed,
-            "epochs": epochs, "wall_s": summary["wall_s"], "val_acc": summary["val_acc"],
+            "epochs": epochs, "planned_s": epochs * epoch_s, "wall_s": summary["wall_s"], "val_acc": summary["val_acc"],
             "val_acc_dropped": summary["val_acc_dropped"]}
     if cfg.progress:
         print(f"  budget {fraction:g}x ({budget_s:.0f}s) {v.name:30s} seed {seed}: {epochs:2d} epochs, "
@@ -168,15 +180,17 @@ def summarise(cells: Sequence[dict[str, Any]], full_s: float, reference: str = "
                      "acc_mean": statistics.fmean(acc), "acc_sd": statistics.stdev(acc) if len(acc) > 1 else 0.0,
                      "acc_as_trained_mean": statistics.fmean(dropped) if dropped else None,
                      "wall_ratio_mean": statistics.fmean(c["wall_s"] / full_s for c in cs),
+                     "planned_ratio_mean": statistics.fmean(c["planned_s"] / full_s for c in cs),
                      "paired": len(diffs), "paired_wins": sum(d > 0 for d in diffs),
                      "paired_diff_mean": statistics.fmean(diffs) if diffs else None})
     return rows
 
 
-def table_lines(results: dict[str, Any]) -> list[str]:
+def table_lines(results: dict[str, Any], ratio: str = "wall") -> list[str]:
     """Markdown: one row per variant, one column per budget; each cell mean ± sd of accuracy,
-    epochs, the wall-clock used as a share of full data's complete schedule, and (rows other than
-    the reference) the mean paired difference from full data and the seeds it wins."""
+    epochs, the wall-clock as a share of full data's complete schedule (ratio "wall": as the runs
+    took it; "planned": epochs x the calibrated epoch, for runs that shared the cores), and (rows
+    other than the reference) the mean paired difference from full data and the seeds it wins."""
     rows = results["summary"]
     budgets = sorted({r["budget"] for r in rows})
     variants = list(dict.fromkeys(r["variant"] for r in rows))
@@ -194,7 +208,7 @@ def table_lines(results: dict[str, Any]) -> list[str]:
             paired = "" if v == variants[0] or not r["paired"] else \
                 f"; {100 * r['paired_diff_mean']:+.1f} vs full, wins {r['paired_wins']}/{r['paired']}"
             cells.append(f"{100 * r['acc_mean']:.1f} ± {100 * r['acc_sd']:.1f} ({r['epochs']} ep, "
-                         f"{r['wall_ratio_mean']:.2f}x{trained}{paired})")
+                         f"{r[f'{ratio}_ratio_mean']:.2f}x{trained}{paired})")
         lines.append(f"| {v} | " + " | ".join(cells) + " |")
     return lines
 
