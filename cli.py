@@ -355,6 +355,8 @@ def shard(source: str, scores: tuple[Path, ...], keep: str, by: tuple[str, ...],
         click.echo(f"{conflicts} inputs are copies of an image with another label (dup_label_conflict in "
                    f"{cfg.out}/selection.parquet): {fate}", err=True)
     click.echo(epoch_cost_line(sel), err=True)
+    for line in result.warnings:
+        click.echo(f"warning: {line}", err=True)
     if result.report is not None:
         click.echo(report_line(result.report), err=True)
     if result.manifest is None:

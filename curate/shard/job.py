@@ -31,6 +31,7 @@ from curate.ingest.limits import DEFAULT_MAX_CLASSES
 from curate.ingest.sources import (Item, index_sha256, open_source, read_bytes, relative_source, sanitize_key,
                                    source_root)
 from curate.score import table
+from curate.select.advice import recipe_warnings
 from curate.select.embeddings import DEDUP_ON, embedding_columns
 from curate.select.policies import SelectConfig, load_scores, select, selection_hash
 from curate.select.report import ReportInfo, write_report
@@ -111,6 +112,7 @@ class ShardResult:
     seconds: float
     report: ReportInfo | None = None  # with `report`: what OUT/report.html holds
     weighing: list[str] = field(default_factory=list)  # one line per proxy: its weight, and why
+    warnings: list[str] = field(default_factory=list)  # findings of the benchmark against the recipe here
 
 
 def run_shard(cfg: ShardConfig) -> ShardResult:
@@ -125,8 +127,10 @@ def run_shard(cfg: ShardConfig) -> ShardResult:
     per_class = per_class_counts(sel)
     # Everything that can fail on the inputs fails before --out is touched, and on a dry run too.
     items = _check_source(cfg, manifests, sel.filter(pl.col("kept")))
+    warnings = recipe_warnings(cfg.select, manifests[roles.lead])
     if cfg.dry_run:
-        return ShardResult(cfg.out, sel, per_class, None, time.perf_counter() - t0, weighing=roles.lines())
+        return ShardResult(cfg.out, sel, per_class, None, time.perf_counter() - t0, weighing=roles.lines(),
+                           warnings=warnings)
     plan = _train_plan(cfg, sel)
     val = _validation(cfg) if cfg.val is not None else None
     with _open_out(cfg, [plan] + ([val.plan] if val is not None else [])):
@@ -141,7 +145,7 @@ def run_shard(cfg: ShardConfig) -> ShardResult:
         report = None
         if cfg.report:
             report = write_report(roles.report_order(cfg.scores), cfg.out / REPORT, sel, maps=maps_dir)
-    return ShardResult(cfg.out, sel, per_class, manifest, time.perf_counter() - t0, report, roles.lines())
+    return ShardResult(cfg.out, sel, per_class, manifest, time.perf_counter() - t0, report, roles.lines(), warnings)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,76 @@
+"""The benchmark's findings said where they apply (curate/select/advice.py): `curate shard` warns when
+out-of-sample label issues say the data is noisy and the recipe keeps them; in-sample flags, quiet
+data and recipes that drop or relabel the issues get no warning."""
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from cli import main
+from curate.score.job import ScoreConfig, run_score
+from curate.select.advice import NOISY_SHARE, flagged_share, recipe_warnings
+from curate.select.policies import SelectConfig
+
+
+def manifest(flagged: int, rows: int = 10_000, folds: int = 5, probe: bool = False) -> dict:
+    """The parts of a `curate score` manifest that advice reads (a real one: tests below)."""
+    proxy = {"label_issues": {"agreement": 0.63, "label_issues": flagged, "rows": rows}}
+    return {"config": {"folds": folds}, "proxy": proxy | ({"probe": {"held_out_accuracy": 0.63}} if probe else {})}
+
+
+def test_flagged_share_only_out_of_sample():
+    assert flagged_share(manifest(2151)) == pytest.approx(0.2151)
+    assert flagged_share(manifest(2151, folds=1, probe=True)) == pytest.approx(0.2151)
+    assert flagged_share(manifest(2151, folds=1)) is None, "in sample: the proxy learned its labels"
+    assert flagged_share({"config": {"folds": 5}, "proxy": {"label_issues": None}}) is None
+
+
+def test_the_warning_applies_to_noisy_data_and_recipes_that_keep_the_issues():
+    noisy, quiet = manifest(2151), manifest(785)  # the probe at 20% and at 0% flips on CIFAR-10
+    (line,) = recipe_warnings(SelectConfig(), noisy)
+    assert line.startswith("22% of the inputs are label issues") and "--drop-label-issues" in line
+    assert "The value where users prune" in line
+    assert recipe_warnings(SelectConfig(keep=1.0, policy="random"), noisy), "full data keeps them too"
+    assert recipe_warnings(SelectConfig(drop_label_issues=True), noisy) == []
+    assert recipe_warnings(SelectConfig(relabel_min_prob=0.7), noisy) == []
+    assert recipe_warnings(SelectConfig(), quiet) == [] and 785 / 10_000 < NOISY_SHARE
+    assert recipe_warnings(SelectConfig(), manifest(2151, folds=1)) == []
+
+
+@pytest.fixture(scope="module")
+def noisy_and_quiet(small_demo: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A real 2-fold table over the small demo, and two copies whose manifest records a noisy (30%)
+    and a quiet (5%) share of label issues (only the record differs)."""
+    root = tmp_path_factory.mktemp("advice")
+    real = root / "real"
+    run_score(ScoreConfig(str(small_demo / "train"), real, proxy="demo-cnn", train_epochs=1, folds=2, workers=0,
+                          progress=False))
+    out = {"real": real}
+    for name, share in (("noisy", 0.3), ("quiet", 0.05)):
+        out[name] = root / name
+        shutil.copytree(real, out[name])
+        m = json.loads((out[name] / "manifest.json").read_text())
+        m["proxy"]["label_issues"]["label_issues"] = round(share * m["proxy"]["label_issues"]["rows"])
+        (out[name] / "manifest.json").write_text(json.dumps(m))
+    return out
+
+
+def shard(small_demo: Path, scores: Path, out: Path, *extra: str) -> str:
+    res = CliRunner().invoke(main, ["shard", str(small_demo / "train"), "--scores", str(scores), "--out", str(out),
+                                    "--quiet", *extra])
+    assert res.exit_code == 0, res.output
+    return res.output
+
+
+def test_curate_shard_warns_on_noisy_data_only_when_the_issues_stay(small_demo: Path,
+                                                                  noisy_and_quiet: dict[str, Path], tmp_path: Path):
+    real = json.loads((noisy_and_quiet["real"] / "manifest.json").read_text())
+    assert flagged_share(real) is not None, "a 2-fold table's flags are out of sample"
+    out = shard(small_demo, noisy_and_quiet["noisy"], tmp_path / "a")
+    assert "warning: 30% of the inputs are label issues" in out
+    assert "warning:" not in shard(small_demo, noisy_and_quiet["noisy"], tmp_path / "b", "--drop-label-issues")
+    assert "warning:" not in shard(small_demo, noisy_and_quiet["quiet"], tmp_path / "c")
+    assert "warning: 30%" in shard(small_demo, noisy_and_quiet["noisy"], tmp_path / "d", "--dry-run")
+    assert not (tmp_path / "d").exists()
