@@ -35,6 +35,6 @@ def recipe_warnings(select: SelectConfig, lead_manifest: dict[str, Any]) -> list
     if share is None or share < NOISY_SHARE or select.drop_label_issues or select.relabel_min_prob is not None:
         return []
     return [f"{share:.0%} of the inputs are label issues (out-of-sample probabilities) and this recipe keeps "
-            "them: at 20% label noise the benchmark found pruning without cleaning losing to full data "
-            "trained for the same compute, and dropping the label issues winning at every budget "
-            f"({SECTION}); add --drop-label-issues, with --keep 1.0 to prune nothing else"]
+            "them: at 20% label noise the benchmark found dropping them ahead of full data at every budget, "
+            f"and pruning that keeps them behind full data ({SECTION}); add --drop-label-issues, with "
+            "--keep 1.0 to prune nothing else"]
