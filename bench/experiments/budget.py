@@ -62,8 +62,8 @@ def main() -> None:
                     help="memory on small images: an epoch costs what it trains (docs/benchmarks.md)")
     ap.add_argument("--crop-scale", type=common.floats, default=None, help="LO,HI: RandomResizedCrop's area range")
     ap.add_argument("--epoch-seconds-from", type=Path, default=None,
-                    help="another run's results.json: plan with its calibration (runs split over processes); "
-                         "--budgets '' only calibrates")
+                    help="another run's results.json: plan with its calibration (runs split over processes "
+                         "or machines); without it, --budgets '' only calibrates")
     ap.add_argument("--ratio", choices=("wall", "planned"), default="wall",
                     help="the table's wall-clock: as run, or epochs x calibrated epoch (runs that shared the cores)")
     ap.add_argument("--in-process", action="store_true", help="train every run in this process")
