@@ -41,7 +41,7 @@ def _extra(args) -> dict:
     return extra | ({"crop_scale": tuple(args.crop_scale)} if args.crop_scale else {})
 
 
-def _epoch_seconds(results: Path | None) -> dict[str, float] | None:
+def _calibration_of(results: Path | None) -> dict[str, float] | None:
     return None if results is None else json.loads(results.read_text())["epoch_seconds"]
 
 
@@ -78,7 +78,7 @@ def main() -> None:
     cfg = BudgetConfig(out=args.out, datasets=tuple(args.data), budgets=tuple(args.budgets),
                        variants=tuple(by_name[n] for n in names), model=_model(args),
                        ref_epochs=args.ref_epochs, warmup_share=1 / args.ref_epochs, extra=_extra(args),
-                       epoch_seconds=_epoch_seconds(args.epoch_seconds_from),
+                       epoch_seconds=_calibration_of(args.epoch_seconds_from),
                        fresh_process=not args.in_process, resume=args.resume, report_only=args.report_only)
     results = run_budget(cfg)
     ref = results["reference"]

@@ -199,7 +199,7 @@ def backbone_sets(folder: RunFolder, data: Path, backbone: Path, seed: int, per_
         shard = run_shard(ShardConfig(str(data / "train"), (scores,), folder.claim_run(name), select, dedup=dedup,
                                       val=str(data / "val"), samples_per_shard=per_shard, shard_multiple=4,
                                       name="cifar10", overwrite=True, progress=False))
-        sel = evaluate.join_truth(shard.selection.join(joined.select("key", "source"), on="key"), data)
+        sel = evaluate.join_truth(shard.selection, data)  # the selection names each key's source
         kept = sel.filter(pl.col("kept"))
         print(f"{name}: kept {kept.height} of {n}, flipped among them {int(kept['flipped'].sum())} "
               f"(of {int(sel['flipped'].sum())})", flush=True)
