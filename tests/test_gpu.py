@@ -70,7 +70,10 @@ def test_decode_gpu_pixels_agree_with_the_pil_path(toy: Path):
     batch = device_decode.finish_batch(data.collate(deferred), 64, torch.device("cuda"))
     assert batch.image.device.type == "cuda"
     levels = (batch.image.cpu() - torch.stack([p["image"] for p in pil])).abs() * data.Normalize().tensors[1] * 255
-    assert levels.mean() < 2.0 and levels.max() < 40  # nvJPEG against libjpeg, antialiased resizes
+    # nvJPEG against libjpeg, antialiased resizes. A wrong channel order, range or normalisation moves the mean by
+    # tens of levels; single pixels at sharp edges differ more (chroma upsampling): on an H200 (2026-12-04) the
+    # mean was 0.90 and the max 52, over the first guess of 40
+    assert levels.mean() < 2.0 and levels.max() < 64
 
 
 def test_curate_train_with_decode_gpu(toy: Path, tmp_path: Path):

@@ -64,8 +64,8 @@ class Plan:
     steps: int
     warmup: int
     workers: int
-    compile_keeps: tuple[float, ...]  # keep ratios also timed under torch.compile (of the last model:
-    # each compile costs tens of seconds, and the 8-minute budget holds two)
+    compile_keeps: tuple[float, ...]  # keep ratios also timed under torch.compile (of the last model, after
+    # everything else: each compile costs tens of seconds, and the 8-minute budget holds two)
 
 
 def plan_for(device: str, quick: bool) -> Plan:
@@ -179,14 +179,11 @@ def measure(plan: Plan, tmp: Path, log: Callable[[str], None]) -> dict[str, Any]
     sizes = dict(per_shard=max(8, plan.images // 64), workers=os.cpu_count() or 2)
     shards = {"original": common.write_bench_shards(tmp / "photos", tmp / "original", **sizes),
               "reduced": common.write_bench_shards(tmp / "photos", tmp / "reduced", max_side=256, **sizes)}
+    log(f"setup: {plan.images + plan.score_images} photos and two shard sets written")
     results: dict[str, Any] = {"model_only": [], "loader": [], "end_to_end": []}
     for model in plan.models:
         for keep in KEEPS:
-            compile_too = keep in plan.compile_keeps and model == plan.models[-1]
-            for compiled in (False, True) if compile_too else (False,):
-                ips = model_only(plan, model, shards["original"], tmp, keep, compiled)
-                results["model_only"].append({"model": model, "keep": keep, "compiled": compiled, "img_s": ips})
-                log(f"(a) {model} keep {keep} {'compiled' if compiled else 'eager'}: {ips:.0f} img/s")
+            model_only_row(plan, model, shards["original"], tmp, keep, False, results, log)
     for name in LOADERS:
         ips = loader_only(plan, plan.models[0], shards, tmp, name)
         results["loader"].append({"loader": name, "img_s": ips})
@@ -206,7 +203,16 @@ def measure(plan: Plan, tmp: Path, log: Callable[[str], None]) -> dict[str, Any]
         results["predict"][model] = predict_measure(core, list(KEEPS[1:]), plan.batch, plan.device, False, 5,
                                                     max(2, plan.steps // 4), amp=True)
         log(f"(e) predict {model}: {results['predict'][model]}")
+    for keep in plan.compile_keeps:  # last: a compile costs tens of seconds, and a hang must not cost the rest
+        model_only_row(plan, plan.models[-1], shards["original"], tmp, keep, True, results, log)
     return results
+
+
+def model_only_row(plan: Plan, model: str, shards: Path, tmp: Path, keep: float, compiled: bool,
+                   results: dict[str, Any], log: Callable[[str], None]) -> None:
+    ips = model_only(plan, model, shards, tmp, keep, compiled)
+    results["model_only"].append({"model": model, "keep": keep, "compiled": compiled, "img_s": ips})
+    log(f"(a) {model} keep {keep} {'compiled' if compiled else 'eager'}: {ips:.0f} img/s")
 
 
 def table(plan: Plan, res: dict[str, Any], header: str) -> str:
@@ -258,6 +264,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp, open(args.out / "device.log", "w") as log_file:
         def log(line: str) -> None:
+            line = f"[{time.perf_counter() - t0:5.0f}s] {line}"  # where a timed-out run's minutes went
             print(line, flush=True)
             log_file.write(line + "\n")
             log_file.flush()

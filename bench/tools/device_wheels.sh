@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Wheels for what bench/throughput/device.py needs and the lent GPU machine lacks (it has torch, torchvision,
-# timm, pyarrow, pillow, click, tqdm; not webdataset or polars; faiss is not imported by the bench
-# and would break the 64 MiB carry limit), at the versions .venv holds, into .whl/ (git-ignored). Then, in the device tool's `run` with carry [".whl"]:
+# timm, pyarrow, pillow, click, tqdm; not webdataset or polars; faiss is imported only where dedup runs, which
+# the bench does not, and would break the 64 MiB carry limit), at the versions .venv holds, into .whl/ (git-ignored). Then, in the device tool's `run` with carry [".whl"]:
 #   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl \
 #     && PYTHONPATH=/tmp/site:. PYTHONUNBUFFERED=1 python3 bench/throughput/device.py
 set -euo pipefail

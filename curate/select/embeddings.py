@@ -20,7 +20,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import faiss
 import numpy as np
 import polars as pl
 import pyarrow as pa
@@ -77,6 +76,7 @@ def load_embeddings(scores_dir: Path, batch_rows: int = 65536,
     Parts are streamed `batch_rows` at a time into one matrix allocated up front (ok rows
     are counted first), so memory is the matrix plus one batch, never a list of rows.
     """
+    import faiss  # here, not at import time: reading shards or training needs no faiss
     parts = table_parts(scores_dir)
     columns = ["key", "status", column]
     dim = _embed_dim(parts[0], column)
@@ -109,6 +109,7 @@ def _links(x: np.ndarray, threshold: float, k: int, batch: int) -> np.ndarray:
 
     faiss.knn searches `x` in place: an IndexFlatIP would hold a second copy of the matrix.
     It runs the same exact inner-product search (`knn_inner_product`) the index does."""
+    import faiss  # here, not at import time: reading shards or training needs no faiss
     pairs = [np.empty((2, 0), dtype=np.int64)]
     for start in range(0, len(x), batch):
         sim, nbr = faiss.knn(x[start : start + batch], x, k, metric=faiss.METRIC_INNER_PRODUCT)  # (B, k) each
@@ -183,6 +184,7 @@ def _training_sample(x: np.ndarray, k: int, seed: int) -> np.ndarray:
 
 def _nearest(centroids: np.ndarray, x: np.ndarray, batch: int) -> tuple[np.ndarray, np.ndarray]:
     """Cosine distance to, and index of, the nearest centroid for every row, in batches."""
+    import faiss  # here, not at import time: reading shards or training needs no faiss
     index = faiss.IndexFlatIP(centroids.shape[1])
     index.add(centroids)
     dist = np.empty(len(x), dtype=np.float32)
@@ -202,6 +204,7 @@ def prototype_scores(
     Spherical k-means (faiss) on a seeded sample, then every row assigned in batches.
     Returns (cosine distance to the nearest centroid, float32; cluster id, int64).
     """
+    import faiss  # here, not at import time: reading shards or training needs no faiss
     x = _as_f32(emb)
     if not 1 <= k <= len(x):
         raise ValueError(f"prototypes k={k} must be in [1, {len(x)}] (number of ok rows)")
@@ -239,6 +242,7 @@ def load_phashes(scores_dir: Path, batch_rows: int = 65536) -> tuple[list[str], 
 def phash_links(h: np.ndarray, threshold: float, k: int = 10, batch: int = 16384) -> np.ndarray:
     """(2, E) row pairs whose similarity (1 - normalised Hamming distance between one's plain view
     and any view of the other) is >= threshold, among each view's k nearest plain views."""
+    import faiss  # here, not at import time: reading shards or training needs no faiss
     if len(h) == 0:
         return np.empty((2, 0), dtype=np.int64)
     bits = 8 * HASH_BYTES
