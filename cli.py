@@ -285,8 +285,9 @@ def parse_keep(value: str) -> float | int:
               help="A `curate score` output; repeat for several proxies (joined by key, each weighed by its "
                    "held-out accuracy when the tables record one).")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Output folder for the shards.")
-@click.option("--keep", default="0.7", show_default=True,
-              help="Fraction of the candidates (0.7, 70%; 1.0 keeps all), or a whole count (5000).")
+@click.option("--keep", default="1.0", show_default=True,
+              help="Fraction of the candidates left after label issues and near-duplicates (0.7, 70%; 1.0 "
+                   "keeps all), or a whole count (5000); below 1 --policy ranks them by --by.")
 @click.option("--by", multiple=True, default=("el2n",), show_default=True,
               help="Score column to rank by; repeat to rank-average several.")
 @click.option("--policy", type=RegistryChoice("curate.select.policies", "POLICIES"), default="ccs", show_default=True)
@@ -294,16 +295,19 @@ def parse_keep(value: str) -> float | int:
 @click.option("--class-balanced", is_flag=True, help="Apply the keep fraction per class.")
 @click.option("--min-per-class", default=0, show_default=True)
 @click.option("--dedup", type=float,
-              help="Drop near-duplicates at or above this similarity (phash: 0.75; thumbnail: 0.93); copies with "
-                   "different labels are flagged dup_label_conflict, and dropped with --drop-label-issues.")
+              help="Drop near-duplicates at or above this similarity [default: phash 0.75, thumbnail 0.93; "
+                   "embedding needs one]; copies with different labels are flagged dup_label_conflict, and "
+                   "dropped with the label issues.")
+@click.option("--no-dedup", is_flag=True, help="Keep near-duplicates.")
 @click.option("--dedup-on", type=RegistryChoice("curate.select.embeddings", "DEDUP_ON"), default="phash",
               show_default=True,
               help="phash: perceptual hashes of the image, its mirror and centre crop (copies, re-encoded, "
                    "resized, cropped or flipped; any proxy); thumbnail: 8x8 pixel layout; embedding: the "
                    "proxy's features (semantic, needs a strong pretrained proxy).")
-@click.option("--drop-label-issues", is_flag=True,
+@click.option("--drop-label-issues/--keep-label-issues", default=None,
               help="Drop the rows cleanlab flagged as label issues (in the most accurate --scores table; score "
-                   "with --folds 5 or --probe for out-of-sample probabilities); reason `label_issue`.")
+                   "with --folds 5 or --probe for out-of-sample probabilities, which find most); reason "
+                   "`label_issue`. [default: dropped, unless the proxy that flagged them is near chance]")
 @click.option("--relabel", type=click.FloatRange(0, 1, min_open=True),
               help="Flagged label issues whose suggested class has at least this probability (e.g. 0.7) ship "
                    "with it as cls (the given label kept in the sample's json as relabelled_from) instead of "
@@ -338,6 +342,7 @@ def shard(source: str, scores: tuple[Path, ...], keep: str, by: tuple[str, ...],
 
     from curate.shard.job import ShardConfig, run_shard
 
+    opts["dedup"] = dedup_threshold(opts.pop("dedup"), bool(opts.pop("no_dedup")), str(opts["dedup_on"]))
     cfg = ShardConfig(source=source, scores=scores, select=select_config(keep, by, opts), progress=not quiet,
                       **opts)  # type: ignore[arg-type]
     result = run_shard(cfg)
@@ -366,6 +371,20 @@ def shard(source: str, scores: tuple[Path, ...], keep: str, by: tuple[str, ...],
     size = sum(s["bytes"] for s in train["shards"]) / 1e6
     click.echo(f"wrote {train['num_samples']} samples in {len(train['shards'])} shards ({size:.1f} MB) "
                f"to {cfg.out} in {result.seconds:.1f}s; check with: curate verify {cfg.out}", err=True)
+
+
+def dedup_threshold(given: float | None, off: bool, dedup_on: str) -> float | None:
+    """--dedup / --no-dedup as ShardConfig's threshold: the descriptor's own where none was given."""
+    from curate.select.embeddings import DEFAULT_THRESHOLDS
+
+    if off:
+        if given is not None:
+            raise click.UsageError("--dedup and --no-dedup contradict each other: give one")
+        return None
+    if given is None and dedup_on not in DEFAULT_THRESHOLDS:
+        raise click.UsageError(f"--dedup-on {dedup_on} has no default threshold: give --dedup (a cosine "
+                               "similarity, e.g. 0.95) or --no-dedup")
+    return DEFAULT_THRESHOLDS[dedup_on] if given is None else given
 
 
 # `curate shard`'s options that make up its SelectConfig (with --keep, --by and --relabel)

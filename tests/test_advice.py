@@ -10,7 +10,7 @@ from click.testing import CliRunner
 
 from cli import main
 from curate.score.job import ScoreConfig, run_score
-from curate.select.advice import NOISY_SHARE, flagged_share, recipe_warnings
+from curate.select.advice import NOISY_SHARE, flagged_share, recipe_warnings, resolve_label_issues
 from curate.select.policies import SelectConfig
 
 
@@ -29,14 +29,36 @@ def test_flagged_share_only_out_of_sample():
 
 def test_the_warning_applies_to_noisy_data_and_recipes_that_keep_the_issues():
     noisy, quiet = manifest(2151), manifest(785)  # the probe at 20% and at 0% flips on CIFAR-10
-    (line,) = recipe_warnings(SelectConfig(), noisy)
-    assert line.startswith("22% of the inputs are label issues") and "--drop-label-issues" in line
+    curated = SelectConfig(keep=0.7, drop_label_issues=False)  # the defaults until issue 25
+    (line,) = recipe_warnings(curated, noisy)
+    assert line.startswith("22% of the inputs are label issues") and "--keep-label-issues" in line
     assert "The value where users prune" in line
-    assert recipe_warnings(SelectConfig(keep=1.0, policy="random"), noisy), "full data keeps them too"
-    assert recipe_warnings(SelectConfig(drop_label_issues=True), noisy) == []
-    assert recipe_warnings(SelectConfig(relabel_min_prob=0.7), noisy) == []
-    assert recipe_warnings(SelectConfig(), quiet) == [] and 785 / 10_000 < NOISY_SHARE
-    assert recipe_warnings(SelectConfig(), manifest(2151, folds=1)) == []
+    assert recipe_warnings(SelectConfig(policy="random", drop_label_issues=False), noisy), "full data keeps them"
+    assert recipe_warnings(SelectConfig(drop_label_issues=True), noisy) == [], "what the default resolves to"
+    assert recipe_warnings(SelectConfig(drop_label_issues=False, relabel_min_prob=0.7), noisy) == []
+    assert recipe_warnings(curated, quiet) == [] and 785 / 10_000 < NOISY_SHARE
+    assert recipe_warnings(curated, manifest(2151, folds=1)) == []
+
+
+def test_in_sample_label_issues_dropped_are_said_to_be_few():
+    drop = SelectConfig(drop_label_issues=True)
+    (line,) = recipe_warnings(drop, manifest(120, folds=1))
+    assert line.startswith("the 120 label issues dropped come from in-sample probabilities") and "--probe" in line
+    assert recipe_warnings(SelectConfig(drop_label_issues=False), manifest(120, folds=1)) == []
+    assert recipe_warnings(drop, manifest(0, folds=1)) == []
+
+
+def test_the_default_drops_label_issues_unless_their_proxy_is_near_chance():
+    trained = manifest(2151) | {"counts": {"classes": 10}}  # agreement 0.63 at 10 classes: skill 0.59
+    chosen, notes = resolve_label_issues(SelectConfig(), trained)
+    assert chosen.drop_label_issues is True and notes == []
+    random = {"counts": {"classes": 4}, "proxy": {"label_issues": {"agreement": 0.26, "label_issues": 73, "rows": 96}}}
+    chosen, (note,) = resolve_label_issues(SelectConfig(), random)  # skill 0.01: a random model flags most
+    assert chosen.drop_label_issues is False and note.startswith("label issues kept") and "near chance" in note
+    assert resolve_label_issues(SelectConfig(), {"proxy": {}})[0].drop_label_issues is False, "none on record"
+    for given in (True, False):  # the user's choice stands
+        assert resolve_label_issues(SelectConfig(drop_label_issues=given), random) == (
+            SelectConfig(drop_label_issues=given), [])
 
 
 @pytest.fixture(scope="module")
@@ -68,9 +90,10 @@ def test_curate_shard_warns_on_noisy_data_only_when_the_issues_stay(small_demo: 
                                                                   noisy_and_quiet: dict[str, Path], tmp_path: Path):
     real = json.loads((noisy_and_quiet["real"] / "manifest.json").read_text())
     assert flagged_share(real) is not None, "a 2-fold table's flags are out of sample"
-    out = shard(small_demo, noisy_and_quiet["noisy"], tmp_path / "a")
+    out = shard(small_demo, noisy_and_quiet["noisy"], tmp_path / "a", "--keep-label-issues")
     assert "warning: 30% of the inputs are label issues" in out
-    assert "warning:" not in shard(small_demo, noisy_and_quiet["noisy"], tmp_path / "b", "--drop-label-issues")
-    assert "warning:" not in shard(small_demo, noisy_and_quiet["quiet"], tmp_path / "c")
-    assert "warning: 30%" in shard(small_demo, noisy_and_quiet["noisy"], tmp_path / "d", "--dry-run")
+    assert "warning:" not in shard(small_demo, noisy_and_quiet["noisy"], tmp_path / "b"), "the default drops them"
+    assert "warning:" not in shard(small_demo, noisy_and_quiet["quiet"], tmp_path / "c", "--keep-label-issues")
+    assert "warning: 30%" in shard(small_demo, noisy_and_quiet["noisy"], tmp_path / "d", "--dry-run", "--keep", "0.7",
+                                   "--keep-label-issues")
     assert not (tmp_path / "d").exists()

@@ -11,6 +11,7 @@ import cli
 from cli import RegistryChoice, main
 from curate.score.proxies import RECIPES
 from curate.select.policies import POLICIES, SelectConfig
+from curate.shard.job import ShardConfig
 from sparsevit.prune import PRUNERS
 
 from sparsevit import attention, names, schedule
@@ -44,10 +45,14 @@ def test_each_registry_holds_exactly_its_declared_names():
 
 
 def test_curate_shard_defaults_are_select_configs():
-    """What `curate shard` with no options selects (70% by CCS on el2n) is SelectConfig's default."""
+    """What `curate shard` with no options selects ("clean": everything but label issues and phash
+    near-duplicates) is SelectConfig's and ShardConfig's default."""
     options = main.commands["shard"].make_context("shard", [], resilient_parsing=True).params  # the defaults
     default = SelectConfig()
-    assert cli.parse_keep(options["keep"]) == default.keep == 0.7 and default.policy == "ccs"
+    assert cli.parse_keep(options["keep"]) == default.keep == 1.0 and default.drop_label_issues is None  # decided
+    dedup = cli.dedup_threshold(options["dedup"], options["no_dedup"], options["dedup_on"])
+    assert dedup == ShardConfig("src", (Path("s"),), Path("o")).dedup == 0.75
+    assert options["dedup_on"] == ShardConfig("src", (Path("s"),), Path("o")).dedup_on
     assert tuple(options["by"]) == default.by and options["relabel"] == default.relabel_min_prob
     for name in cli.SELECT_OPTIONS:
         assert options[name] == getattr(default, name), name

@@ -29,7 +29,11 @@ def test_small_demo_runs_every_stage_and_reports(tmp_path: Path):
     for png in ("score_histograms.png", "importance_overlay.png", "time_to_accuracy.png"):
         assert (tmp_path / "demo" / "plots" / png).stat().st_size > 1000
     train = m["train"]["variants"]
-    assert set(train) == {"full", "random 70%", "curated 70%", "curated 70% + keep 0.7"}
+    assert set(train) == {"full", "clean (default)", "random 70%", "curated 70%", "curated 70% + keep 0.7"}
+    clean = train["clean (default)"]  # full data's budget in samples: more epochs over fewer images
+    assert clean["samples"] == sh["kept"] < train["full"]["samples"] == 320
+    assert clean["epochs"] * sh["kept"] <= train["full"]["epochs"] * 320 < (clean["epochs"] + 1) * sh["kept"]
+    assert "clean (default): full data's budget in samples seen" in text
     assert all(v["val_acc"] > 1.5 * chance and v["wall_s"] > 0 for v in train.values()), train
     eq = m["train"]["equal_budget"]  # full data, a complete schedule in the cheapest run's time
     cheapest = m["train"]["budget"]

@@ -40,5 +40,6 @@ def test_every_measurement_runs_and_is_tabled(tmp_path: Path):
     text = bench.table(plan, res, "# header")
     assert text.count("| deit_tiny_patch16_224 |") == len(bench.KEEPS) + len(bench.LOADERS) + 1  # + predict
     assert "| --decode gpu |" in text
-    assert len(lines) == sum(len(res[part]) for part in ("model_only", "loader", "end_to_end")) + 2  # + score, predict
+    measured = sum(len(res[part]) for part in ("model_only", "loader", "end_to_end"))
+    assert lines[0].startswith("setup: ") and len(lines) == 1 + measured + 2  # + setup, score, predict
     json.dumps(res)  # device.json must hold it

@@ -170,7 +170,8 @@ def test_samples_without_a_usable_label_are_error_rows_that_shard_leaves_out(tmp
     assert set(bad) == {"t0", "t1", "t2", "t3"} and all(bad.values())
     assert "no label" in bad["t0"] and "no label" in bad["t1"] and "not an ASCII integer" in bad["t3"]
     res = CliRunner().invoke(main, ["shard", str(shards), "--scores", str(tmp_path / "s"), "--out",
-                                    str(tmp_path / "o"), "--keep", "1.0", "--quiet", "--samples-per-shard", "10"])
+                                    str(tmp_path / "o"), "--keep", "1.0", "--no-dedup", "--quiet", "--samples-per-shard",
+                                    "10"])
     assert res.exit_code == 0, res.output
     sel = pl.read_parquet(tmp_path / "o" / "selection.parquet")
     assert sel.filter(pl.col("key").str.starts_with("t"))["reason"].to_list() == ["error"] * 4
@@ -216,7 +217,7 @@ def scored(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 def _shard(src: Path, scores: Path, out: Path) -> object:
     return CliRunner().invoke(main, ["shard", str(src), "--scores", str(scores), "--out", str(out), "--keep", "1.0",
-                                     "--quiet", "--samples-per-shard", "4"])
+                                     "--no-dedup", "--quiet", "--samples-per-shard", "4"])
 
 
 def _edit_table(scores: Path, tmp_path: Path, edit) -> Path:
@@ -356,7 +357,7 @@ def test_shard_json_sources_are_relative_and_split_keys_do_not_collide(scored, t
     assert _score(src, tmp_path / "val-scores", ckpt).returncode == 0
     res = CliRunner().invoke(main, ["shard", str(src), "--scores", str(scores), "--out", str(tmp_path / "o"),
                                     "--keep", "1.0", "--val", str(src), "--val-scores", str(tmp_path / "val-scores"),
-                                    "--quiet", "--samples-per-shard", "4"])
+                                    "--no-dedup", "--quiet", "--samples-per-shard", "4"])
     assert res.exit_code == 0, res.output
     from curate.shard.format import read_samples
 

@@ -159,7 +159,8 @@ def test_shard_drops_label_issues_with_their_reason(small_demo: Path, tmp_path: 
     scores = tmp_path / "scores"
     df = _score(small_demo / "train", scores, folds=2)
     res = CliRunner().invoke(main, ["shard", str(small_demo / "train"), "--scores", str(scores), "--out",
-                                    str(tmp_path / "shards"), "--keep", "1.0", "--drop-label-issues", "--quiet"])
+                                    str(tmp_path / "shards"), "--keep", "1.0", "--drop-label-issues", "--no-dedup",
+                                    "--quiet"])
     assert res.exit_code == 0, res.output
     sel = pl.read_parquet(tmp_path / "shards" / "selection.parquet").sort("key")
     flagged = set(df.filter("label_issue")["key"])
@@ -181,7 +182,8 @@ def test_relabel_ships_the_suggested_class_and_keeps_the_given_one_on_record(sma
     assert 0 < len(confident) < flagged.height
     out = tmp_path / "shards"
     res = CliRunner().invoke(main, ["shard", str(small_demo / "train"), "--scores", str(scores), "--out", str(out),
-                                    "--keep", "1.0", "--drop-label-issues", "--relabel", str(threshold), "--quiet"])
+                                    "--keep", "1.0", "--drop-label-issues", "--relabel", str(threshold), "--no-dedup",
+                                    "--quiet"])
     assert res.exit_code == 0, res.output
     sel = pl.read_parquet(out / "selection.parquet")
     moved = sel.filter(pl.col("relabelled_from").is_not_null())

@@ -46,7 +46,7 @@ def test_timm_and_webdataset_read_the_shards(scored, small_demo: Path, tmp_path:
     src, cnn, vit = scored
     out = tmp_path / "shards"
     res = run_shard(ShardConfig(str(src), (cnn, vit), out, SelectConfig(keep=0.5, policy="hard", class_balanced=True),
-                                val=str(small_demo / "val"), samples_per_shard=10, shard_multiple=4,
+                                dedup=None, val=str(small_demo / "val"), samples_per_shard=10, shard_multiple=4,
                                 name="demo", progress=False))
     sel = res.selection
     assert len(sel) == 96 and sel["key"].n_unique() == 96
@@ -92,7 +92,7 @@ def test_streamed_maps_and_scores_equal_the_tables(scored, tmp_path: Path):
     exactly its row of the Parquet tables, whatever the part layout and writer count."""
     src, cnn, vit = scored
     vit_parts = _cut_into_parts(vit, tmp_path / "vit-parts", rows_per_part=25)
-    kw = dict(select=SelectConfig(keep=0.75, by=("el2n", "margin")), samples_per_shard=7, progress=False)
+    kw = dict(select=SelectConfig(keep=0.75, by=("el2n", "margin")), dedup=None, samples_per_shard=7, progress=False)
     one = run_shard(ShardConfig(str(src), (vit, cnn), tmp_path / "one", workers=1, **kw))
     run_shard(ShardConfig(str(src), (vit_parts, cnn), tmp_path / "parts", workers=2, **kw))
     names = sorted(p.name for p in (tmp_path / "one").glob("*.tar"))
@@ -121,7 +121,7 @@ def test_streamed_maps_and_scores_equal_the_tables(scored, tmp_path: Path):
 def test_selection_counts_and_refusals(scored, tmp_path: Path):
     src, cnn, vit = scored
     res = run_shard(ShardConfig(str(src), (cnn,), tmp_path / "a", SelectConfig(keep=30, policy="random"), dry_run=True,
-                                progress=False))
+                                dedup=None, progress=False))
     assert res.manifest is None and not (tmp_path / "a").exists()
     counts = dict(res.selection.group_by("reason").len().iter_rows())
     assert counts == {"kept": 30, "pruned": 66}
@@ -161,9 +161,11 @@ def test_cli_shard_dry_run_and_verify_fault(scored, tmp_path: Path):
     src, cnn, vit = scored
     runner = CliRunner()
     res = runner.invoke(main, ["shard", str(src), "--scores", str(cnn), "--scores", str(vit), "--out",
-                               str(tmp_path / "o"), "--keep", "0.75", "--dry-run"])
+                               str(tmp_path / "o"), "--keep", "0.75", "--dry-run", "--no-dedup"])
     assert res.exit_code == 0, res.output
     assert "96 inputs: kept 72, pruned 24" in res.output and "dry run" in res.output
+    # random-weight proxies: their label issues (73 of 96) are not dropped by default
+    assert "warning: label issues kept: the proxy that flagged them (73 of 96)" in res.output
     assert "an epoch over the kept set costs ~0.75x one over all 96 readable inputs (72 samples)" in res.output
     res = runner.invoke(main, ["shard", str(src), "--scores", str(vit), "--out", str(tmp_path / "o"),
                                "--quiet", "--samples-per-shard", "20"])
@@ -208,7 +210,8 @@ def test_epoch_cost_counts_only_readable_inputs():
 def test_max_side_ships_smaller_images_that_train_and_verify(scored, small_demo: Path, tmp_path: Path):
     """--max-side below the demo's 64 px re-encodes every image; above it keeps the original bytes."""
     src, cnn, vit = scored
-    common = dict(select=SelectConfig(keep=0.5), val=str(small_demo / "val"), samples_per_shard=16, progress=False)
+    common = dict(select=SelectConfig(keep=0.5), dedup=None, val=str(small_demo / "val"), samples_per_shard=16,
+                  progress=False)
     small = run_shard(ShardConfig(str(src), (cnn, vit), tmp_path / "small", max_side=48, quality=85, **common))
     same = run_shard(ShardConfig(str(src), (cnn, vit), tmp_path / "same", max_side=128, **common))
     assert small.manifest["images"] == {"max_side": 48, "quality": 85}
@@ -243,7 +246,7 @@ def test_keep_as_a_percentage_and_a_misspelt_by_column_get_answers(scored, tmp_p
     src, cnn, _ = scored
     runner = CliRunner()
     res = runner.invoke(main, ["shard", str(src), "--scores", str(cnn), "--out", str(tmp_path / "o"), "--keep",
-                               "75%", "--dry-run"])
+                               "75%", "--dry-run", "--no-dedup"])
     assert res.exit_code == 0 and "96 inputs: kept 72, pruned 24" in res.output, res.output
     res = runner.invoke(main, ["shard", str(src), "--scores", str(cnn), "--out", str(tmp_path / "o"), "--keep",
                                "most", "--dry-run"])

@@ -22,8 +22,9 @@ With `--backbone` (an airbench checkpoint trained on other CIFAR-10 images: prob
 --disjoint, then `curate score DJ/train --proxy airbench`: the situation of a user with a pretrained
 model) nothing is trained here: one `curate score --checkpoint --probe` table decides, with its
 out-of-sample label issues, and the shard sets are those of the issue-25 benchmark (BACKBONE_SETS):
-full, random 70%, `curate shard`'s defaults (70% by CCS on EL2N), clean (label issues and
-near-duplicates dropped, nothing else) and clean + 70% of the inputs by CCS on EL2N. No maps: random
+full, random 70%, curated 70% (70% by CCS on EL2N, `curate shard`'s defaults until issue 25), clean
+(label issues and near-duplicates dropped, nothing else: the defaults since) and clean + 70% of the
+inputs by CCS on EL2N. No maps: random
 tokens beat every map source on CIFAR-10 (docs/benchmarks.md, "Proxies for real photographs").
 `data/truth.parquet` records the true labels and the noise kind (the demo's truth format, the box
 being the whole image, plus `noise`). Prints the label-noise AUC of each proxy and what the
@@ -65,9 +66,12 @@ PHASH_DEDUP = 0.75  # `curate shard --dedup-on phash`'s threshold (docs/benchmar
 # --backbone's shard sets: folder -> (the selection, near-duplicate threshold); a float keep is a share of the
 # candidates left after the drops, an int a count (clean + 70%: 70% of all inputs, as many as random 70% keeps)
 BACKBONE_SETS: dict[str, Callable[[int, int], tuple[SelectConfig, float | None]]] = {
-    "shards-full": lambda n, seed: (SelectConfig(keep=1.0, policy="random", seed=seed), None),
-    "shards-random": lambda n, seed: (SelectConfig(keep=0.7, policy="random", seed=seed), None),
-    "shards": lambda n, seed: (SelectConfig(seed=seed), None),  # curate shard's defaults
+    "shards-full": lambda n, seed: (SelectConfig(keep=1.0, policy="random", drop_label_issues=False, seed=seed),
+                                    None),
+    "shards-random": lambda n, seed: (SelectConfig(keep=0.7, policy="random", drop_label_issues=False, seed=seed),
+                                      None),
+    # "curated 70%": 70% by CCS on EL2N, label issues kept (curate shard's defaults until issue 25)
+    "shards": lambda n, seed: (SelectConfig(keep=0.7, drop_label_issues=False, seed=seed), None),
     "shards-clean": lambda n, seed: (SelectConfig(keep=1.0, drop_label_issues=True, seed=seed), PHASH_DEDUP),
     "shards-clean-70": lambda n, seed: (SelectConfig(keep=round(0.7 * n), drop_label_issues=True, seed=seed),
                                         PHASH_DEDUP),

@@ -58,7 +58,8 @@ def _shards(folder: RunFolder, data: Path, source: str, seed: int) -> Path:
         print(f"scores-{source} ({proxy}): {time.perf_counter() - t0:.0f}s", flush=True)
     if not (shards / "manifest.json").is_file():
         run_shard(ShardConfig(str(data / "train"), (scores,), folder.claim_run(f"shards-{source}"),
-                              SelectConfig(keep=1.0, policy="random", seed=seed), val=str(data / "val"),
+                              SelectConfig(keep=1.0, policy="random", drop_label_issues=False, seed=seed),
+                              dedup=None, val=str(data / "val"),
                               samples_per_shard=500, shard_multiple=4, name=f"cifar10-{source}", overwrite=True,
                               progress=False))
     return shards

@@ -63,7 +63,8 @@ def prepare(folder: RunFolder, workers: int) -> dict[str, Path]:
         out = work / f"shards-{name.split()[-1].rstrip('%')}"
         if not (out / "manifest.json").is_file():
             run_shard(ShardConfig(str(data / "train"), (scores,), folder.claim_run(out.name),
-                                  SelectConfig(keep=keep, policy="random", seed=0), val=str(data / "val"),
+                                  SelectConfig(keep=keep, policy="random", drop_label_issues=False, seed=0),
+                                  dedup=None, val=str(data / "val"),
                                   samples_per_shard=500, shard_multiple=4, name=f"cifar10-{out.name}",
                                   overwrite=True, progress=False))
         shards[name] = out

@@ -53,7 +53,8 @@ def main() -> None:
             tar_s.append(time_tar(src, tmp / f"copy{i}.tar"))
             out = tmp / f"shards{i}"
             t0 = time.perf_counter()
-            run_shard(ShardConfig(str(src), (tmp / "scores",), out, SelectConfig(keep=1.0), workers=args.workers,
+            run_shard(ShardConfig(str(src), (tmp / "scores",), out, SelectConfig(keep=1.0, drop_label_issues=False),
+                                  dedup=None, workers=args.workers,
                                   samples_per_shard=args.samples_per_shard, progress=False))
             ours_s.append(time.perf_counter() - t0)
             shutil.rmtree(out)

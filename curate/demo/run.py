@@ -63,8 +63,9 @@ def _run(folder: RunFolder, seed: int, workers: int, progress: bool, per_class: 
         metrics["proxies"][proxy] = proxy_metrics(out / name, data)
     t1 = time.perf_counter()
     score_validation(folder, data, workers)
-    shard = shard_curated(folder, data, seed, max(1, per_class // 2), "demo", progress)
+    shard = shard_default(folder, data, seed, max(1, per_class // 2), "demo", progress)
     timings["shard_s"] = time.perf_counter() - t1
+    shard_curated(folder, data, seed, max(1, per_class // 2), "demo", progress, run="shards-curated")
     metrics["shard"] = shard_metrics(shard, out / "scores-cnn", data)
     t1 = time.perf_counter()
     train = train or DemoTrain(seed=seed, workers=workers)
@@ -92,21 +93,37 @@ def _plots(folder: RunFolder, metrics: dict[str, Any]) -> None:
     plot_training(metrics["train"], plots)
 
 
-def shard_curated(folder: RunFolder, data: Path, seed: int, per_shard: int, name: str,
+def shard_default(folder: RunFolder, data: Path, seed: int, per_shard: int, name: str,
                   progress: bool) -> ShardResult:
-    """OUT/shards: CCS 70% by EL2N over both proxies' tables after near-duplicate removal, with
-    the validation split and its maps, and OUT/shards/report.html."""
-    return run_shard(curated_config(folder.root, data, folder.claim_run("shards"), seed, per_shard, name, progress))
+    """OUT/shards: `curate shard`'s defaults over both proxies' tables (label issues and near-duplicates
+    dropped, nothing else), with the validation split and its maps, and OUT/shards/report.html."""
+    root = folder.root
+    return run_shard(ShardConfig(str(data / "train"), tuple(root / f for f in PROXIES), folder.claim_run("shards"),
+                                 SelectConfig(seed=seed), report=True, **split_options(root, data, per_shard, name,
+                                                                                       progress)))
+
+
+def shard_curated(folder: RunFolder, data: Path, seed: int, per_shard: int, name: str, progress: bool,
+                  run: str = "shards") -> ShardResult:
+    """OUT/<run>: CCS 70% by EL2N over both proxies' tables after near-duplicate removal, label
+    issues kept (`curate shard`'s defaults until issue 25), with the validation split and its maps."""
+    return run_shard(curated_config(folder.root, data, folder.claim_run(run), seed, per_shard, name, progress))
 
 
 def curated_config(root: Path, data: Path, out: Path, seed: int, per_shard: int, name: str,
                    progress: bool) -> ShardConfig:
     """The curated shard set's settings, from the score tables under `root`."""
     return ShardConfig(str(data / "train"), tuple(root / f for f in PROXIES), out,
-                       SelectConfig(keep=0.7, by=("el2n",), policy="ccs", seed=seed), dedup=DEDUP_THRESHOLD,
+                       SelectConfig(keep=0.7, by=("el2n",), policy="ccs", drop_label_issues=False, seed=seed),
+                       dedup=DEDUP_THRESHOLD,
                        dedup_on="thumbnail",  # the demo's figures (planted copies of drawn shapes) are on thumbnails
-                       val=str(data / "val"), val_scores=root / "scores-val", samples_per_shard=per_shard,
-                       shard_multiple=4, name=name, overwrite=True, progress=progress, report=True)
+                       **split_options(root, data, per_shard, name, progress))
+
+
+def split_options(root: Path, data: Path, per_shard: int, name: str, progress: bool) -> dict[str, Any]:
+    """What every demo shard set shares: the validation split with its maps, the shard sizes, the name."""
+    return dict(val=str(data / "val"), val_scores=root / "scores-val", samples_per_shard=per_shard,
+                shard_multiple=4, name=name, overwrite=True, progress=progress)
 
 
 def score_validation(folder: RunFolder, data: Path, workers: int) -> None:
@@ -146,6 +163,7 @@ def shard_metrics(result: ShardResult, scores: Path, data: Path) -> dict[str, An
         "flipped_removed": float((~flipped["kept"]).mean()),
         "clean_removed": float((~joined.filter(~pl.col("flipped"))["kept"]).mean()),
         "duplicates": evaluate.duplicate_detection(joined.filter(pl.col("reason") != "error")),
+        "dedup": {"on": result.manifest["config"]["dedup_on"], "threshold": result.manifest["config"]["dedup"]},
         "shards": len(train["shards"]), "train_samples": train["num_samples"],
         "megabytes": sum(e["bytes"] for e in train["shards"]) / 1e6,
         "verify_faults": len(verify(result.out)),
@@ -179,10 +197,11 @@ def render_report(all_metrics: dict[str, Any], t: dict[str, float], out: Path) -
     dup = sh["duplicates"]
     lines += [
         "",
-        f"  shard: kept {sh['kept']} of {sh['inputs']} (policy ccs by el2n, both proxies rank-averaged; "
-        f"{', '.join(f'{k} {v}' for k, v in sorted(sh['reasons'].items()))})",
+        f"  shard (curate shard's defaults: label issues and near-duplicates dropped, nothing else): kept "
+        f"{sh['kept']} of {sh['inputs']} ({', '.join(f'{k} {v}' for k, v in sorted(sh['reasons'].items()))})",
         f"    flipped labels removed {sh['flipped_removed']:.1%} vs clean images removed {sh['clean_removed']:.1%}",
-        f"    near-duplicates (thumbnail cosine > {DEDUP_THRESHOLD}): {dup['found']:.1%} of {dup['groups']} planted "
+        f"    near-duplicates ({sh['dedup']['on']} similarity >= {sh['dedup']['threshold']}): {dup['found']:.1%} of "
+        f"{dup['groups']} planted "
         f"groups found, {dup['merged']:.2%} of {dup['singles']} other images merged",
         f"    {sh['train_samples']} samples in {sh['shards']} shards ({sh['megabytes']:.1f} MB) + validation; "
         f"curate verify: {'ok' if sh['verify_faults'] == 0 else str(sh['verify_faults']) + ' faults'}; "

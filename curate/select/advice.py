@@ -8,10 +8,11 @@ so from them nothing is claimed.
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 from curate.select.policies import SelectConfig
-from curate.select.weighing import held_out_accuracy
+from curate.select.weighing import MIN_SKILL, held_out_accuracy
 
 # Flagged share from which the benchmark's noisy setting applies: at 20% uniform flips the probe flagged
 # 21.5% of CIFAR-10, at 0% flips 7.9% (its hard, ambiguous images)
@@ -32,9 +33,42 @@ def flagged_share(manifest: dict[str, Any]) -> float | None:
 def recipe_warnings(select: SelectConfig, lead_manifest: dict[str, Any]) -> list[str]:
     """One line per finding against the recipe at this data's setting; empty when none applies."""
     share = flagged_share(lead_manifest)
-    if share is None or share < NOISY_SHARE or select.drop_label_issues or select.relabel_min_prob is not None:
+    if share is None:
+        return in_sample_note(select, lead_manifest)
+    if share < NOISY_SHARE or select.drop_label_issues or select.relabel_min_prob is not None:
         return []
     return [f"{share:.0%} of the inputs are label issues (out-of-sample probabilities) and this recipe keeps "
             "them: at 20% label noise the benchmark found dropping them ahead of full data at every budget, "
-            f"and pruning that keeps them behind full data ({SECTION}); add --drop-label-issues, with "
-            "--keep 1.0 to prune nothing else"]
+            f"and pruning that keeps them behind full data ({SECTION}); drop them (the default, without "
+            "--keep-label-issues), with --keep 1.0 to prune nothing else"]
+
+
+def in_sample_note(select: SelectConfig, lead_manifest: dict[str, Any]) -> list[str]:
+    """Label issues dropped from in-sample probabilities: say they are few of the wrong labels."""
+    found = lead_manifest.get("proxy", {}).get("label_issues") or {}
+    if not select.drop_label_issues or not found.get("label_issues"):
+        return []
+    return [f"the {found['label_issues']} label issues dropped come from in-sample probabilities (the proxy "
+            "learned these labels), which find few of the wrong ones (cleanlab recall 0.17 at 10% flips on "
+            "CIFAR-10); score with --folds 5, or --probe with a model that never saw these labels, to find most"]
+
+
+def resolve_label_issues(select: SelectConfig, lead_manifest: dict[str, Any]) -> tuple[SelectConfig, list[str]]:
+    """`drop_label_issues=None` (the default) made a decision: drop the lead table's label issues
+    unless it has none on record or the proxy that flagged them is near chance (its agreement with the
+    given labels, in sample or not, below MIN_SKILL: a random or untrained model flags most of the
+    data). Returns the config with a bool, and a line saying why when they are kept."""
+    if select.drop_label_issues is not None:
+        return select, []
+    found = lead_manifest.get("proxy", {}).get("label_issues") or {}
+    agreement = found.get("agreement")
+    if agreement is None:  # no label issues on record: nothing to drop
+        return replace(select, drop_label_issues=False), []
+    chance = 1.0 / max(2, int(lead_manifest.get("counts", {}).get("classes") or 2))
+    skill = (agreement - chance) / (1.0 - chance)
+    if skill >= MIN_SKILL:
+        return replace(select, drop_label_issues=True), []
+    return replace(select, drop_label_issues=False), [
+        f"label issues kept: the proxy that flagged them ({found.get('label_issues')} of {found.get('rows')}) agrees "
+        f"with {agreement:.0%} of the given labels (skill {skill:.2f} < {MIN_SKILL}: near chance), so its flags "
+        "say little; train a stronger proxy, or pass --drop-label-issues to drop them anyway"]

@@ -43,10 +43,13 @@ OUTPUT_COLUMNS = ["key", "source", "label", "class_name", "kept", "reason", "sco
 
 @dataclass(frozen=True)
 class SelectConfig:
-    """Which keys to keep. The defaults are `curate shard`'s (70% by CCS on EL2N; tests/test_cli.py
-    checks the CLI's against them)."""
+    """Which keys to keep. The defaults are `curate shard`'s (tests/test_cli.py checks the CLI's against
+    them): "clean", every candidate that is not a label issue (with ShardConfig's default dedup, nor a
+    near-duplicate), the recipe the equal-budget benchmark found ahead of full data at every budget at
+    20% label noise and level or ahead at 0% (docs/benchmarks.md, "The value where users prune"). With
+    keep < 1 the policy ranks what is left by `by`."""
 
-    keep: float | int = 0.7  # float in (0, 1]: fraction of the candidates; int >= 1: absolute count
+    keep: float | int = 1.0  # float in (0, 1]: fraction of the candidates; int >= 1: absolute count
     by: tuple[str, ...] = ("el2n",)  # score column(s); several are rank-averaged
     policy: str = "ccs"  # name in POLICIES: hard | easy | ccs | random
     beta: float = 0.1  # ccs: fraction of the hardest candidates dropped before stratifying
@@ -54,7 +57,9 @@ class SelectConfig:
     class_balanced: bool = False  # apply the budget per class (label) instead of globally
     min_per_class: int = 0  # every class keeps at least this many candidates (if it has them)
     dedup: bool = False  # drop near-duplicates (needs dup_keep from embedding_columns)
-    drop_label_issues: bool = False  # drop rows cleanlab flagged (`label_issue`) before the policy
+    # drop rows cleanlab flagged (`label_issue`) before the policy. None (the default): decided by run_shard from
+    # the lead table (curate/select/advice.py: dropped unless its proxy is near chance); select() alone keeps them
+    drop_label_issues: bool | None = None
     # Flagged rows whose suggested class has at least this probability get that class as their
     # label (and stay candidates) instead of being dropped; None: no relabelling.
     relabel_min_prob: float | None = None
@@ -367,6 +372,8 @@ def _check_columns(frame: pl.LazyFrame, cfg: SelectConfig) -> None:
     if missing := sorted(need - names):
         from_extra = {"dup_keep", "proto_dist", "proto_cluster"} & set(missing)
         hint = " (pass extra=embedding_columns(...))" if from_extra else ""
+        if "label_issue" in missing and cfg.drop_label_issues:  # a table `curate score` did not write
+            hint += " (label issues are dropped by default: drop_label_issues=False / --keep-label-issues selects without)"
         close = {m: difflib.get_close_matches(m, sorted(names), n=1) for m in missing}
         hint += "".join(f"; did you mean {c[0]!r} for {m!r}?" for m, c in close.items() if c)
         raise ValueError(f"scores lack column(s) {missing}{hint}; have {sorted(names)}")

@@ -31,8 +31,8 @@ from curate.ingest.limits import DEFAULT_MAX_CLASSES
 from curate.ingest.sources import (Item, index_sha256, open_source, read_bytes, relative_source, sanitize_key,
                                    source_root)
 from curate.score import table
-from curate.select.advice import recipe_warnings
-from curate.select.embeddings import DEDUP_ON, embedding_columns
+from curate.select.advice import recipe_warnings, resolve_label_issues
+from curate.select.embeddings import DEDUP_ON, DEFAULT_THRESHOLDS, embedding_columns
 from curate.select.policies import SelectConfig, load_scores, select, selection_hash
 from curate.select.report import ReportInfo, write_report
 from curate.select.weighing import MIN_SKILL, ProxyWeight, describe, lead, maps_order, weigh
@@ -58,7 +58,8 @@ class ShardConfig:
     # which keys to keep and why (policy, budget, `by` columns, label issues, seed); `seed` also orders
     # the samples across shards and seeds k-means, and `dedup` is set from the threshold below
     select: SelectConfig = field(default_factory=SelectConfig)
-    dedup: float | None = None  # similarity threshold for near-duplicates (phash 0.75, thumbnail 0.93); None = off
+    # similarity threshold for near-duplicates (phash 0.75, thumbnail 0.93; set it with dedup_on); None = off
+    dedup: float | None = DEFAULT_THRESHOLDS["phash"]
     # phash: perceptual hashes (copies, also mirrored and cropped) | thumbnail: 8x8 pixel layout |
     # embedding: the proxy's features (semantic, strong proxies)
     dedup_on: str = "phash"
@@ -119,6 +120,8 @@ def run_shard(cfg: ShardConfig) -> ShardResult:
     t0 = time.perf_counter()
     manifests = [table.read_manifest(d) for d in cfg.scores]
     roles = _roles(cfg, manifests)
+    chosen, notes = resolve_label_issues(cfg.select, manifests[roles.lead])
+    cfg = replace(cfg, select=chosen)
     maps_dir = roles.maps_dir(cfg.scores)
     extra = _embedding_extra(cfg, roles.lead) if cfg.dedup is not None or cfg.prototypes else None
     sel = select(load_scores(cfg.scores, cfg.select.by, roles.weights(), roles.lead), cfg.select, extra)
@@ -127,7 +130,7 @@ def run_shard(cfg: ShardConfig) -> ShardResult:
     per_class = per_class_counts(sel)
     # Everything that can fail on the inputs fails before --out is touched, and on a dry run too.
     items = _check_source(cfg, manifests, sel.filter(pl.col("kept")))
-    warnings = recipe_warnings(cfg.select, manifests[roles.lead])
+    warnings = notes + recipe_warnings(cfg.select, manifests[roles.lead])
     if cfg.dry_run:
         return ShardResult(cfg.out, sel, per_class, None, time.perf_counter() - t0, weighing=roles.lines(),
                            warnings=warnings)
