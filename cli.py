@@ -383,7 +383,7 @@ def dedup_threshold(given: float | None, off: bool, dedup_on: str) -> float | No
         return None
     if given is None and dedup_on not in DEFAULT_THRESHOLDS:
         raise click.UsageError(f"--dedup-on {dedup_on} has no default threshold: give --dedup (a cosine "
-                               "similarity, e.g. 0.95) or --no-dedup")
+                               "similarity in (0, 1)) or --no-dedup")
     return DEFAULT_THRESHOLDS[dedup_on] if given is None else given
 
 

@@ -80,3 +80,15 @@ def test_demo_passes_its_options_and_prints_the_report(tmp_path: Path, monkeypat
     assert res.exit_code == 0, res.output
     assert calls == [(tmp_path / "d", {"seed": 3, "workers": 0, "progress": False})]
     assert res.stdout == "the report\n" and "report in" in res.stderr
+
+
+def test_shard_dedup_options_that_contradict_or_lack_a_threshold_are_refused(tmp_path: Path):
+    scores = tmp_path / "scores"
+    scores.mkdir()
+    base = ["shard", str(tmp_path), "--scores", str(scores), "--out", str(tmp_path / "o")]
+    res = CliRunner().invoke(main, [*base, "--dedup", "0.8", "--no-dedup"])
+    assert res.exit_code == 2 and "--dedup and --no-dedup contradict each other" in res.output
+    res = CliRunner().invoke(main, [*base, "--dedup-on", "embedding"])
+    assert res.exit_code == 2 and "--dedup-on embedding has no default threshold" in res.output
+    assert not (tmp_path / "o").exists()
+    assert cli.dedup_threshold(None, False, "thumbnail") == 0.93 and cli.dedup_threshold(0.9, False, "phash") == 0.9

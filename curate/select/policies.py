@@ -373,7 +373,7 @@ def _check_columns(frame: pl.LazyFrame, cfg: SelectConfig) -> None:
         from_extra = {"dup_keep", "proto_dist", "proto_cluster"} & set(missing)
         hint = " (pass extra=embedding_columns(...))" if from_extra else ""
         if "label_issue" in missing and cfg.drop_label_issues:  # a table `curate score` did not write
-            hint += " (label issues are dropped by default: drop_label_issues=False / --keep-label-issues selects without)"
+            hint += " (drop_label_issues=False / --keep-label-issues selects without them)"
         close = {m: difflib.get_close_matches(m, sorted(names), n=1) for m in missing}
         hint += "".join(f"; did you mean {c[0]!r} for {m!r}?" for m, c in close.items() if c)
         raise ValueError(f"scores lack column(s) {missing}{hint}; have {sorted(names)}")
