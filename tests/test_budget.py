@@ -88,6 +88,10 @@ def test_every_cell_is_trained_for_the_epochs_its_budget_fits_and_resume_reuses_
     assert {p: p.stat().st_mtime_ns for p in summaries} == before and not (out / "runs/0.1").exists()
     assert len(report["cells"]) == 3 * 2 and len(report["missing"]) == 3 * 2  # 0.1x: never trained
     assert "budget 0.1x" not in (out / "table.md").read_text()
+    planned = run_budget(_config(out, dataset, budgets=(0.5,), report_only=True, ratio="planned"))
+    row = next(r for r in planned["summary"] if r["variant"] == "full")  # full's own planned share: the budget
+    assert row["planned_ratio_mean"] == pytest.approx(0.5)
+    assert f"{row['planned_ratio_mean']:.2f}x" in (out / "table.md").read_text()
     with pytest.raises(RunFolderError, match="not empty|differ"):
         run_budget(_config(out, dataset, lr=0.01))  # a finished run is never silently replaced
     with pytest.raises(Exception, match="differ"):

@@ -79,7 +79,8 @@ def main() -> None:
                        variants=tuple(by_name[n] for n in names), model=_model(args),
                        ref_epochs=args.ref_epochs, warmup_share=1 / args.ref_epochs, extra=_extra(args),
                        epoch_seconds=_calibration_of(args.epoch_seconds_from),
-                       fresh_process=not args.in_process, resume=args.resume, report_only=args.report_only)
+                       fresh_process=not args.in_process, resume=args.resume, report_only=args.report_only,
+                       ratio=args.ratio)
     results = run_budget(cfg)
     ref = results["reference"]
     epoch_s = {k: round(v, 2) for k, v in results["epoch_seconds"].items()}

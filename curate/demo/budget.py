@@ -63,6 +63,9 @@ class BudgetConfig:
     # quoted in code")
     resume: bool = False  # keep the cells already trained (more seeds or budgets may be added)
     report_only: bool = False  # train nothing: table and plot from the cells already trained
+    # the compute table.md and budget.png show: "wall" (actually used) or "planned" (epochs x calibrated epoch:
+    # what the budget bought, when other work shared the cores)
+    ratio: str = "wall"
     overwrite: bool = False
     progress: bool = True
 
@@ -79,7 +82,8 @@ def run_budget(cfg: BudgetConfig) -> dict[str, Any]:
     """Calibrate, then train every (budget, variant, seed) cell; resumable cell by cell. With
     `report_only`, train nothing and report the cells already trained (the rest as `missing`).
     Returns (and writes to OUT/results.json) the cells and the per-budget summary."""
-    free = ("progress", "budgets", "variants", "datasets", "resume", "overwrite", "report_only", "fresh_process")
+    free = ("progress", "budgets", "variants", "datasets", "resume", "overwrite", "report_only", "fresh_process",
+            "ratio")
     if not cfg.variants or cfg.variants[0].name != "full":
         raise ValueError("the first variant must be 'full': budgets are shares of its complete schedule")
     mode = "resume" if cfg.report_only else mode_of(cfg.resume, cfg.overwrite)
@@ -95,8 +99,8 @@ def run_budget(cfg: BudgetConfig) -> dict[str, Any]:
                    "epoch_seconds": epoch_s, "cells": cells, "missing": missing, "summary": summarise(cells, full_s)}
         write_json(folder.claim("results.json"), results)
         with atomic_path(folder.claim("table.md")) as tmp:
-            tmp.write_text("\n".join(table_lines(results)) + "\n")
-        plot(results, folder.claim("budget.png"))
+            tmp.write_text("\n".join(table_lines(results, cfg.ratio)) + "\n")
+        plot(results, folder.claim("budget.png"), cfg.ratio)
         return results
 
 
@@ -213,9 +217,10 @@ def table_lines(results: dict[str, Any], ratio: str = "wall") -> list[str]:
     return lines
 
 
-def plot(results: dict[str, Any], path: Path) -> None:
-    """Accuracy against the wall-clock actually used (share of full's complete schedule), one
-    line per variant, error bars = sd over seeds."""
+def plot(results: dict[str, Any], path: Path, ratio: str = "wall") -> None:
+    """Accuracy against the compute used (share of full's complete schedule: the wall-clock actually
+    used, or with ratio="planned" the epochs x the variant's calibrated epoch), one line per variant,
+    error bars = sd over seeds."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -225,9 +230,10 @@ def plot(results: dict[str, Any], path: Path) -> None:
     variants = list(dict.fromkeys(r["variant"] for r in results["summary"]))
     for v in variants:
         rows = sorted((r for r in results["summary"] if r["variant"] == v), key=lambda r: r["budget"])
-        ax.errorbar([r["wall_ratio_mean"] for r in rows], [100 * r["acc_mean"] for r in rows],
+        ax.errorbar([r[f"{ratio}_ratio_mean"] for r in rows], [100 * r["acc_mean"] for r in rows],
                     yerr=[100 * r["acc_sd"] for r in rows], marker="o", markersize=3, capsize=3, label=v)
-    ax.set_xlabel("training wall-clock used (x full data's complete schedule)")
+    ax.set_xlabel({"wall": "training wall-clock used", "planned": "compute planned: epochs x calibrated epoch"}[ratio]
+                  + " (x full data's complete schedule)")
     ax.set_ylabel("validation accuracy, last epoch, all tokens (%)")
     ax.legend(fontsize=7, loc="lower right")
     ax.grid(alpha=0.3)
