@@ -170,8 +170,8 @@ def test_samples_without_a_usable_label_are_error_rows_that_shard_leaves_out(tmp
     assert set(bad) == {"t0", "t1", "t2", "t3"} and all(bad.values())
     assert "no label" in bad["t0"] and "no label" in bad["t1"] and "not an ASCII integer" in bad["t3"]
     res = CliRunner().invoke(main, ["shard", str(shards), "--scores", str(tmp_path / "s"), "--out",
-                                    str(tmp_path / "o"), "--keep", "1.0", "--no-dedup", "--quiet", "--samples-per-shard",
-                                    "10"])
+                                    str(tmp_path / "o"), "--keep", "1.0", "--no-dedup", "--quiet",
+                                    "--samples-per-shard", "10"])
     assert res.exit_code == 0, res.output
     sel = pl.read_parquet(tmp_path / "o" / "selection.parquet")
     assert sel.filter(pl.col("key").str.starts_with("t"))["reason"].to_list() == ["error"] * 4
