@@ -12,7 +12,7 @@ from dataclasses import replace
 from typing import Any
 
 from curate.select.policies import SelectConfig
-from curate.select.weighing import MIN_SKILL, held_out_accuracy
+from curate.select.weighing import MIN_SKILL, chance, held_out_accuracy, skill
 
 # Flagged share from which the benchmark's noisy setting applies: at 20% uniform flips the probe flagged
 # 21.5% of CIFAR-10, at 0% flips 7.9% (its hard, ambiguous images)
@@ -64,11 +64,10 @@ def resolve_label_issues(select: SelectConfig, lead_manifest: dict[str, Any]) ->
     agreement = found.get("agreement")
     if agreement is None:  # no label issues on record: nothing to drop
         return replace(select, drop_label_issues=False), []
-    chance = 1.0 / max(2, int(lead_manifest.get("counts", {}).get("classes") or 2))
-    skill = (agreement - chance) / (1.0 - chance)
-    if skill >= MIN_SKILL:
+    flagger = skill(agreement, chance(lead_manifest))
+    if flagger >= MIN_SKILL:
         return replace(select, drop_label_issues=True), []
     return replace(select, drop_label_issues=False), [
         f"label issues kept: the proxy that flagged them ({found.get('label_issues')} of {found.get('rows')}) agrees "
-        f"with {agreement:.0%} of the given labels (skill {skill:.2f} < {MIN_SKILL}: near chance), so its flags "
+        f"with {agreement:.0%} of the given labels (skill {flagger:.2f} < {MIN_SKILL}: near chance), so its flags "
         "say little; train a stronger proxy, or pass --drop-label-issues to drop them anyway"]

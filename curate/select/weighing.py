@@ -49,22 +49,28 @@ def held_out_accuracy(manifest: dict[str, Any]) -> float | None:
     return float(agreement) if out_of_sample and agreement is not None else None
 
 
-def _skill(accuracy: float, chance: float) -> float:
-    return (accuracy - chance) / (1.0 - chance)
+def chance(manifest: dict[str, Any]) -> float:
+    """Accuracy by chance on the table's classes: 1 / classes (at least 2)."""
+    return 1.0 / max(2, int(manifest.get("counts", {}).get("classes") or 2))
+
+
+def skill(accuracy: float, by_chance: float) -> float:
+    """Accuracy rescaled so that chance is 0 and perfect is 1."""
+    return (accuracy - by_chance) / (1.0 - by_chance)
 
 
 def weigh(dirs: Sequence[Path], manifests: Sequence[dict[str, Any]]) -> list[ProxyWeight]:
     """Each table's weight: skill-proportional over the tables with a held-out accuracy and a skill
     of at least MIN_SKILL; equal when no table records one. Raises when no table is left to vote."""
     accuracies = [held_out_accuracy(m) for m in manifests]
-    chances = [1.0 / max(2, int(m.get("counts", {}).get("classes") or 2)) for m in manifests]
+    chances = [chance(m) for m in manifests]
     names = [m.get("proxy", {}).get("name", "?") for m in manifests]
     recorded = [a is not None for a in accuracies]
     if not any(recorded):
         why = "no held-out accuracy recorded (score with --folds K or --probe to weigh): equal weights"
         return [ProxyWeight(i, str(d), names[i], None, chances[i], None, 1.0 / len(dirs), why)
                 for i, d in enumerate(dirs)]
-    skills = [_skill(a, c) if a is not None else None for a, c in zip(accuracies, chances)]
+    skills = [skill(a, c) if a is not None else None for a, c in zip(accuracies, chances)]
     # a lone table decides: nothing to weigh it against; an unrecorded one cannot be compared
     kept = [s is not None and (s >= MIN_SKILL or len(dirs) == 1) for s in skills]
     if not any(kept):
