@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from curate.common.runfolder import RunFolderError
-from curate.demo.budget import BUDGET_VARIANTS, BudgetConfig, run_budget
+from curate.demo.budget import BUDGET_VARIANTS, BudgetConfig, merge_results, run_budget, write_merged
 from curate.demo.train import fit_epochs, low_res_size, slug
 
 from .sparse_fixtures import write_shards
@@ -128,3 +128,36 @@ def test_given_epoch_seconds_plan_the_cells_without_calibrating(dataset: Path, t
     assert rows["random 70%"]["planned_ratio_mean"] == pytest.approx(14.0 / 40.0)
     with pytest.raises(ValueError, match="no 'random 70%'"):
         run_budget(_config(tmp_path / "c", dataset, variants=variants, budgets=(0.5,), epoch_seconds={"full": 1.0}))
+
+
+def test_parts_planned_with_one_calibration_merge_into_one_run(dataset: Path, tmp_path: Path):
+    variants = (BY_NAME["full"], BY_NAME["random 70%"])
+    given = {"full": 10.0, "random 70%": 7.0}
+    parts = []
+    for seed in (0, 1):  # two processes, one seed each, as bench/experiments/budget.py --epoch-seconds-from splits
+        out = tmp_path / f"part-{seed}"
+        run_budget(_config(out, dataset, variants=variants, budgets=(0.5,), datasets=((seed, dataset),),
+                           epoch_seconds=given))
+        parts.append(out / "results.json")
+    merged = write_merged(tmp_path / "merged", parts, ratio="planned")
+    cells = {(c["variant"], c["seed"]): c["val_acc"] for c in merged["cells"]}
+    assert len(cells) == 4 and merged["epoch_seconds"] == given
+    row = next(r for r in merged["summary"] if r["variant"] == "random 70%")
+    diffs = [cells["random 70%", s] - cells["full", s] for s in (0, 1)]
+    assert row["seeds"] == 2 and row["paired"] == 2 and row["paired_wins"] == sum(d > 0 for d in diffs)
+    assert row["paired_diff_mean"] == pytest.approx(sum(diffs) / 2)
+    assert json.loads((tmp_path / "merged" / "results.json").read_text())["summary"] == merged["summary"]
+    assert "wins " in (tmp_path / "merged" / "table.md").read_text()
+    assert (tmp_path / "merged" / "budget.png").stat().st_size > 0
+    write_merged(tmp_path / "merged", parts)  # a merge again replaces its own files
+
+    with pytest.raises(ValueError, match="trained in two parts"):
+        merge_results([json.loads(p.read_text()) for p in (parts[0], parts[0])])
+    other = json.loads(parts[1].read_text()) | {"epoch_seconds": {"full": 10.0, "random 70%": 6.0}}
+    with pytest.raises(ValueError, match="same --epoch-seconds-from"):
+        merge_results([json.loads(parts[0].read_text()), other])
+    with pytest.raises(RunFolderError, match="not write"):  # a user's file in --out is never replaced
+        (tmp_path / "mine").mkdir()
+        (tmp_path / "mine" / "notes.txt").write_text("mine")
+        write_merged(tmp_path / "mine", parts)
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "mine"

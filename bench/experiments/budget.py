@@ -8,6 +8,10 @@ epochs that fit and the wall-clock actually used.
     python bench/experiments/budget.py --out budget-demo --data 0:demo-run --data 1:demo-s1 --data 2:demo-s2 \\
         [--budgets 0.35,0.5,0.7,1.0] [--variants full,"random 70%",...] [--resume] [--report-only]
         [--epoch-seconds-from OTHER/results.json] [--ratio planned]
+    python bench/experiments/budget.py --out merged --merge PART/results.json [PART/results.json ...] [--ratio planned]
+
+A run split over processes or machines (one --out per part, every part planned with the same
+--epoch-seconds-from) is reported as one with --merge: the parts' cells together, one table and plot.
 
 A seed may name the same root as another (training seeds on one dataset): --data 0:c10 --data 1:c10.
 The student defaults to the demo's ViT (curate.demo.train.DEMO_MODEL); --img-size, --patch-size,
@@ -25,7 +29,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/, for common
 import common  # noqa: E402
 
-from curate.demo.budget import BUDGET_VARIANTS, BudgetConfig, run_budget, table_lines  # noqa: E402
+from curate.demo.budget import BUDGET_VARIANTS, BudgetConfig, run_budget, table_lines, write_merged  # noqa: E402
 from curate.demo.train import DEMO_MODEL  # noqa: E402
 from sparsevit.names import LOADERS  # noqa: E402
 
@@ -48,7 +52,7 @@ def _calibration_of(results: Path | None) -> dict[str, float] | None:
 def main() -> None:
     ap = common.parser(__doc__)
     ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--data", type=common.seed_root, action="append", required=True, help="SEED:ROOT, repeatable")
+    ap.add_argument("--data", type=common.seed_root, action="append", help="SEED:ROOT, repeatable")
     ap.add_argument("--budgets", type=common.floats, default="0.35,0.5,0.7,1.0")
     ap.add_argument("--variants", type=common.words, default=",".join(v.name for v in BUDGET_VARIANTS),
                     help="comma-separated names; the first must be 'full'")
@@ -69,7 +73,14 @@ def main() -> None:
     ap.add_argument("--in-process", action="store_true", help="train every run in this process")
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--report-only", action="store_true", help="train nothing: report the cells already trained")
+    ap.add_argument("--merge", type=Path, nargs="+", default=None, metavar="RESULTS",
+                    help="train nothing: report the parts' results.json (one calibration) as one run in --out")
     args = ap.parse_args()
+    if args.merge:
+        report(write_merged(args.out, args.merge, args.ratio), "merged: " + ", ".join(map(str, args.merge)), args.ratio)
+        return
+    if not args.data:
+        ap.error("--data SEED:ROOT is required (or --merge)")
     by_name = {v.name: v for v in BUDGET_VARIANTS}
     names = args.variants
     unknown = [n for n in names if n not in by_name]
@@ -81,12 +92,15 @@ def main() -> None:
                        epoch_seconds=_calibration_of(args.epoch_seconds_from),
                        fresh_process=not args.in_process, resume=args.resume, report_only=args.report_only,
                        ratio=args.ratio)
-    results = run_budget(cfg)
+    report(run_budget(cfg), f"seeds {[s for s, _ in cfg.datasets]}", args.ratio)
+
+
+def report(results: dict, what: str, ratio: str) -> None:
     ref = results["reference"]
     epoch_s = {k: round(v, 2) for k, v in results["epoch_seconds"].items()}
     print("\n" + common.header(f"reference: {ref['variant']} for {ref['epochs']} epochs = {ref['seconds']:.0f}s",
-                               f"seeds {[s for s, _ in cfg.datasets]}", f"epoch seconds {epoch_s}"))
-    print("\n".join(table_lines(results, args.ratio)))
+                               what, f"epoch seconds {epoch_s}"))
+    print("\n".join(table_lines(results, ratio)))
     if results["missing"]:
         print(f"not trained ({len(results['missing'])} cells): "
               + "; ".join(f"{b:g}x {v} seed {s}" for b, v, s in results["missing"]))

@@ -104,6 +104,47 @@ def run_budget(cfg: BudgetConfig) -> dict[str, Any]:
         return results
 
 
+def merge_results(parts: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """One run's results from runs split over processes or machines, each planned with one
+    calibration (`--epoch-seconds-from`): their cells together and summarised as one. Refuses parts
+    planned with other epoch seconds or another reference (their budgets would not be the same
+    compute) and a cell trained twice (which one would count?)."""
+    if not parts:
+        raise ValueError("nothing to merge")
+    reference, epoch_s = parts[0]["reference"], dict(parts[0]["epoch_seconds"])
+    cells: dict[tuple[float, str, int], dict[str, Any]] = {}
+    for i, part in enumerate(parts):
+        if part["reference"] != reference:
+            raise ValueError(f"part {i} has another reference ({part['reference']} vs {reference}): "
+                             "plan every part with the same --epoch-seconds-from and --ref-epochs")
+        for name, seconds in part["epoch_seconds"].items():
+            if epoch_s.setdefault(name, seconds) != seconds:
+                raise ValueError(f"part {i} planned {name!r} with {seconds} s an epoch, another part with "
+                                 f"{epoch_s[name]} s: plan every part with the same --epoch-seconds-from")
+        for c in part["cells"]:
+            key = (c["budget"], c["variant"], c["seed"])
+            if key in cells:
+                raise ValueError(f"{key[0]:g}x {key[1]} seed {key[2]} was trained in two parts: merge one of them")
+            cells[key] = c
+    missing = sorted({tuple(m) for p in parts for m in p["missing"]} - set(cells))
+    merged = list(cells.values())
+    return {"reference": reference, "epoch_seconds": epoch_s, "cells": merged, "missing": missing,
+            "summary": summarise(merged, reference["seconds"])}
+
+
+def write_merged(out: Path, parts: Sequence[Path], ratio: str = "wall") -> dict[str, Any]:
+    """`merge_results` of the parts' results.json, written to `out` as a run writes its own
+    (results.json, table.md, budget.png); a merge is cheap, so a previous merge there is replaced."""
+    results = merge_results([json.loads(p.read_text()) for p in parts])
+    with RunFolder.open(out, "budget-merge", mode_of(False, True), config={"parts": [str(p) for p in parts]},
+                        sources=[p.parent for p in parts]) as folder:
+        write_json(folder.claim("results.json"), results)
+        with atomic_path(folder.claim("table.md")) as tmp:
+            tmp.write_text("\n".join(table_lines(results, ratio)) + "\n")
+        plot(results, folder.claim("budget.png"), ratio)
+    return results
+
+
 def _config_json(cfg: BudgetConfig) -> dict[str, Any]:
     d = asdict(cfg)
     d["out"] = str(cfg.out)
