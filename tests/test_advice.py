@@ -36,8 +36,21 @@ def test_the_warning_applies_to_noisy_data_and_recipes_that_keep_the_issues():
     assert recipe_warnings(SelectConfig(policy="random", drop_label_issues=False), noisy), "full data keeps them"
     assert recipe_warnings(SelectConfig(drop_label_issues=True), noisy) == [], "what the default resolves to"
     assert recipe_warnings(SelectConfig(drop_label_issues=False, relabel_min_prob=0.7), noisy) == []
-    assert recipe_warnings(curated, quiet) == [] and 785 / 10_000 < NOISY_SHARE
+    assert 785 / 10_000 < NOISY_SHARE
+    assert recipe_warnings(SelectConfig(drop_label_issues=False), quiet) == [], "full data on quiet data"
     assert recipe_warnings(curated, manifest(2151, folds=1)) == []
+
+
+def test_pruning_past_the_label_issues_of_quiet_data_is_said_to_lose():
+    quiet = manifest(785)  # the probe on CIFAR-10 without flips
+    (line,) = recipe_warnings(SelectConfig(keep=0.7, drop_label_issues=True), quiet)
+    assert line.startswith("only 8% of the inputs are label issues") and "--keep 0.7" in line
+    assert "--keep 1.0" in line and "The value where users prune" in line
+    assert recipe_warnings(SelectConfig(keep=7000, drop_label_issues=True), quiet), "a count below the rows prunes"
+    assert recipe_warnings(SelectConfig(keep=10_000, drop_label_issues=True), quiet) == [], "a count of all: none"
+    assert recipe_warnings(SelectConfig(drop_label_issues=True), quiet) == [], "the default prunes nothing more"
+    in_sample = recipe_warnings(SelectConfig(keep=0.7, drop_label_issues=True), manifest(785, folds=1))
+    assert not any(line.startswith("only") for line in in_sample), "in sample: nothing claimed"
 
 
 def test_in_sample_label_issues_dropped_are_said_to_be_few():
@@ -94,6 +107,8 @@ def test_curate_shard_warns_on_noisy_data_only_when_the_issues_stay(small_demo: 
     assert "warning: 30% of the inputs are label issues" in out
     assert "warning:" not in shard(small_demo, noisy_and_quiet["noisy"], tmp_path / "b"), "the default drops them"
     assert "warning:" not in shard(small_demo, noisy_and_quiet["quiet"], tmp_path / "c", "--keep-label-issues")
+    assert "warning: only 5% of the inputs are label issues" in shard(small_demo, noisy_and_quiet["quiet"],
+                                                                     tmp_path / "e", "--keep", "0.7")
     assert "warning: 30%" in shard(small_demo, noisy_and_quiet["noisy"], tmp_path / "d", "--dry-run", "--keep", "0.7",
                                    "--keep-label-issues")
     assert not (tmp_path / "d").exists()

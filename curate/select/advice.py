@@ -18,6 +18,8 @@ from curate.select.weighing import MIN_SKILL, chance, held_out_accuracy, skill
 # 21.5% of CIFAR-10, at 0% flips 7.9% (its hard, ambiguous images)
 NOISY_SHARE = 0.15
 SECTION = 'docs/benchmarks.md, "The value where users prune"'
+# what the benchmark found for pruning past the label issues on CIFAR-10 without flips (0% noise)
+QUIET_PRUNING = "behind full data at the smaller budgets"
 
 
 def flagged_share(manifest: dict[str, Any]) -> float | None:
@@ -35,12 +37,32 @@ def recipe_warnings(select: SelectConfig, lead_manifest: dict[str, Any]) -> list
     share = flagged_share(lead_manifest)
     if share is None:
         return in_sample_note(select, lead_manifest)
-    if share < NOISY_SHARE or select.drop_label_issues or select.relabel_min_prob is not None:
+    if share < NOISY_SHARE:
+        return quiet_pruning_note(select, share, lead_manifest)
+    if select.drop_label_issues or select.relabel_min_prob is not None:
         return []
     return [f"{share:.0%} of the inputs are label issues (out-of-sample probabilities) and this recipe keeps "
             "them: at 20% label noise the benchmark found dropping them ahead of full data at every budget, "
             f"and pruning that keeps them behind full data ({SECTION}); drop them (the default, without "
             "--keep-label-issues), with --keep 1.0 to prune nothing else"]
+
+
+def prunes(select: SelectConfig, rows: int | None) -> bool:
+    """Whether the recipe keeps fewer than all of what the label issues and duplicates leave."""
+    if isinstance(select.keep, float):
+        return select.keep < 1.0
+    return rows is None or select.keep < rows
+
+
+def quiet_pruning_note(select: SelectConfig, share: float, lead_manifest: dict[str, Any]) -> list[str]:
+    """Quiet data (few out-of-sample label issues) and a recipe that prunes past them: the benchmark
+    found that behind full data at the smaller budgets."""
+    rows = (lead_manifest.get("proxy", {}).get("label_issues") or {}).get("rows")
+    if not prunes(select, rows):
+        return []
+    return [f"only {share:.0%} of the inputs are label issues (out-of-sample probabilities) and this recipe prunes "
+            f"further (--keep {select.keep}): on such data the benchmark found pruning past the label issues "
+            f"{QUIET_PRUNING} ({SECTION}); --keep 1.0 (the default) keeps the rest"]
 
 
 def in_sample_note(select: SelectConfig, lead_manifest: dict[str, Any]) -> list[str]:
