@@ -97,10 +97,7 @@ def run_budget(cfg: BudgetConfig) -> dict[str, Any]:
         cells = [c for c in cells if c["trained"]]
         results = {"reference": {"variant": cfg.variants[0].name, "epochs": cfg.ref_epochs, "seconds": full_s},
                    "epoch_seconds": epoch_s, "cells": cells, "missing": missing, "summary": summarise(cells, full_s)}
-        write_json(folder.claim("results.json"), results)
-        with atomic_path(folder.claim("table.md")) as tmp:
-            tmp.write_text("\n".join(table_lines(results, cfg.ratio)) + "\n")
-        plot(results, folder.claim("budget.png"), cfg.ratio)
+        _write_outputs(folder, results, cfg.ratio)
         return results
 
 
@@ -138,11 +135,16 @@ def write_merged(out: Path, parts: Sequence[Path], ratio: str = "wall") -> dict[
     results = merge_results([json.loads(p.read_text()) for p in parts])
     with RunFolder.open(out, "budget-merge", mode_of(False, True), config={"parts": [str(p) for p in parts]},
                         sources=[p.parent for p in parts]) as folder:
-        write_json(folder.claim("results.json"), results)
-        with atomic_path(folder.claim("table.md")) as tmp:
-            tmp.write_text("\n".join(table_lines(results, ratio)) + "\n")
-        plot(results, folder.claim("budget.png"), ratio)
+        _write_outputs(folder, results, ratio)
     return results
+
+
+def _write_outputs(folder: RunFolder, results: dict[str, Any], ratio: str) -> None:
+    """results.json, table.md and budget.png: what a run and a merge leave in their folder."""
+    write_json(folder.claim("results.json"), results)
+    with atomic_path(folder.claim("table.md")) as tmp:
+        tmp.write_text("\n".join(table_lines(results, ratio)) + "\n")
+    plot(results, folder.claim("budget.png"), ratio)
 
 
 def _config_json(cfg: BudgetConfig) -> dict[str, Any]:
