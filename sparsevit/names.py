@@ -7,6 +7,6 @@ KEEP_SCHEDULES = ("constant", "trilevel", "toe")
 DROP_BY = ("importance", "random")  # rank tokens by the stored maps | at random (the control)
 SELECT_BY = ("maps", "selector", "mix")  # who ranks tokens in training when there are selectors
 ATTENTION_MODES = ("dense", "topk", "gather")
-EXAMPLE_PRUNERS = ("none", "infobatch", "trilevel", "rs2")
+EXAMPLE_PRUNERS = ("none", "infobatch", "trilevel", "rs2", "top-score")
 LOADERS = ("stream", "memory")  # decode every epoch in loader workers | decode once, augment in batches
 DECODE = ("cpu", "gpu")  # who decodes the training JPEGs: loader workers (PIL) | the GPU (nvJPEG)

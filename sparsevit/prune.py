@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from curate.common.hashing import unit
 from curate.common.registry import Registry
+from curate.shard.format import SELECTION
 from sparsevit import names
 
 Record = tuple[str, float, bool]  # (key, loss, correct); loss NaN: the example sat out
@@ -32,6 +34,11 @@ class NoPruning:
 
     def weights(self, keys: list[str], epoch: int) -> torch.Tensor:
         return torch.ones(len(keys))
+
+    def admits(self, keys: list[str], epoch: int) -> torch.Tensor:
+        """What a loader that plans the whole epoch (`--loader memory`) may leave out before batching:
+        the rows of weight 0, unless the choice depends on the batch a row lands in."""
+        return self.weights(keys, epoch)
 
     def update(self, records: list[Record], epoch: int) -> None:
         pass
@@ -165,10 +172,58 @@ class FreshSubsets(NoPruning):
         return torch.tensor([1.0 if (unit(self.seed, k, "rs2") - start) % 1.0 < self.keep else 0.0 for k in keys])
 
 
-def make_pruner(name: str, epochs: int, seed: int, keep: float = 0.7) -> NoPruning:
-    """The named pruner; `keep` goes to the pruners that take a share of the examples (rs2)."""
+@PRUNERS.register("top-score")
+@dataclass
+class BatchTopScore(NoPruning):
+    """Per-batch selection by the stored scores: every batch trains its share `keep` of rows with the
+    highest score `curate shard` stored (SHARDS/selection.parquet's `score`, the hardest examples by
+    the proxy), as airbench96_faster trains the highest-loss rows of each batch, but without its
+    extra forward pass. The loader still reads every row; each step costs `keep` of the model's.
+    Ties (and keys the table lacks, ranked last) fall by key hash, fresh each epoch."""
+    epochs: int
+    seed: int = 0
+    keep: float = 0.7
+    scores: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not 0 < self.keep <= 1:
+            raise ValueError(f"top-score keeps a share of each batch: in (0, 1], got {self.keep}")
+
+    def weights(self, keys: list[str], epoch: int) -> torch.Tensor:
+        rank = sorted(range(len(keys)), key=lambda i: (-self.scores.get(keys[i], -math.inf),
+                                                       unit(self.seed, keys[i], f"top{epoch}")))
+        w = torch.zeros(len(keys))
+        w[rank[:max(1, round(self.keep * len(keys)))]] = 1.0
+        return w
+
+    def admits(self, keys: list[str], epoch: int) -> torch.Tensor:
+        return torch.ones(len(keys))  # which rows train depends on the batch: chosen in the step
+
+
+def stored_scores(shards: Path) -> dict[str, float]:
+    """key -> `score` of the rows `curate shard` kept, from SHARDS/selection.parquet."""
+    import polars as pl  # only the pruners that read stored scores need it
+
+    table = shards / SELECTION
+    if not table.is_file():
+        raise ValueError(f"--example-pruning top-score ranks by the scores `curate shard` stores in {SELECTION}; "
+                         f"{shards} has none: shard with `curate shard`, or pick another --example-pruning")
+    rows = pl.read_parquet(table, columns=["key", "kept", "score"]).filter(pl.col("kept") & pl.col("score").is_not_null())
+    if rows.is_empty():
+        raise ValueError(f"{table} has no kept row with a score: nothing to rank by")
+    return dict(zip(rows["key"].to_list(), rows["score"].to_list()))
+
+
+def make_pruner(name: str, epochs: int, seed: int, keep: float = 0.7, shards: Path | None = None) -> NoPruning:
+    """The named pruner; `keep` goes to the pruners that take a share of the examples (rs2,
+    top-score), the scores stored beside `shards` to those that rank by them (top-score)."""
     if name == "none":
         return NoPruning()
     cls = PRUNERS[name]
-    extra = {"keep": keep} if "keep" in {f.name for f in fields(cls)} else {}
+    names_ = {f.name for f in fields(cls)}
+    extra: dict[str, Any] = {"keep": keep} if "keep" in names_ else {}
+    if "scores" in names_:
+        if shards is None:
+            raise ValueError(f"--example-pruning {name} needs the shard folder its scores are stored in")
+        extra["scores"] = stored_scores(shards)
     return cls(epochs=epochs, seed=seed, **extra)  # type: ignore[call-arg]

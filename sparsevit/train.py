@@ -75,8 +75,8 @@ class TrainConfig:
     distill_weight: float = 1.0  # selector: loss towards the maps' top k
     ratio_weight: float = 2.0  # selector: loss holding the mean keep probability at the keep ratio (DynamicViT)
     selector_lr_scale: float = 10.0  # selectors' lr / the ViT's (docs/benchmarks.md, "A learned token selector")
-    example_pruning: str = "none"  # none | infobatch | trilevel | rs2
-    example_keep: float = 0.7  # rs2: share of the examples each epoch trains
+    example_pruning: str = "none"  # none | infobatch | trilevel | rs2 | top-score
+    example_keep: float = 0.7  # rs2: share of the examples each epoch trains; top-score: of each batch
     workers: int = 2  # loader processes per rank
     decode: str = "cpu"  # cpu: loader workers decode (PIL) | gpu: nvJPEG in the main process (device_decode)
     loader: str = "stream"  # stream: decode every epoch in loader workers | memory: decode once (sparsevit.memory)
@@ -314,7 +314,7 @@ def build(cfg: TrainConfig, ctx: dist.Dist | None = None, device: torch.device |
     ema = ModelEmaV3(core, decay=cfg.ema) if cfg.ema > 0 else None
     mixer = data.MapMixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, label_smoothing=cfg.smoothing,
                           num_classes=core.vit.num_classes) if cfg.mixup > 0 or cfg.cutmix > 0 else None
-    pruner = prune.make_pruner(cfg.example_pruning, cfg.epochs, cfg.seed, cfg.example_keep)
+    pruner = prune.make_pruner(cfg.example_pruning, cfg.epochs, cfg.seed, cfg.example_keep, cfg.shards)
     return Run(cfg, net, core, opt, ema, pruner, mixer, ctx, device, class_names=class_names(cfg))
 
 
@@ -371,7 +371,7 @@ def _memory_loader(run: Run, split: shard_format.Split, epoch: int, transform: d
     if urls not in run.decoded:
         run.decoded[urls] = memory.decode_split(split, cfg.workers)
     decoded = run.decoded[urls]
-    order = memory.epoch_order(decoded, cfg.seed, epoch, lambda keys: run.pruner.weights(keys, epoch))
+    order = memory.epoch_order(decoded, cfg.seed, epoch, lambda keys: run.pruner.admits(keys, epoch))
     plan = memory.epoch_plan(order, ctx.world_size, cfg.batch_size)
     return memory.batches(decoded, order[ctx.rank::ctx.world_size], plan.steps, cfg.batch_size, transform), plan
 

@@ -15,7 +15,7 @@ from torchvision.transforms import functional as TF
 from cli import main
 from curate.shard.format import decode_sample, read_split
 from sparsevit import data, memory
-from sparsevit.train import TrainConfig, build, train_loader
+from sparsevit.train import TrainConfig, build, run_train, train_loader
 
 from .sparse_fixtures import write_shards
 
@@ -129,6 +129,32 @@ def test_rs2_epochs_are_fresh_shares_in_full_batches(toy: Path, tmp_path: Path):
         assert keys <= admitted and plan.steps == len(admitted) // 8 and len(keys) == 8 * plan.steps
         shares.append(keys)
     assert shares[0] != shares[1]
+
+
+@pytest.mark.parametrize("loader", ["memory", "stream"])
+def test_top_score_takes_every_step_and_trains_the_top_of_each_batch(tmp_path: Path, loader: str):
+    import polars as pl
+    shards = write_shards(tmp_path / "shards")
+    keys = sorted(_stored(shards))
+    score = {k: float(i * 37 % 64) for i, k in enumerate(keys)}
+    pl.DataFrame({"key": keys, "kept": [True] * 64, "score": [score[k] for k in keys]}).write_parquet(
+        shards / "selection.parquet")
+    run = _run(shards, tmp_path, example_pruning="top-score", loader=loader)
+    batches, plan = train_loader(run, read_split(shards, "train"), 0)
+    assert plan.steps == 8  # nothing sits out before batching
+    for batch in batches:
+        kept = {k for k, w in zip(batch.keys, run.pruner.weights(batch.keys, 0).tolist()) if w}  # what the step trains
+        assert len(kept) == 6  # round(0.7 x 8)
+        assert min(score[k] for k in kept) > max(score[k] for k in set(batch.keys) - kept)
+    run_train(TrainConfig(shards=shards, out=tmp_path / "trained", epochs=1, example_pruning="top-score",
+                          **(TINY | {"loader": loader})))
+    epoch = [json.loads(line) for line in (tmp_path / "trained" / "metrics.jsonl").open()][-1]
+    assert (epoch["images"], epoch["trained"]) == (64, 48)  # every row read, 6 of each 8 trained
+
+
+def test_top_score_without_stored_scores_is_refused(toy: Path, tmp_path: Path):
+    with pytest.raises(ValueError, match="selection.parquet"):
+        _run(toy, tmp_path, example_pruning="top-score")
 
 
 def test_ranks_share_the_order_and_take_disjoint_equal_steps(toy: Path):

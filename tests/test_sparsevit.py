@@ -389,3 +389,20 @@ def test_rs2_trains_a_fresh_share_each_epoch_and_every_example_in_turn():
     assert torch.equal(p.weights(keys, 3), prune.make_pruner("rs2", 10, 4, keep=0.7).weights(keys, 3))
     with pytest.raises(ValueError, match="rs2"):
         prune.make_pruner("rs2", 10, 0, keep=0.0)
+
+
+def test_top_score_trains_the_highest_stored_scores_of_each_batch(tmp_path: Path):
+    import polars as pl
+    keys = [f"k{i}" for i in range(10)]
+    pl.DataFrame({"key": keys + ["pruned"], "kept": [True] * 10 + [False],
+                  "score": [float(i) for i in range(10)] + [99.0]}).write_parquet(tmp_path / fmt.SELECTION)
+    p = prune.make_pruner("top-score", 5, 0, keep=0.7, shards=tmp_path)
+    batch = ["k3", "k9", "k0", "k5", "pruned", "k7", "k1", "k8", "k2", "k4"]
+    kept = {k for k, w in zip(batch, p.weights(batch, 0).tolist()) if w == 1.0}
+    assert kept == {"k9", "k8", "k7", "k5", "k4", "k3", "k2"}  # 7 of 10; a row curate shard did not keep ranks last
+    assert p.weights(["pruned", "k0"], 1).tolist() == [0.0, 1.0]
+    assert p.admits(batch, 0).tolist() == [1.0] * 10  # chosen per batch: a whole-epoch plan leaves nothing out
+    with pytest.raises(ValueError, match="selection.parquet"):
+        prune.make_pruner("top-score", 5, 0, shards=tmp_path / "elsewhere")
+    with pytest.raises(ValueError, match="top-score"):
+        prune.make_pruner("top-score", 5, 0, keep=1.5, shards=tmp_path)

@@ -38,6 +38,8 @@ BUDGET_VARIANTS = (
     Variant("clean", "shards-clean"),
     Variant("clean + 70% by CCS", "shards-clean-70"),
     Variant("clean + keep 0.7 random", "shards-clean", keep=0.7, drop_by="random"),
+    # per-batch selection by the stored scores: the 70% of each batch with the highest EL2N
+    Variant("clean + top 70% of each batch", "shards-clean", example_pruning="top-score"),
 )
 
 

@@ -55,6 +55,7 @@ from curate.ingest.sources import MAX_KEY_LEN
 FORMAT_VERSION = 1
 INFO = "_info.json"
 MANIFEST = "manifest.json"
+SELECTION = "selection.parquet"  # every input key, kept or not, with its reason and score (`curate shard`)
 IMAGE_FIELDS = ("jpg", "png", "webp")  # what timm's reader accepts (`jpg;png;webp`)
 MAP_FIELD = "importance.npy"
 MAX_MAP_SIDE = 1024  # a map is a patch grid; a larger header is corrupt data, not a map

@@ -42,7 +42,7 @@ from curate.shard.writer import write_split
 
 COMMAND = "shard"
 RESUME_FREE = ("resume", "overwrite", "dry_run", "progress", "workers")
-SELECTION = "selection.parquet"
+SELECTION = fmt.SELECTION
 REPORT = "report.html"
 # Item fields as columns: the shard writers get kept inputs as slices of these, not as objects.
 # `path` as bytes: a POSIX file name need not be UTF-8, and polars strings must be.
