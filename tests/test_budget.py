@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import statistics
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +11,7 @@ from PIL import Image
 
 from curate.common.runfolder import RunFolderError
 from curate.demo.budget import BUDGET_VARIANTS, BudgetConfig, merge_results, run_budget, write_merged
-from curate.demo.train import fit_epochs, low_res_size, slug
+from curate.demo.train import epoch_records, fit_epochs, low_res_size, slug
 
 from .sparse_fixtures import write_shards
 
@@ -126,8 +127,20 @@ def test_given_epoch_seconds_plan_the_cells_without_calibrating(dataset: Path, t
     assert {c["variant"]: c["planned_s"] for c in res["cells"]} == {"full": 20.0, "random 70%": 14.0}
     rows = {r["variant"]: r for r in res["summary"]}
     assert rows["random 70%"]["planned_ratio_mean"] == pytest.approx(14.0 / 40.0)
-    with pytest.raises(ValueError, match="no 'random 70%'"):
-        run_budget(_config(tmp_path / "c", dataset, variants=variants, budgets=(0.5,), epoch_seconds={"full": 1.0}))
+    with pytest.raises(ValueError, match="no 'full', the reference"):
+        run_budget(_config(tmp_path / "c", dataset, variants=variants, budgets=(0.5,), epoch_seconds={"x": 1.0}))
+
+
+def test_a_variant_the_given_epoch_seconds_lack_is_planned_by_its_ratio_to_the_reference(dataset: Path,
+                                                                                         tmp_path: Path):
+    variants = (BY_NAME["full"], BY_NAME["random 70%"])
+    out = tmp_path / "b"
+    res = run_budget(_config(out, dataset, variants=variants, budgets=(0.5,), datasets=((0, dataset),),
+                             epoch_seconds={"full": 10.0}))  # a calibration made before "random 70%" existed
+    median = {name: statistics.median(r["seconds"] for r in epoch_records(out / "calibration" / slug(name)))
+              for name in ("full", "random 70%")}  # both calibrated here, in this run
+    assert res["epoch_seconds"]["full"] == 10.0
+    assert res["epoch_seconds"]["random 70%"] == pytest.approx(10.0 * median["random 70%"] / median["full"])
 
 
 def test_parts_planned_with_one_calibration_merge_into_one_run(dataset: Path, tmp_path: Path):

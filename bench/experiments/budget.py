@@ -67,7 +67,8 @@ def main() -> None:
     ap.add_argument("--crop-scale", type=common.floats, default=None, help="LO,HI: RandomResizedCrop's area range")
     ap.add_argument("--epoch-seconds-from", type=Path, default=None,
                     help="another run's results.json: plan with its calibration (runs split over processes "
-                         "or machines); without it, --budgets '' only calibrates")
+                         "or machines; a variant it lacks is calibrated here beside full and planned by that "
+                         "ratio); without it, --budgets '' only calibrates")
     ap.add_argument("--ratio", choices=("wall", "planned"), default="wall",
                     help="the table's wall-clock: as run, or epochs x calibrated epoch (runs that shared the cores)")
     ap.add_argument("--in-process", action="store_true", help="train every run in this process")

@@ -169,12 +169,19 @@ def _train(cfg: BudgetConfig, tc: TrainConfig) -> None:
 
 
 def _epoch_seconds(folder: RunFolder, cfg: BudgetConfig, v: Variant) -> float:
-    """The variant's epoch seconds: given (`cfg.epoch_seconds`) or calibrated here."""
+    """The variant's epoch seconds: calibrated here, or given (`cfg.epoch_seconds`). A variant the
+    given ones lack is calibrated here beside the reference and planned by its ratio to it, so
+    that a variant added later fits the given plan: the machine's speed drifts between two
+    calibrations (full data: 2.72 s and 3.16 s an epoch hours apart), a ratio in one run does not."""
     if cfg.epoch_seconds is None:
         return _calibrate(folder, cfg, v)
-    if v.name not in cfg.epoch_seconds:
-        raise ValueError(f"the given epoch seconds have no {v.name!r}: calibrate it (run without them) first")
-    return cfg.epoch_seconds[v.name]
+    ref = cfg.variants[0]
+    if ref.name not in cfg.epoch_seconds:
+        raise ValueError(f"the given epoch seconds have no {ref.name!r}, the reference every variant is planned "
+                         "by: calibrate (run without them) first")
+    if v.name in cfg.epoch_seconds:
+        return cfg.epoch_seconds[v.name]
+    return cfg.epoch_seconds[ref.name] * _calibrate(folder, cfg, v) / _calibrate(folder, cfg, ref)
 
 
 def _calibrate(folder: RunFolder, cfg: BudgetConfig, v: Variant) -> float:
