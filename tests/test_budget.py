@@ -133,14 +133,17 @@ def test_given_epoch_seconds_plan_the_cells_without_calibrating(dataset: Path, t
 
 def test_a_variant_the_given_epoch_seconds_lack_is_planned_by_its_ratio_to_the_reference(dataset: Path,
                                                                                          tmp_path: Path):
-    variants = (BY_NAME["full"], BY_NAME["random 70%"])
-    out = tmp_path / "b"
-    res = run_budget(_config(out, dataset, variants=variants, budgets=(0.5,), datasets=((0, dataset),),
-                             epoch_seconds={"full": 10.0}))  # a calibration made before "random 70%" existed
+    out = tmp_path / "b"  # a part that adds "random 70%" to a run calibrated without it; full's cells are there
+    res = run_budget(_config(out, dataset, variants=(BY_NAME["random 70%"],), budgets=(0.5,),
+                             datasets=((0, dataset),), epoch_seconds={"full": 10.0}))
     median = {name: statistics.median(r["seconds"] for r in epoch_records(out / "calibration" / slug(name)))
               for name in ("full", "random 70%")}  # both calibrated here, in this run
     assert res["epoch_seconds"]["full"] == 10.0
     assert res["epoch_seconds"]["random 70%"] == pytest.approx(10.0 * median["random 70%"] / median["full"])
+    assert res["reference"] == {"variant": "full", "epochs": 4, "seconds": 40.0}  # as in the run it adds to
+    assert [c["variant"] for c in res["cells"]] == ["random 70%"]  # no cell of full trained again
+    with pytest.raises(ValueError, match="first variant must be 'full'"):
+        run_budget(_config(tmp_path / "c", dataset, variants=(BY_NAME["random 70%"],)))
 
 
 def test_parts_planned_with_one_calibration_merge_into_one_run(dataset: Path, tmp_path: Path):

@@ -12,6 +12,9 @@ epochs that fit and the wall-clock actually used.
 
 A run split over processes or machines (one --out per part, every part planned with the same
 --epoch-seconds-from) is reported as one with --merge: the parts' cells together, one table and plot.
+A variant added after the calibration gets a part of its own: --epoch-seconds-from the old calibration and
+--variants without full (whose cells the other parts hold); it is calibrated there beside full and planned
+by that ratio, so its budgets are the same compute as the others'.
 
 A seed may name the same root as another (training seeds on one dataset): --data 0:c10 --data 1:c10.
 The student defaults to the demo's ViT (curate.demo.train.DEMO_MODEL); --img-size, --patch-size,

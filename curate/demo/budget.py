@@ -42,6 +42,8 @@ BUDGET_VARIANTS = (
     Variant("clean + top 70% of each batch", "shards-clean", example_pruning="top-score"),
 )
 
+REFERENCE = BUDGET_VARIANTS[0]  # full data
+
 
 @dataclass(frozen=True)
 class BudgetConfig:
@@ -86,18 +88,17 @@ def run_budget(cfg: BudgetConfig) -> dict[str, Any]:
     Returns (and writes to OUT/results.json) the cells and the per-budget summary."""
     free = ("progress", "budgets", "variants", "datasets", "resume", "overwrite", "report_only", "fresh_process",
             "ratio")
-    if not cfg.variants or cfg.variants[0].name != "full":
-        raise ValueError("the first variant must be 'full': budgets are shares of its complete schedule")
+    ref = reference(cfg)
     mode = "resume" if cfg.report_only else mode_of(cfg.resume, cfg.overwrite)
     with RunFolder.open(cfg.out, "budget", mode, config=_config_json(cfg),
                         free=free, sources=[root for _, root in cfg.datasets]) as folder:
-        epoch_s = {v.name: _epoch_seconds(folder, cfg, v) for v in cfg.variants}
-        full_s = cfg.ref_epochs * epoch_s[cfg.variants[0].name]
+        epoch_s = {v.name: _epoch_seconds(folder, cfg, v) for v in dict.fromkeys((ref, *cfg.variants))}
+        full_s = cfg.ref_epochs * epoch_s[ref.name]
         cells = [_cell(folder, cfg, v, seed, root, f, f * full_s, epoch_s[v.name])
                  for f in cfg.budgets for v in cfg.variants for seed, root in cfg.datasets]
         missing = [(c["budget"], c["variant"], c["seed"]) for c in cells if not c["trained"]]
         cells = [c for c in cells if c["trained"]]
-        results = {"reference": {"variant": cfg.variants[0].name, "epochs": cfg.ref_epochs, "seconds": full_s},
+        results = {"reference": {"variant": ref.name, "epochs": cfg.ref_epochs, "seconds": full_s},
                    "epoch_seconds": epoch_s, "cells": cells, "missing": missing, "summary": summarise(cells, full_s)}
         _write_outputs(folder, results, cfg.ratio)
         return results
@@ -168,6 +169,17 @@ def _train(cfg: BudgetConfig, tc: TrainConfig) -> None:
         raise RuntimeError(f"training {tc.out} failed in its process (exit code {proc.exitcode})")
 
 
+def reference(cfg: BudgetConfig) -> Variant:
+    """Full data, the variant budgets are shares of: the first variant, or, for a part that adds
+    variants to a run planned by given epoch seconds, one that trains no cells of its own."""
+    if cfg.variants and cfg.variants[0].name == REFERENCE.name:
+        return cfg.variants[0]
+    if cfg.epoch_seconds is not None and REFERENCE.name in cfg.epoch_seconds:
+        return REFERENCE
+    raise ValueError(f"the first variant must be {REFERENCE.name!r}: budgets are shares of its complete schedule "
+                     "(a part planned by --epoch-seconds-from that has it may leave it out)")
+
+
 def _epoch_seconds(folder: RunFolder, cfg: BudgetConfig, v: Variant) -> float:
     """The variant's epoch seconds: calibrated here, or given (`cfg.epoch_seconds`). A variant the
     given ones lack is calibrated here beside the reference and planned by its ratio to it, so
@@ -175,7 +187,7 @@ def _epoch_seconds(folder: RunFolder, cfg: BudgetConfig, v: Variant) -> float:
     calibrations (full data: 2.72 s and 3.16 s an epoch hours apart), a ratio in one run does not."""
     if cfg.epoch_seconds is None:
         return _calibrate(folder, cfg, v)
-    ref = cfg.variants[0]
+    ref = reference(cfg)
     if ref.name not in cfg.epoch_seconds:
         raise ValueError(f"the given epoch seconds have no {ref.name!r}, the reference every variant is planned "
                          "by: calibrate (run without them) first")
