@@ -469,8 +469,8 @@ def _model_args(values: tuple[str, ...]) -> dict[str, object]:
 @click.option("--rho", default=1.0, show_default=True, help="topk: share of keys each query keeps.")
 @click.option("--key-keep", default=0.5, show_default=True, help="gather: share of patch keys attended to.")
 @click.option("--example-pruning", type=RegistryChoice("sparsevit.names", "EXAMPLE_PRUNERS"), default="none",
-              show_default=True, help="rs2: a fresh random --example-keep share of the examples each epoch; top-score: the "
-                   "--example-keep share of each batch with the highest stored score.")
+              show_default=True, help="rs2: a fresh random --example-keep share of the examples each epoch; "
+                   "top-score: the --example-keep share of each batch with the highest stored score.")
 @click.option("--example-keep", default=0.7, show_default=True,
               help="rs2: share of the examples each epoch trains; top-score: share of each batch.")
 @click.option("--workers", default=2, show_default=True, help="Loader processes per rank.")

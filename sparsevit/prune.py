@@ -208,7 +208,8 @@ def stored_scores(shards: Path) -> dict[str, float]:
     if not table.is_file():
         raise ValueError(f"--example-pruning top-score ranks by the scores `curate shard` stores in {SELECTION}; "
                          f"{shards} has none: shard with `curate shard`, or pick another --example-pruning")
-    rows = pl.read_parquet(table, columns=["key", "kept", "score"]).filter(pl.col("kept") & pl.col("score").is_not_null())
+    rows = pl.read_parquet(table, columns=["key", "kept", "score"])
+    rows = rows.filter(pl.col("kept") & pl.col("score").is_not_null())
     if rows.is_empty():
         raise ValueError(f"{table} has no kept row with a score: nothing to rank by")
     return dict(zip(rows["key"].to_list(), rows["score"].to_list()))
