@@ -221,9 +221,9 @@ def make_pruner(name: str, epochs: int, seed: int, keep: float = 0.7, shards: Pa
     if name == "none":
         return NoPruning()
     cls = PRUNERS[name]
-    names_ = {f.name for f in fields(cls)}
-    extra: dict[str, Any] = {"keep": keep} if "keep" in names_ else {}
-    if "scores" in names_:
+    params = {f.name for f in fields(cls)}
+    extra: dict[str, Any] = {"keep": keep} if "keep" in params else {}
+    if "scores" in params:
         if shards is None:
             raise ValueError(f"--example-pruning {name} needs the shard folder its scores are stored in")
         extra["scores"] = stored_scores(shards)

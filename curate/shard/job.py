@@ -42,7 +42,6 @@ from curate.shard.writer import write_split
 
 COMMAND = "shard"
 RESUME_FREE = ("resume", "overwrite", "dry_run", "progress", "workers")
-SELECTION = fmt.SELECTION
 REPORT = "report.html"
 # Item fields as columns: the shard writers get kept inputs as slices of these, not as objects.
 # `path` as bytes: a POSIX file name need not be UTF-8, and polars strings must be.
@@ -137,7 +136,7 @@ def run_shard(cfg: ShardConfig) -> ShardResult:
     plan = _train_plan(cfg, sel)
     val = _validation(cfg) if cfg.val is not None else None
     with _open_out(cfg, [plan] + ([val.plan] if val is not None else [])):
-        _write_parquet(cfg.out / SELECTION, sel)
+        _write_parquet(cfg.out / fmt.SELECTION, sel)
         splits = {"train": _write_train(cfg, plan, sel, items, manifests, maps_dir)}
         maps = {"train": maps_dir is not None}
         if val is not None:
@@ -189,7 +188,7 @@ def _open_out(cfg: ShardConfig, plans: Sequence[ShardPlan]) -> RunFolder:
     sources = [Path(p) for p in (cfg.source, cfg.val, *cfg.scores) if p is not None and Path(p).is_dir()]
     folder = RunFolder.open(cfg.out, COMMAND, mode_of(cfg.resume, cfg.overwrite), config=cfg.fingerprint(),
                             free=RESUME_FREE, sources=sources)
-    folder.claim(SELECTION, fmt.INFO, fmt.MANIFEST, *(name for p in plans for name in p.filenames),
+    folder.claim(fmt.SELECTION, fmt.INFO, fmt.MANIFEST, *(name for p in plans for name in p.filenames),
                  *((REPORT,) if cfg.report else ()))
     return folder
 
